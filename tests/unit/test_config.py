@@ -1,0 +1,165 @@
+"""Config parsing: precedence, strictness, cross-field checks, help text, manifests."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dischargesum.config import (
+    STAGE_CONFIGS,
+    ConfigError,
+    PrepareDataConfig,
+    SFTConfig,
+    config_from_dict,
+    format_help,
+    parse_config,
+)
+from dischargesum.manifest import ArtifactError, finish_run, read_manifest, require_artifact, start_run
+
+pytestmark = pytest.mark.unit
+
+
+def _recipe(tmp_path: Path, data: dict, name: str = "r.yaml") -> str:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def test_precedence_default_then_yaml_then_cli(tmp_path: Path) -> None:
+    recipe = _recipe(tmp_path, {"output_dir": "o", "dataset_dir": "d", "learning_rate": 1e-4, "save_steps": 50})
+    cfg = parse_config(SFTConfig, ["--config", recipe, "--save_steps", "7"])
+    assert cfg.learning_rate == 1e-4  # YAML beats default
+    assert cfg.save_steps == 7  # CLI beats YAML
+    assert cfg.gradient_accumulation_steps == 8  # default survives
+    cfg2 = parse_config(SFTConfig, [f"--config={recipe}", "--save-steps=9"])
+    assert cfg2.save_steps == 9
+
+
+def test_misspelt_yaml_key_names_key_and_closest(tmp_path: Path) -> None:
+    recipe = _recipe(tmp_path, {"output_dir": "o", "dataset_dir": "d", "save_step": 10})
+    with pytest.raises(ConfigError, match=r"unknown key `save_step`.*Did you mean `save_steps`"):
+        parse_config(SFTConfig, ["--config", recipe])
+
+
+def test_misspelt_cli_flag_names_flag_and_closest() -> None:
+    with pytest.raises(ConfigError, match=r"unknown option `--lerning_rate`.*`learning_rate`"):
+        parse_config(SFTConfig, ["--output_dir", "o", "--dataset_dir", "d", "--lerning_rate", "1e-3"])
+
+
+def test_wrong_type_names_field() -> None:
+    with pytest.raises(ConfigError, match=r"`save_steps` = 'often' is not an integer"):
+        parse_config(SFTConfig, ["--output_dir", "o", "--dataset_dir", "d", "--save_steps", "often"])
+    with pytest.raises(ConfigError, match=r"`normalization` = 'clinicl' is not one of.*Did you mean `clinical`"):
+        parse_config(PrepareDataConfig, ["--output_dir", "o", "--normalization", "clinicl"])
+
+
+def test_yaml_wrong_type_is_error(tmp_path: Path) -> None:
+    recipe = _recipe(tmp_path, {"output_dir": "o", "dataset_dir": "d", "save_steps": "ten"})
+    with pytest.raises(ConfigError, match="save_steps"):
+        parse_config(SFTConfig, ["--config", recipe])
+
+
+@pytest.mark.parametrize(
+    ("argv", "match"),
+    [
+        (["--output_dir", "o", "--validation_fraction", "0.6", "--test_fraction", "0.5"], "leaves no training"),
+        (["--output_dir", "o", "--max_reject_fraction", "1.5"], "max_reject_fraction"),
+        (["--output_dir", "o", "--schema", "custom"], "needs `column_mapping`"),
+        (["--output_dir", "o", "--column_mapping", '{"text": "x"}'], "unknown key"),
+        (["--source", "synthetic"], "output_dir"),
+    ],
+)
+def test_cross_field_checks(argv: list[str], match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        parse_config(PrepareDataConfig, argv)
+
+
+def test_bool_list_dict_and_optional_parsing() -> None:
+    cfg = parse_config(
+        PrepareDataConfig, ["--output_dir", "o", "--schema", "custom", "--column_mapping", "{input: text, target: y}"]
+    )
+    assert cfg.column_mapping == {"input": "text", "target": "y"}
+    from dischargesum.config import GenerateConfig, TinyModelConfig
+
+    g = parse_config(GenerateConfig, ["--output_dir", "o", "--dataset_dir", "d", "--model_name_or_path", "m"])
+    assert g.adapter is None
+    g2 = parse_config(GenerateConfig, ["--output_dir", "o", "--dataset_dir", "d", "--adapter", "runs/x/final"])
+    assert g2.adapter == "runs/x/final"
+    t = parse_config(TinyModelConfig, ["--output_dir", "o", "--with_encoder", "false"])
+    assert t.with_encoder is False
+    t2 = parse_config(TinyModelConfig, ["--output_dir", "o", "--with_encoder"])
+    assert t2.with_encoder is True
+
+
+def test_flag_given_twice_and_positional_are_errors() -> None:
+    with pytest.raises(ConfigError, match="given twice"):
+        parse_config(SFTConfig, ["--output_dir", "o", "--output_dir", "p", "--dataset_dir", "d"])
+    with pytest.raises(ConfigError, match="unexpected argument"):
+        parse_config(SFTConfig, ["stray"])
+
+
+def test_help_lists_every_field_and_every_field_has_help(capsys: pytest.CaptureFixture[str]) -> None:
+    for cls in STAGE_CONFIGS.values():
+        for f in dataclasses.fields(cls):
+            assert f.metadata.get("help"), f"{cls.__name__}.{f.name} has no help text"
+        text = format_help(cls)
+        for f in dataclasses.fields(cls):
+            assert f"--{f.name} " in text
+    with pytest.raises(SystemExit) as exc:
+        parse_config(SFTConfig, ["--help"])
+    assert exc.value.code == 0
+    assert "--save_steps" in capsys.readouterr().out
+
+
+def test_missing_recipe_and_non_mapping_recipe(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        parse_config(SFTConfig, ["--config", str(tmp_path / "nope.yaml")])
+    bad = tmp_path / "list.yaml"
+    bad.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        parse_config(SFTConfig, ["--config", str(bad)])
+
+
+def test_config_round_trips_through_yaml(tmp_path: Path) -> None:
+    cfg = parse_config(PrepareDataConfig, ["--output_dir", "o", "--column_mapping", "{input: a}"])
+    again = config_from_dict(PrepareDataConfig, yaml.safe_load(cfg.to_yaml()))
+    assert again == cfg
+
+
+def test_run_manifest_lifecycle(tmp_path: Path) -> None:
+    cfg = parse_config(PrepareDataConfig, ["--output_dir", str(tmp_path / "out")])
+    start_run(cfg.output_dir, cfg, inputs={"source": "synthetic"})
+    out = Path(cfg.output_dir)
+    assert yaml.safe_load((out / "run_config.yaml").read_text())["output_dir"] == cfg.output_dir
+    manifest = read_manifest(out)
+    assert manifest is not None
+    assert manifest["status"] == "running"
+    assert manifest["library_versions"]["torch"]
+    assert {"git_revision", "host", "started_at", "config_hash"} <= manifest.keys()
+    with pytest.raises(ArtifactError, match="status `running`"):
+        require_artifact(out, stage="prepare_data", field="dataset_dir")
+    (out / "train.parquet").write_bytes(b"x" * 10)
+    from dischargesum.manifest import fingerprint_file
+
+    finish_run(out, outputs={"train": fingerprint_file(out / "train.parquet", out)})
+    assert require_artifact(out, stage="prepare_data", field="dataset_dir", files=["train.parquet"])
+    with pytest.raises(ArtifactError, match="produced by `prepare_data`"):
+        require_artifact(out, stage="sft_qlora", field="adapter")
+    (out / "train.parquet").write_bytes(b"x" * 11)
+    with pytest.raises(ArtifactError, match="changed or vanished"):
+        require_artifact(out, stage="prepare_data", field="dataset_dir")
+    with pytest.raises(ArtifactError, match="no such directory"):
+        require_artifact(tmp_path / "missing", stage="prepare_data", field="dataset_dir")
+    json.loads((out / "manifest.json").read_text())
+
+
+def test_manifest_masks_token_arguments(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr("sys.argv", ["x.py", "--hf_token", "secret123", "--api-token=abc"])
+    cfg = parse_config(PrepareDataConfig, ["--output_dir", str(tmp_path)])
+    manifest = start_run(tmp_path, cfg)
+    assert "secret123" not in json.dumps(manifest)
+    assert "abc" not in json.dumps(manifest["argv"])
