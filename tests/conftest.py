@@ -30,3 +30,27 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords and not has_cuda:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory):
+    """A tiny Gemma3ForCausalLM directory (built once per test session, ~2 s)."""
+    from dischargesum.tiny_models import build_tiny_gemma3
+
+    return build_tiny_gemma3(tmp_path_factory.mktemp("tiny-gemma3"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm_dir(tmp_path_factory: pytest.TempPathFactory):
+    """A tiny Gemma3ForConditionalGeneration (vision + text) directory: MedGemma's class at toy size."""
+    from dischargesum.tiny_models import build_tiny_gemma3
+
+    return build_tiny_gemma3(tmp_path_factory.mktemp("tiny-gemma3-vlm"), seed=0, kind="vlm")
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory):
+    """A tiny BERT encoder directory for BERTScore tests."""
+    from dischargesum.tiny_models import build_tiny_bert
+
+    return build_tiny_bert(tmp_path_factory.mktemp("tiny-bert"), seed=0)
