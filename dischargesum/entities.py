@@ -1,0 +1,1298 @@
+"""The one clinical entity extractor, shared by the compression stage and the eval stage.
+
+Compression builds a checklist of the entities a compressed summary must keep and checks which survived; eval
+scores entity recall / precision / F1 per type, the hallucinated-entity rate and numeric fidelity. Both call this
+module, so "an entity" means the same thing everywhere.
+
+How it works (offline, no model weights): ``spacy.blank("en")`` tokenises; two ``PhraseMatcher`` s built from
+``dischargesum.data.lexicon`` find names (one case-insensitive, one case-sensitive for short abbreviations such as
+"K", "PE", "HD" that collide with English words); regexes read the value that follows a name (dose / unit / route /
+frequency for medications, a number for labs and vitals) and find dates. Overlaps are resolved longest-first
+across all types, so the result is non-overlapping. Negation is NegEx-style (see ``_negated``). scispaCy's
+``AbbreviationDetector`` runs on the blank pipeline (it only needs a tokeniser) and resolves in-text definitions
+such as "hospital-acquired pneumonia (HAP)": later "HAP" mentions inherit the long form's type and canonical name.
+
+Entity types and what counts as one:
+
+- ``medication``: a drug name from the lexicon (brand names and abbreviations map to the generic), extended over
+  a following dose, unit, route and frequency when present ("Lasix 40mg IV BID" -> furosemide, 40 mg, IV, BID).
+- ``vital``: BP, HR, RR, SpO2, Temp, Weight *with a value* ("HR 88"); "afebrile" or "HR stable" are not vitals.
+- ``lab``: a lab name *with a numeric value* ("Cr 1.4 mg/dL", "creatinine peaked at 2.1"); "trend Cr" is not.
+- ``date``: calendar dates ("3/14", "03/14/2150", "March 14"), times ("14:30"), hospital / post-operative days
+  ("HD #3", "POD 2"). The MIMIC de-identification blank ``___`` is never a date: it carries no value to keep or
+  to check, and "on ___" in the output would otherwise "match" any date of the source.
+- ``diagnosis``: diagnoses, problems and symptoms ("acute kidney injury", "AKI", "CHF exacerbation", "cough").
+- ``procedure``: procedures and studies ("cardiac catheterization", "EGD", "paracentesis").
+
+Matching keys (``Entity.key``): ``"<type>:<canonical name>[|<detail>][|negated]"`` where the detail is what must
+also agree for a match: ``"<dose> <unit>"`` for a medication with a dose (``medication:furosemide|40 mg``), the
+normalised value for a lab or vital (``lab:creatinine|1.4``, ``vital:BP|132/78``), the year for a date with a year
+(``date:03-14|2150``; the name is ``MM-DD``, ``YYYY-MM``, ``HH:MM``, ``HD 3`` or ``POD 2``); diagnoses and
+procedures have no detail (``diagnosis:acute kidney injury``). Numbers are normalised ("1.40" -> "1.4",
+"1,000" -> "1000"), units canonicalised ("mg/dl" -> "mg/dL", "ug" -> "mcg"), and "40mg" equals "40 mg".
+
+Matching policy (``compare_entities``), with *set* semantics on keys (a fact repeated three times in the source
+is one fact to keep; counting occurrences would punish a summary for not repeating itself):
+
+- entity A *covers* entity B when they have the same type, canonical name and negation, and B's detail is either
+  absent or equal to A's. A reference entity is **retained** when some output entity covers it (so a reference
+  "furosemide 40 mg" needs the same drug and dose in the output, but a reference "furosemide" is kept by any
+  furosemide); an output entity is **supported** when some reference entity covers it, otherwise it is **extra**
+  (hallucinated). Negation must agree: "no pneumonia" in the source rewritten as "pneumonia" is not retained, and
+  the output's "pneumonia" is extra.
+- recall = retained / reference keys; precision = supported / output keys; F1 is their harmonic mean. When the
+  reference has no entity of a type, recall and F1 for that type are ``None`` (undefined, not 0 or 1); when the
+  output has none, precision is ``None`` (and F1 is 0.0 if the reference had some).
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import re
+import threading
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from functools import cache, lru_cache
+from typing import Any
+
+from dischargesum.data import lexicon
+
+logger = logging.getLogger(__name__)
+
+ENTITY_TYPES: tuple[str, ...] = ("medication", "vital", "lab", "date", "diagnosis", "procedure")
+
+GENERIC_MODEL_NAME = "en_core_sci_sm"
+
+# Human-readable section names for the checklist, in ENTITY_TYPES order.
+_CHECKLIST_HEADERS = {
+    "medication": "Medications",
+    "vital": "Vitals",
+    "lab": "Labs",
+    "date": "Dates",
+    "diagnosis": "Diagnoses/problems",
+    "procedure": "Procedures",
+}
+
+# Attribute order in Entity.attrs (stable, so equal entities compare and hash equal).
+_ATTR_ORDER = ("dose", "unit", "route", "frequency", "comparator", "value", "o2", "year", "modifier", "brand")
+
+
+class GenericChannelUnavailableError(RuntimeError):
+    """Raised when scispaCy's ``en_core_sci_sm`` model is needed but not installed."""
+
+
+@dataclass(frozen=True)
+class Entity:
+    """One typed clinical entity found in a text.
+
+    ``text`` is the surface span ``source[start:end]``; ``name`` the canonical name (generic drug, canonical lab /
+    vital / diagnosis / procedure name, normalised date); ``key`` the normalised matching key (scheme in the module
+    docstring); ``attrs`` sorted ``(name, value)`` pairs among dose, unit, route, frequency, comparator, value, o2,
+    year, modifier, brand.
+    """
+
+    type: str
+    text: str
+    start: int
+    end: int
+    key: str
+    name: str
+    negated: bool = False
+    attrs: tuple[tuple[str, str], ...] = ()
+
+    def attr(self, name: str, default: str | None = None) -> str | None:
+        for attr_name, value in self.attrs:
+            if attr_name == name:
+                return value
+        return default
+
+    @property
+    def detail(self) -> str | None:
+        """The part of the key that must also agree for a match (dose+unit, value, year), or None."""
+        return _detail(self.type, dict(self.attrs))
+
+    def describe(self) -> str:
+        """A short normalised description for checklists ("furosemide 40 mg IV BID", "creatinine 1.4 mg/dL")."""
+        attrs = dict(self.attrs)
+        if self.type == "medication":
+            parts = [self.name, attrs.get("dose", ""), attrs.get("unit", ""), attrs.get("route", "")]
+            parts.append(attrs.get("frequency", ""))
+        elif self.type in ("lab", "vital"):
+            value = attrs.get("comparator", "") + attrs.get("value", "")
+            if self.name == "SpO2":
+                value += "%"
+            parts = [self.name, value, attrs.get("unit", "") if self.name != "SpO2" else ""]
+            if attrs.get("o2"):
+                parts.append(f"on {attrs['o2']}")
+        elif self.type == "date":
+            parts = [" ".join(self.text.split())]
+        else:
+            # The surface form is what a summary will write ("AKI", "pneumonia"); the canonical name, when it
+            # differs, tells a reader (or an LLM) what the abbreviation stands for.
+            surface = " ".join(self.text.split())
+            parts = [surface if surface.lower() == self.name.lower() else f"{surface} ({self.name})"]
+        text = " ".join(part for part in parts if part)
+        return f"{text} [negated]" if self.negated else text
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "type": self.type,
+            "text": self.text,
+            "start": self.start,
+            "end": self.end,
+            "key": self.key,
+            "name": self.name,
+            "negated": self.negated,
+            "attrs": dict(self.attrs),
+        }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Normalisation
+# ----------------------------------------------------------------------------------------------------------------
+
+_NUM = r"(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+"
+
+_UNIT_CANONICAL = {
+    "mg": "mg",
+    "mgs": "mg",
+    "mcg": "mcg",
+    "ug": "mcg",
+    "µg": "mcg",
+    "μg": "mcg",
+    "g": "g",
+    "gm": "g",
+    "gram": "g",
+    "grams": "g",
+    "kg": "kg",
+    "unit": "units",
+    "units": "units",
+    "u": "units",
+    "iu": "units",
+    "meq": "mEq",
+    "ml": "mL",
+    "cc": "mL",
+    "l": "L",
+    "puff": "puff",
+    "puffs": "puff",
+    "tab": "tab",
+    "tabs": "tab",
+    "tablet": "tab",
+    "tablets": "tab",
+    "cap": "cap",
+    "caps": "cap",
+    "capsule": "cap",
+    "capsules": "cap",
+    "drop": "drop",
+    "drops": "drop",
+    "spray": "spray",
+    "sprays": "spray",
+    "patch": "patch",
+    "mg/kg": "mg/kg",
+    "mg/hr": "mg/hr",
+    "mg/h": "mg/hr",
+    "mcg/min": "mcg/min",
+    "mcg/kg/min": "mcg/kg/min",
+    "units/hr": "units/hr",
+    "units/h": "units/hr",
+    "mg/dl": "mg/dL",
+    "g/dl": "g/dL",
+    "meq/l": "mEq/L",
+    "mmol/l": "mmol/L",
+    "k/ul": "K/uL",
+    "k/mcl": "K/uL",
+    "x10^3/ul": "K/uL",
+    "%": "%",
+    "iu/l": "IU/L",
+    "u/l": "IU/L",
+    "ng/ml": "ng/mL",
+    "ng/dl": "ng/dL",
+    "pg/ml": "pg/mL",
+    "uiu/ml": "uIU/mL",
+    "miu/l": "uIU/mL",
+    "mg/l": "mg/L",
+    "umol/l": "umol/L",
+    "ug/ml": "mcg/mL",
+    "mcg/ml": "mcg/mL",
+    "mmhg": "mmHg",
+    "mm hg": "mmHg",
+    "bpm": "bpm",
+    "f": "F",
+    "°f": "F",
+    "c": "C",
+    "°c": "C",
+    "lb": "lb",
+    "lbs": "lb",
+    "pounds": "lb",
+    "sec": "s",
+    "s": "s",
+}
+
+
+def _normalise_number(raw: str) -> str:
+    """'1.40' -> '1.4', '1,000' -> '1000', '.5' -> '0.5', '007' -> '7' (so equal values compare equal as text)."""
+    text = raw.replace(",", "")
+    if text.startswith("."):
+        text = "0" + text
+    integer, _, fraction = text.partition(".")
+    fraction = fraction.rstrip("0")
+    integer = integer.lstrip("0") or "0"
+    return f"{integer}.{fraction}" if fraction else integer
+
+
+def _normalise_unit(raw: str | None) -> str:
+    if not raw:
+        return ""
+    compact = " ".join(raw.split()).lower()
+    return _UNIT_CANONICAL.get(compact, _UNIT_CANONICAL.get(compact.replace(" ", ""), raw.strip()))
+
+
+_ROUTE_CANONICAL = {
+    "by mouth": "PO",
+    "orally": "PO",
+    "po": "PO",
+    "sq": "SC",
+    "subq": "SC",
+    "subcut": "SC",
+    "sc": "SC",
+    "inhaled": "INH",
+    "neb": "INH",
+    "nebs": "INH",
+    "inh": "INH",
+    "transdermal": "TD",
+    "td": "TD",
+    "topical": "topical",
+    "topically": "topical",
+    "iv push": "IV",
+    "ivp": "IV",
+}
+
+_FREQUENCY_CANONICAL = {
+    "qd": "daily",
+    "q.d.": "daily",
+    "qday": "daily",
+    "once daily": "daily",
+    "once a day": "daily",
+    "daily": "daily",
+    "twice daily": "BID",
+    "twice a day": "BID",
+    "b.i.d.": "BID",
+    "bid": "BID",
+    "three times daily": "TID",
+    "three times a day": "TID",
+    "t.i.d.": "TID",
+    "tid": "TID",
+    "four times daily": "QID",
+    "qid": "QID",
+    "qhs": "qHS",
+    "hs": "qHS",
+    "at bedtime": "qHS",
+    "nightly": "qHS",
+    "qam": "qAM",
+    "qpm": "qPM",
+    "prn": "PRN",
+    "as needed": "PRN",
+}
+
+
+def _normalise_route(raw: str | None) -> str:
+    if not raw:
+        return ""
+    compact = " ".join(raw.split()).lower()
+    return _ROUTE_CANONICAL.get(compact, compact.upper())
+
+
+def _normalise_frequency(raw: str | None) -> str:
+    if not raw:
+        return ""
+    parts = []
+    for piece in re.split(r"\s*:\s*|\s+(?=prn\b|as needed\b|with meals\b)", raw.strip(), flags=re.IGNORECASE):
+        compact = " ".join(piece.split()).lower()
+        hourly = re.fullmatch(r"q\s?(\d+(?:-\d+)?)\s?h(?:r|rs|ours)?", compact)
+        if hourly:
+            parts.append(f"q{hourly.group(1)}h")
+        else:
+            parts.append(_FREQUENCY_CANONICAL.get(compact, compact))
+    return " ".join(part for part in parts if part)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Dates (shared by entity extraction and extract_numbers, so both read a date the same way)
+# ----------------------------------------------------------------------------------------------------------------
+
+_MONTHS = {
+    "january": 1,
+    "february": 2,
+    "march": 3,
+    "april": 4,
+    "may": 5,
+    "june": 6,
+    "july": 7,
+    "august": 8,
+    "september": 9,
+    "october": 10,
+    "november": 11,
+    "december": 12,
+}
+_MONTH_ABBREVIATIONS = {"jan": 1, "feb": 2, "mar": 3, "apr": 4, "jun": 6, "jul": 7, "aug": 8, "sep": 9, "sept": 9}
+_MONTH_ABBREVIATIONS.update({"oct": 10, "nov": 11, "dec": 12})
+_MONTH_LOOKUP = {**_MONTHS, **_MONTH_ABBREVIATIONS}
+# Month names only in Title or UPPER case: lower-case "may" / "mar" / "dec" are ordinary words in notes.
+_MONTH_WORDS = sorted({form for name in _MONTH_LOOKUP for form in (name.title(), name.upper())}, key=len, reverse=True)
+_MONTH_RE = "(?:" + "|".join(_MONTH_WORDS) + r")\.?"
+
+_DATE_RE = re.compile(
+    r"(?P<iso>(?<![\d/])(?P<iso_y>\d{4})-(?P<iso_m>\d{1,2})-(?P<iso_d>\d{1,2})(?!\d))"
+    r"|(?P<num>(?<![\d/.])(?P<num_m>\d{1,2})/(?P<num_d>\d{1,2})(?:/(?P<num_y>\d{4}|\d{2}))?(?![\d/]|\.\d))"
+    rf"|(?P<md>\b(?P<md_mon>{_MONTH_RE})\s+(?P<md_d>\d{{1,2}})(?:st|nd|rd|th)?\b(?:,?\s+(?P<md_y>\d{{4}})\b)?)"
+    rf"|(?P<dm>\b(?P<dm_d>\d{{1,2}})(?:st|nd|rd|th)?\s+(?:of\s+)?(?P<dm_mon>{_MONTH_RE})(?:,?\s+(?P<dm_y>\d{{4}}))?\b)"
+    rf"|(?P<my>\b(?P<my_mon>{_MONTH_RE})\s+(?P<my_y>\d{{4}})\b)"
+    r"|(?P<hd>\b(?:HD|HOD|[Hh]ospital [Dd]ay)\s*#?\s*(?P<hd_n>\d{1,3})\b)"
+    r"|(?P<pod>\b(?:POD|[Pp]ost-?op(?:erative)? [Dd]ay)\s*#?\s*(?P<pod_n>\d{1,3})\b)"
+    r"|(?P<time>(?<![\d:])(?P<time_h>\d{1,2}):(?P<time_m>\d{2})(?![\d:])(?:\s*(?P<time_ap>[AaPp](?:\.[Mm]\.|[Mm]))(?![A-Za-z]))?)"
+)
+# "BP 10/12" and "1/2 tab" are not dates.
+_NOT_DATE_BEFORE = re.compile(r"(?:\bBP|\bblood pressure|\bSBP|\bDBP)\s*(?:of|was|is|:|=)?\s*$", re.IGNORECASE)
+_NOT_DATE_AFTER = re.compile(r"\s*(?:tabs?|tablets?|caps?|capsules?|mg|mL|strength)\b", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class _Date:
+    start: int
+    end: int
+    name: str  # MM-DD, YYYY-MM, HH:MM, "HD 3", "POD 2"
+    year: str  # "" when absent; two-digit years are kept as written
+
+
+def _find_dates(text: str) -> list[_Date]:
+    """All date / time / hospital-day expressions in ``text``, normalised (see the module docstring)."""
+    dates = []
+    for match in _DATE_RE.finditer(text):
+        groups = match.groupdict()
+        year = ""
+        if groups["iso"]:
+            month, day, year = int(groups["iso_m"]), int(groups["iso_d"]), groups["iso_y"]
+        elif groups["num"]:
+            if _NOT_DATE_BEFORE.search(text, max(0, match.start() - 24), match.start()):
+                continue
+            if _NOT_DATE_AFTER.match(text, match.end()):
+                continue
+            month, day, year = int(groups["num_m"]), int(groups["num_d"]), groups["num_y"] or ""
+        elif groups["md"] or groups["dm"]:
+            prefix = "md" if groups["md"] else "dm"
+            month = _MONTH_LOOKUP[groups[f"{prefix}_mon"].rstrip(".").lower()]
+            day, year = int(groups[f"{prefix}_d"]), groups[f"{prefix}_y"] or ""
+        elif groups["my"]:
+            month = _MONTH_LOOKUP[groups["my_mon"].rstrip(".").lower()]
+            dates.append(_Date(match.start(), match.end(), f"{groups['my_y']}-{month:02d}", ""))
+            continue
+        elif groups["hd"]:
+            dates.append(_Date(match.start(), match.end(), f"HD {int(groups['hd_n'])}", ""))
+            continue
+        elif groups["pod"]:
+            dates.append(_Date(match.start(), match.end(), f"POD {int(groups['pod_n'])}", ""))
+            continue
+        else:
+            hour, minute = int(groups["time_h"]), int(groups["time_m"])
+            meridian = (groups["time_ap"] or "").lower().replace(".", "")
+            if meridian == "pm" and hour < 12:
+                hour += 12
+            elif meridian == "am" and hour == 12:
+                hour = 0
+            if hour > 23 or minute > 59:
+                continue
+            dates.append(_Date(match.start(), match.end(), f"{hour:02d}:{minute:02d}", ""))
+            continue
+        if not (1 <= month <= 12 and 1 <= day <= 31):
+            continue
+        dates.append(_Date(match.start(), match.end(), f"{month:02d}-{day:02d}", year))
+    return dates
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Value grammars that follow a recognised name
+# ----------------------------------------------------------------------------------------------------------------
+
+_MED_UNIT = (
+    r"mcg/kg/min|mg/kg|mg/hr|mg/h|mcg/min|units/hr|units/h|mcg|ug|µg|μg|mg|mgs|grams?|gm|g|units?|iu|u|meq|ml|cc|"
+    r"puffs?|tablets?|tabs?|capsules?|caps?|drops?|sprays?|patch|l"
+)
+_ROUTE = (
+    r"PO|IV\s?push|IVP|IV|IM|SC|SQ|SubQ|subcut|SL|PR|INH|nebs?|TD|NG|PEG|by mouth|orally|inhaled|topical(?:ly)?|"
+    r"transdermal"
+)
+_FREQ_ONE = (
+    r"(?:once|twice|three times|four times)\s+(?:a\s+)?(?:daily|day)|daily|nightly|weekly|every\s+other\s+day|"
+    r"q\.d\.|qday|qd|qAM|qPM|qHS|HS|at\s+bedtime|b\.i\.d\.|BID|t\.i\.d\.|TID|QID|"
+    r"q\s?\d+(?:-\d+)?\s?h(?:ours|rs|r)?|every\s+\d+(?:-\d+)?\s+hours?|once|x\s?1|with\s+meals|PRN|as\s+needed|continuous"
+)
+_FREQ = rf"(?:{_FREQ_ONE})(?![A-Za-z])(?:\s*:?\s*(?:{_FREQ_ONE})(?![A-Za-z])){{0,2}}"
+_MED_FILLER = (
+    r"(?:\s*(?:\([^()\n]{1,40}\)|(?:XL|ER|SR|CR|XR|DR|ODT|HCl|was|were|is|at|to|of|dose|dosed|started|restarted|"
+    r"resumed|increased|decreased|reduced|uptitrated|titrated|changed|continued)\b))"
+)
+_MED_TAIL_WITH_DOSE = re.compile(
+    rf"{_MED_FILLER}{{0,4}}?\s*(?P<dose>(?:{_NUM})(?:\s*(?:-|to)\s*(?:{_NUM}))?)(?![\d/:])\s*"
+    rf"(?P<unit>{_MED_UNIT})?(?![A-Za-z\d])"
+    rf"(?:\s*(?P<route>{_ROUTE})(?![A-Za-z]))?"
+    rf"(?:\s*(?P<freq>{_FREQ}))?",
+    re.IGNORECASE,
+)
+_MED_TAIL_NO_DOSE = re.compile(
+    rf"(?:\s*(?P<route>{_ROUTE})(?![A-Za-z]))?(?:\s*(?P<freq>{_FREQ}))?",
+    re.IGNORECASE,
+)
+
+_LAB_UNIT = (
+    r"mg/dl|g/dl|meq/l|mmol/l|umol/l|k/ul|k/mcl|x10\^3/ul|iu/l|u/l|ng/ml|ng/dl|pg/ml|uiu/ml|miu/l|mg/l|ug/ml|"
+    r"mcg/ml|mmhg|mm\s?hg|sec|s|%"
+)
+# Words allowed between a lab / vital name and its value ("creatinine peaked at 2.1", "HR in the 110s").
+_VALUE_FILLER = (
+    r"(?:\s*(?:[:=~(]|-(?=\s)|(?:of|was|were|is|are|at|to|peaked|peak|nadir|max|maximum|min|elevated|increased|"
+    r"decreased|improved|worsened|rose|fell|dropped|trended|trending|down|up|from|on|admission|discharge|initially|"
+    r"remained|stable|level|levels|count|again|noted|as|high|low|the|a|in|range|then|now|value|returned|"
+    r"normalized|back|repeat|recheck|approximately|around|today|current|currently)\b))"
+)
+_LAB_TAIL = re.compile(
+    rf"{_VALUE_FILLER}{{0,6}}?\s*(?P<cmp>[<>]=?)?\s*(?P<value>{_NUM})(?P<decade>s)?(?![\d/:]|\.\d|\s*/\s*\d|\s*-\s*\d)"
+    rf"(?:\s*(?P<unit>{_LAB_UNIT})(?![A-Za-z]))?",
+    re.IGNORECASE,
+)
+_O2 = (
+    r"(?:on\s+|with\s+)?(?P<o2>RA|room\s+air|\d+(?:\.\d+)?\s?L(?:\s?(?:NC|nasal\s+cannula|FM|face\s?mask|NRB))?|"
+    r"NRB|BiPAP|CPAP|HFNC|high[- ]flow)"
+)
+_VITAL_TAILS = {
+    "BP": re.compile(
+        rf"{_VALUE_FILLER}{{0,6}}?\s*(?P<value>\d{{2,3}}s?\s*/\s*\d{{2,3}}s?)(?![\d/])(?:\s*(?P<unit>mm\s?Hg))?",
+        re.IGNORECASE,
+    ),
+    "HR": re.compile(rf"{_VALUE_FILLER}{{0,6}}?\s*(?P<value>\d{{2,3}}s?)(?![\d/%]|\.\d)(?:\s*(?P<unit>bpm))?", re.I),
+    "RR": re.compile(rf"{_VALUE_FILLER}{{0,6}}?\s*(?P<value>\d{{1,2}}s?)(?![\d/%]|\.\d)", re.IGNORECASE),
+    "SpO2": re.compile(
+        rf"{_VALUE_FILLER}{{0,6}}?\s*(?P<value>\d{{2,3}})(?P<pct>\s*%)?(?![\d.])(?:\s*{_O2}(?![A-Za-z]))?",
+        re.IGNORECASE,
+    ),
+    "Temp": re.compile(
+        rf"{_VALUE_FILLER}{{0,6}}?\s*(?P<value>\d{{2,3}}(?:\.\d+)?)(?![\d/])(?:\s*(?P<unit>°?\s?[FC])(?![A-Za-z]))?",
+        re.IGNORECASE,
+    ),
+    "Weight": re.compile(
+        rf"{_VALUE_FILLER}{{0,6}}?\s*(?P<value>\d{{2,3}}(?:\.\d+)?)(?![\d/])(?:\s*(?P<unit>kg|lbs?|pounds)(?![A-Za-z]))?",
+        re.IGNORECASE,
+    ),
+}
+_DIAGNOSIS_TAIL = re.compile(r"\s+(?P<modifier>exacerbation|flare)\b", re.IGNORECASE)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Negation (NegEx-style)
+# ----------------------------------------------------------------------------------------------------------------
+
+# Pre-entity cues beyond the lexicon's NEGATION_CUES (which the synthetic generator also writes).
+_EXTRA_PRE_NEGATION_CUES = (
+    "never",
+    "no signs of",
+    "no sign of",
+    "no history of",
+    "no h/o",
+    "without evidence of",
+    "did not have",
+    "does not have",
+    "not have",
+    "resolution of",
+    "rules out",
+    "rule out for",
+    "neg for",
+)
+# Cues that negate an entity *before* them ("PE was ruled out").
+# "Resolved" is deliberately not a cue: a resolved AKI was present, and the summary must keep it.
+_POST_NEGATION_CUES = ("ruled out", "was ruled out", "were ruled out", "excluded", "was excluded")
+# Phrases that contain a cue but do not negate ("no change in", "not ruled out", "gram negative").
+_PSEUDO_NEGATIONS = (
+    "no change",
+    "no changes",
+    "no significant change",
+    "no increase",
+    "not only",
+    "not necessarily",
+    "not ruled out",
+    "not been ruled out",
+    "not be ruled out",
+    "cannot be ruled out",
+    "cannot rule out",
+    "could not rule out",
+    "not excluded",
+    "gram negative",
+    "without difficulty",
+    "not certain whether",
+    "negative pressure",
+)
+# Words that end a negation's scope ("no fever but has cough": cough is not negated).
+_SCOPE_TERMINATORS = frozenset(
+    [
+        "but",
+        "however",
+        "although",
+        "though",
+        "except",
+        "aside",
+        "apart",
+        "which",
+        "who",
+        "whom",
+        "presents",
+        "presented",
+        "presenting",
+        "still",
+        "due",
+        "secondary",
+        "cause",
+        "causes",
+        "now",
+        "started",
+        "restarted",
+        "resumed",
+        "continued",
+        "given",
+        "received",
+        "has",
+        "had",
+        "have",
+        "was",
+        "were",
+        "is",
+        "are",
+        "then",
+        "developed",
+        "found",
+        "noted",
+        "showed",
+        "shows",
+        "revealed",
+        "reveals",
+        "complicated",
+        "treated",
+    ]
+)
+_TERMINATOR_PUNCT = frozenset({".", ";", "!", "?", ":"})
+# Prepositions that introduce the evidence or setting of a negated finding ("no DVT on ultrasound", "ruled out
+# with MRI brain"): they end the scope unless they directly follow the cue ("not on aspirin", "ruled out for MI").
+_SCOPE_PREPOSITIONS = frozenset(["on", "after", "with", "by", "per", "via", "from", "during", "following", "at"])
+_NEGATION_WINDOW_WORDS = 6
+_POST_NEGATION_WINDOW_WORDS = 3
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pipeline (built once, lazily)
+# ----------------------------------------------------------------------------------------------------------------
+
+# Lower-cased abbreviations that collide with English words or units: matched only as written in the lexicon
+# (and, for labs / vitals which also need a value, in UPPER case).
+_AMBIGUOUS_LOWER = frozenset(
+    [
+        "cap",
+        "alt",
+        "ast",
+        "he",
+        "pe",
+        "hd",
+        "oa",
+        "af",
+        "cad",
+        "lp",
+        "glu",
+        "alb",
+        "wt",
+        "ms",
+        "us",
+        "all",
+        "pt",
+        "tc",
+        "tm",
+        "gap",
+        "sat",
+        "sats",
+        "ag",
+        "ca",
+        "bg",
+        "cp",
+        "dm",
+        "mi",
+        "trach",
+    ]
+)
+_TYPE_PRIORITY = {"medication": 0, "lab": 1, "vital": 2, "date": 3, "procedure": 4, "diagnosis": 5}
+
+
+def _vocabulary() -> list[tuple[str, str, str]]:
+    """(surface term, entity type, canonical name) for every lexicon spelling; first spelling wins on conflicts."""
+    entries: list[tuple[str, str, str]] = []
+    for med in lexicon.MEDICATIONS:
+        entries += [(med.name, "medication", med.name)] + [(brand, "medication", med.name) for brand in med.brands]
+    entries += [(alias, "medication", generic) for alias, generic in lexicon.MEDICATION_ALIASES]
+    for generic, aliases in lexicon.EXTRA_MEDICATIONS:
+        entries += [(generic, "medication", generic)] + [(alias, "medication", generic) for alias in aliases]
+    for lab in lexicon.LABS:
+        entries += [(lab.name, "lab", lab.name)] + [(alias, "lab", lab.name) for alias in lab.aliases]
+    entries += [(alias, "lab", name) for alias, name in lexicon.LAB_ALIASES]
+    for name, aliases, _unit in lexicon.EXTRA_LABS:
+        entries += [(name, "lab", name)] + [(alias, "lab", name) for alias in aliases]
+    for vital in lexicon.VITALS:
+        entries += [(vital.name, "vital", vital.name)] + [(alias, "vital", vital.name) for alias in vital.aliases]
+    entries += [(alias, "vital", name) for alias, name in lexicon.VITAL_ALIASES]
+    for table, aliases_table, entity_type in (
+        (lexicon.DIAGNOSES, lexicon.DIAGNOSIS_ALIASES, "diagnosis"),
+        (lexicon.EXTRA_DIAGNOSES, (), "diagnosis"),
+        (lexicon.PROCEDURES, lexicon.PROCEDURE_ALIASES, "procedure"),
+        (lexicon.EXTRA_PROCEDURES, (), "procedure"),
+    ):
+        for name, abbreviations in table:
+            entries += [(name, entity_type, name)] + [(abbr, entity_type, name) for abbr in abbreviations]
+        entries += [(alias, entity_type, name) for alias, name in aliases_table]
+    seen: dict[str, tuple[str, str]] = {}
+    unique = []
+    for term, entity_type, name in entries:
+        if term in seen:
+            if seen[term] != (entity_type, name):
+                logger.debug("lexicon term %r is both %s and %s; keeping the first", term, seen[term], name)
+            continue
+        seen[term] = (entity_type, name)
+        unique.append((term, entity_type, name))
+    return unique
+
+
+def _is_case_sensitive(term: str) -> bool:
+    return len(term) <= 2 or term.lower() in _AMBIGUOUS_LOWER
+
+
+class _Pipeline:
+    """The blank spaCy pipeline, phrase matchers and abbreviation detector, built once per process."""
+
+    def __init__(self) -> None:
+        import spacy
+        from spacy.matcher import PhraseMatcher
+
+        self.nlp = spacy.blank("en")
+        self.matcher_lower = PhraseMatcher(self.nlp.vocab, attr="LOWER")
+        self.matcher_exact = PhraseMatcher(self.nlp.vocab, attr="ORTH")
+        self.labels: dict[int, tuple[str, str]] = {}
+        lower_patterns: dict[str, list] = {}
+        exact_patterns: dict[str, list] = {}
+        for term, entity_type, name in _vocabulary():
+            label = f"{entity_type}\t{name}"
+            if _is_case_sensitive(term):
+                exact_patterns.setdefault(label, []).append(self.nlp.make_doc(term))
+                if entity_type in ("lab", "vital") and term.upper() != term:
+                    exact_patterns[label].append(self.nlp.make_doc(term.upper()))
+            else:
+                lower_patterns.setdefault(label, []).append(self.nlp.make_doc(term))
+        for matcher, patterns in ((self.matcher_lower, lower_patterns), (self.matcher_exact, exact_patterns)):
+            for label, docs in patterns.items():
+                matcher.add(label, docs)
+                self.labels[self.nlp.vocab.strings[label]] = tuple(label.split("\t"))  # type: ignore[assignment]
+
+        self.cue_matcher = PhraseMatcher(self.nlp.vocab, attr="LOWER")
+        for label, cues in (
+            ("PRE", tuple(lexicon.NEGATION_CUES) + _EXTRA_PRE_NEGATION_CUES),
+            ("POST", _POST_NEGATION_CUES),
+            ("PSEUDO", _PSEUDO_NEGATIONS),
+        ):
+            self.cue_matcher.add(label, [self.nlp.make_doc(cue) for cue in cues])
+        self.cue_labels = {self.nlp.vocab.strings[label]: label for label in ("PRE", "POST", "PSEUDO")}
+
+        # scispaCy's AbbreviationDetector needs only a tokeniser, so it runs on the blank pipeline offline. It is
+        # called directly (not as a pipe) and only on texts with a "(", the only place a definition can be.
+        try:
+            from scispacy.abbreviation import AbbreviationDetector
+
+            self.abbreviation_detector: Any = AbbreviationDetector(self.nlp)
+        except ImportError:  # scispacy is a core dependency; without it definitions are simply not resolved
+            logger.warning("scispacy is not installed: in-text abbreviation definitions will not be resolved")
+            self.abbreviation_detector = None
+
+
+_PIPELINE: _Pipeline | None = None
+_PIPELINE_LOCK = threading.Lock()
+
+
+def _get_pipeline() -> _Pipeline:
+    global _PIPELINE
+    if _PIPELINE is None:
+        with _PIPELINE_LOCK:
+            if _PIPELINE is None:
+                _PIPELINE = _Pipeline()
+    return _PIPELINE
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Extraction
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Candidate:
+    start: int
+    end: int
+    type: str
+    name: str
+    attrs: dict[str, str]
+
+
+def _medication_candidate(text: str, start: int, end: int, name: str) -> _Candidate:
+    attrs: dict[str, str] = {}
+    brand = text[start:end]
+    if brand.lower() != name.lower():
+        attrs["brand"] = brand
+    match = _MED_TAIL_WITH_DOSE.match(text, end, min(len(text), end + 120))
+    # A bare number after a drug name is a dose only with a unit, route or frequency ("aspirin 81 mg",
+    # "Lasix 40 IV"); "metoprolol 25 on ___" alone is too ambiguous.
+    if match and not (match.group("unit") or match.group("route") or match.group("freq")):
+        match = None
+    if match:
+        dose = re.sub(r"\s*(?:-|to)\s*", "-", match.group("dose"))
+        attrs["dose"] = "-".join(_normalise_number(part) for part in dose.split("-"))
+        unit = _normalise_unit(match.group("unit"))
+        attrs["unit"] = unit or _default_medication_unit(name)
+    else:
+        match = _MED_TAIL_NO_DOSE.match(text, end, min(len(text), end + 60))
+    if match and match.group("route"):
+        attrs["route"] = _normalise_route(match.group("route"))
+    if match and match.group("freq"):
+        attrs["frequency"] = _normalise_frequency(match.group("freq"))
+    new_end = match.end() if match and match.end() > end else end
+    return _Candidate(start, new_end, "medication", name, {k: v for k, v in attrs.items() if v})
+
+
+@cache
+def _default_medication_unit(name: str) -> str:
+    for med in lexicon.MEDICATIONS:
+        if med.name == name:
+            return med.unit
+    return ""
+
+
+def _lab_candidate(text: str, start: int, end: int, name: str) -> _Candidate | None:
+    match = _LAB_TAIL.match(text, end, min(len(text), end + 60))
+    if match is None:
+        return None
+    attrs = {"value": _normalise_number(match.group("value")) + (match.group("decade") or "")}
+    if match.group("cmp"):
+        attrs["comparator"] = match.group("cmp")
+    if match.group("unit"):
+        attrs["unit"] = _normalise_unit(match.group("unit"))
+    return _Candidate(start, match.end(), "lab", name, attrs)
+
+
+def _vital_candidate(text: str, start: int, end: int, name: str) -> _Candidate | None:
+    match = _VITAL_TAILS[name].match(text, end, min(len(text), end + 60))
+    if match is None:
+        return None
+    raw_value = match.group("value")
+    if name == "BP":
+        value = "/".join(
+            re.sub(r"(\d+)", lambda m: _normalise_number(m.group(1)), part.strip()) for part in raw_value.split("/")
+        )
+    elif raw_value.endswith("s"):
+        value = _normalise_number(raw_value[:-1]) + "s"
+    else:
+        value = _normalise_number(raw_value)
+    if name == "Temp" and not value.endswith("s"):
+        number = float(value)
+        # Anything outside plausible body temperatures in C or F is not a temperature ("T 3", "T 2 weeks").
+        if not (33.0 <= number <= 43.5 or 90.0 <= number <= 110.0):
+            return None
+    if name == "SpO2" and not match.group("pct") and text[start:end] == "O2":
+        return None  # "2L O2 92" reads as a flow, not a saturation; bare "O2" needs "%"
+    attrs = {"value": value}
+    unit = match.groupdict().get("unit")
+    if unit:
+        attrs["unit"] = _normalise_unit(unit)
+    if match.groupdict().get("o2"):
+        attrs["o2"] = " ".join(match.group("o2").split())
+    return _Candidate(start, match.end(), "vital", name, attrs)
+
+
+def _name_candidates(pipeline: _Pipeline, doc: Any) -> list[_Candidate]:
+    text = doc.text
+    candidates = []
+    for match_id, token_start, token_end in pipeline.matcher_lower(doc) + pipeline.matcher_exact(doc):
+        entity_type, name = pipeline.labels[match_id]
+        span = doc[token_start:token_end]
+        start, end = span.start_char, span.end_char
+        candidate: _Candidate | None
+        if entity_type == "medication":
+            candidate = _medication_candidate(text, start, end, name)
+        elif entity_type == "lab":
+            candidate = _lab_candidate(text, start, end, name)
+        elif entity_type == "vital":
+            candidate = _vital_candidate(text, start, end, name)
+        else:
+            attrs = {}
+            tail = _DIAGNOSIS_TAIL.match(text, end) if entity_type == "diagnosis" else None
+            if tail:
+                attrs["modifier"] = tail.group("modifier").lower()
+                end = tail.end()
+            candidate = _Candidate(start, end, entity_type, name, attrs)
+        if candidate is not None:
+            candidates.append(candidate)
+    return candidates
+
+
+def _date_candidates(text: str) -> list[_Candidate]:
+    return [
+        _Candidate(date.start, date.end, "date", date.name, {"year": date.year} if date.year else {})
+        for date in _find_dates(text)
+    ]
+
+
+def _abbreviation_candidates(pipeline: _Pipeline, doc: Any, candidates: list[_Candidate]) -> list[_Candidate]:
+    """Candidates for short forms defined in the text ("hospital-acquired pneumonia (HAP)" ... "HAP").
+
+    The definition's "(HAP)" is absorbed into the long form's span; other occurrences of the short form get the
+    long form's type and canonical name. A long form that is not itself a lexicon entity types nothing: the
+    detector knows that "SBP" abbreviates some words, not that they are a diagnosis.
+    """
+    if pipeline.abbreviation_detector is None or "(" not in doc.text:
+        return []
+    doc._.abbreviations = []
+    with warnings.catch_warnings():
+        # spaCy warns (W036) on every text without a definition: the detector's second matcher is then empty.
+        warnings.filterwarnings("ignore", message=r".*W036")
+        pipeline.abbreviation_detector(doc)
+    added = []
+    for short in doc._.abbreviations:
+        long_form = short._.long_form
+        owner = next(
+            (
+                c
+                for c in candidates
+                if c.type in ("medication", "diagnosis", "procedure")
+                and c.start <= long_form.start_char
+                and c.end >= long_form.end_char - 1
+            ),
+            None,
+        )
+        if owner is None:
+            continue
+        if 0 <= short.start_char - long_form.end_char <= 2:
+            closing = doc.text.find(")", short.end_char, short.end_char + 2)
+            if closing != -1 and owner.end <= short.start_char:
+                owner.end = closing + 1
+            continue
+        added.append(_Candidate(short.start_char, short.end_char, owner.type, owner.name, dict(owner.attrs)))
+    return added
+
+
+def _resolve_overlaps(candidates: list[_Candidate]) -> list[_Candidate]:
+    """Longest span first (ties: type priority, then position); drop anything overlapping a kept span."""
+    ordered = sorted(candidates, key=lambda c: (-(c.end - c.start), _TYPE_PRIORITY[c.type], c.start))
+    kept_starts: list[int] = []
+    kept: list[_Candidate] = []
+    for candidate in ordered:
+        index = bisect.bisect_left(kept_starts, candidate.start)
+        if index > 0 and kept[index - 1].end > candidate.start:
+            continue
+        if index < len(kept) and kept[index].start < candidate.end:
+            continue
+        kept_starts.insert(index, candidate.start)
+        kept.insert(index, candidate)
+    return kept
+
+
+@dataclass
+class _NegationIndex:
+    token_starts: list[int]
+    pre_cue_ends: frozenset[int]  # token index of the last token of each pre-entity cue
+    post_cue_starts: frozenset[int]
+
+
+def _negation_index(pipeline: _Pipeline, doc: Any) -> _NegationIndex:
+    pseudo_tokens: set[int] = set()
+    cues = []
+    for match_id, start, end in pipeline.cue_matcher(doc):
+        label = pipeline.cue_labels[match_id]
+        if label == "PSEUDO":
+            pseudo_tokens.update(range(start, end))
+        else:
+            cues.append((label, start, end))
+    pre_ends = set()
+    post_starts = set()
+    post_phrases = {cue.lower() for cue in _POST_NEGATION_CUES}
+    for label, start, end in cues:
+        if pseudo_tokens.intersection(range(start, end)):
+            continue
+        # "PE was ruled out." / "... ruled out with CTA" negate what precedes; in "CTA ruled out PE" the cue has an
+        # object, so it is a pre-entity cue (the lexicon lists "ruled out" as one) and says nothing about "CTA".
+        following = doc[end] if end < len(doc) else None
+        used_after = following is None or _is_terminator(following) or following.is_punct
+        used_after = used_after or (following is not None and following.lower_ in _SCOPE_PREPOSITIONS)
+        if label == "PRE" and not (used_after and doc[start:end].text.lower() in post_phrases):
+            pre_ends.add(end - 1)
+        elif label == "POST" and used_after:
+            post_starts.add(start)
+    return _NegationIndex([token.idx for token in doc], frozenset(pre_ends), frozenset(post_starts))
+
+
+def _is_terminator(token: Any) -> bool:
+    text = token.text
+    return text in _TERMINATOR_PUNCT or ("\n" in text and token.is_space) or text.lower() in _SCOPE_TERMINATORS
+
+
+def _negated(doc: Any, index: _NegationIndex, start: int, end: int) -> bool:
+    """NegEx-style: a cue within 6 words before the entity, or a post-cue within 3 words after it.
+
+    The scope stops at sentence punctuation (. ; : ! ?), a line break, a terminator word ("but", "however",
+    "was", "started" ...) or a preposition not directly after the cue ("no DVT on ultrasound": the ultrasound is not
+    negated). Commas do not stop it, so "denies fever, chills, or chest pain" negates all three.
+    """
+    if not index.pre_cue_ends and not index.post_cue_starts:
+        return False
+    first = bisect.bisect_right(index.token_starts, start) - 1
+    last = bisect.bisect_left(index.token_starts, end) - 1
+    words = 0
+    for position in range(first - 1, -1, -1):
+        if position in index.pre_cue_ends:
+            return True
+        token = doc[position]
+        if _is_terminator(token):
+            break
+        if token.lower_ in _SCOPE_PREPOSITIONS:
+            return position - 1 in index.pre_cue_ends
+        if not (token.is_punct or token.is_space):
+            words += 1
+            if words > _NEGATION_WINDOW_WORDS:
+                break
+    words = 0
+    for position in range(last + 1, len(doc)):
+        if position in index.post_cue_starts:
+            return True
+        token = doc[position]
+        if token.text in _TERMINATOR_PUNCT or token.text.lower() in ("but", "however") or "\n" in token.text:
+            break
+        if not (token.is_punct or token.is_space):
+            words += 1
+            if words > _POST_NEGATION_WINDOW_WORDS:
+                break
+    return False
+
+
+def _detail(entity_type: str, attrs: dict[str, str]) -> str | None:
+    if entity_type == "medication":
+        return f"{attrs['dose']} {attrs.get('unit', '')}".strip() if "dose" in attrs else None
+    if entity_type in ("lab", "vital"):
+        return attrs.get("comparator", "") + attrs["value"] if "value" in attrs else None
+    if entity_type == "date":
+        return attrs.get("year") or None
+    return None
+
+
+def _make_key(entity_type: str, name: str, detail: str | None, negated: bool) -> str:
+    key = f"{entity_type}:{name.lower() if entity_type in ('medication', 'diagnosis', 'procedure') else name}"
+    if detail:
+        key += f"|{detail}"
+    return key + ("|negated" if negated else "")
+
+
+def _entities_from_doc(pipeline: _Pipeline, doc: Any) -> list[Entity]:
+    text = doc.text
+    if not text.strip():
+        return []
+    candidates = _name_candidates(pipeline, doc) + _date_candidates(text)
+    candidates += _abbreviation_candidates(pipeline, doc, candidates)
+    kept = _resolve_overlaps(candidates)
+    negation_index = _negation_index(pipeline, doc)
+    entities = []
+    for candidate in kept:
+        negated = _negated(doc, negation_index, candidate.start, candidate.end)
+        attrs = tuple(sorted(candidate.attrs.items(), key=lambda item: _ATTR_ORDER.index(item[0])))
+        entities.append(
+            Entity(
+                type=candidate.type,
+                text=text[candidate.start : candidate.end],
+                start=candidate.start,
+                end=candidate.end,
+                key=_make_key(candidate.type, candidate.name, _detail(candidate.type, candidate.attrs), negated),
+                name=candidate.name,
+                negated=negated,
+                attrs=attrs,
+            )
+        )
+    return entities
+
+
+def extract_entities(text: str) -> list[Entity]:
+    """Typed clinical entities of ``text``, sorted by start and non-overlapping.
+
+    Raises:
+        TypeError: if ``text`` is not a string.
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"extract_entities expects a str, got {type(text).__name__}")
+    pipeline = _get_pipeline()
+    return _entities_from_doc(pipeline, pipeline.nlp.make_doc(text))
+
+
+def extract_entities_batch(texts: Iterable[str], batch_size: int = 256) -> list[list[Entity]]:
+    """``extract_entities`` for many texts, tokenised through ``nlp.pipe`` in batches; results in input order.
+
+    Raises:
+        TypeError: if an item of ``texts`` is not a string.
+        ValueError: if ``batch_size`` < 1.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    pipeline = _get_pipeline()
+
+    def checked(items: Iterable[str]) -> Iterator[str]:
+        for position, item in enumerate(items):
+            if not isinstance(item, str):
+                raise TypeError(f"extract_entities_batch: item {position} is {type(item).__name__}, not str")
+            yield item
+
+    return [_entities_from_doc(pipeline, doc) for doc in pipeline.nlp.pipe(checked(texts), batch_size=batch_size)]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Comparison
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EntityComparison:
+    """How an output's entities compare to a reference's (policy in the module docstring).
+
+    ``retained`` / ``missing`` are reference entities (one per key) found / not found in the output; ``supported``
+    / ``extra`` are output entities (one per key) backed / not backed by the reference. Per type:
+    true positives = retained, false negatives = missing, false positives = extra.
+    """
+
+    retained: tuple[Entity, ...]
+    missing: tuple[Entity, ...]
+    supported: tuple[Entity, ...]
+    extra: tuple[Entity, ...]
+
+    def _count(self, group: tuple[Entity, ...], entity_type: str | None) -> int:
+        _check_type(entity_type)
+        return sum(1 for entity in group if entity_type is None or entity.type == entity_type)
+
+    def counts(self, entity_type: str | None = None) -> dict[str, int]:
+        """tp / fp / fn (and retained / missing / supported / extra) for one type, or all types with None."""
+        retained = self._count(self.retained, entity_type)
+        missing = self._count(self.missing, entity_type)
+        supported = self._count(self.supported, entity_type)
+        extra = self._count(self.extra, entity_type)
+        return {
+            "tp": retained,
+            "fp": extra,
+            "fn": missing,
+            "retained": retained,
+            "missing": missing,
+            "supported": supported,
+            "extra": extra,
+        }
+
+    def recall(self, entity_type: str | None = None) -> float | None:
+        """Retained / reference keys; None when the reference has no entity (of that type)."""
+        counts = self.counts(entity_type)
+        total = counts["retained"] + counts["missing"]
+        return counts["retained"] / total if total else None
+
+    def precision(self, entity_type: str | None = None) -> float | None:
+        """Supported / output keys; None when the output has no entity (of that type)."""
+        counts = self.counts(entity_type)
+        total = counts["supported"] + counts["extra"]
+        return counts["supported"] / total if total else None
+
+    def f1(self, entity_type: str | None = None) -> float | None:
+        """Harmonic mean; None when recall is undefined, 0.0 when the output has none of a referenced type."""
+        recall = self.recall(entity_type)
+        if recall is None:
+            return None
+        precision = self.precision(entity_type)
+        if precision is None or precision + recall == 0:
+            return 0.0
+        return 2 * precision * recall / (precision + recall)
+
+    def hallucination_rate(self, entity_type: str | None = None) -> float | None:
+        """Extra / output keys (1 - precision); None when the output has no entity (of that type)."""
+        precision = self.precision(entity_type)
+        return None if precision is None else 1.0 - precision
+
+    def per_type(self) -> dict[str, dict[str, float | int | None]]:
+        return {
+            entity_type: {
+                **self.counts(entity_type),
+                "recall": self.recall(entity_type),
+                "precision": self.precision(entity_type),
+                "f1": self.f1(entity_type),
+            }
+            for entity_type in ENTITY_TYPES
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "overall": {**self.counts(), "recall": self.recall(), "precision": self.precision(), "f1": self.f1()},
+            "per_type": self.per_type(),
+            "retained": [entity.key for entity in self.retained],
+            "missing": [entity.key for entity in self.missing],
+            "extra": [entity.key for entity in self.extra],
+        }
+
+
+def _check_type(entity_type: str | None) -> None:
+    if entity_type is not None and entity_type not in ENTITY_TYPES:
+        raise ValueError(f"unknown entity type {entity_type!r}; expected one of {ENTITY_TYPES}")
+
+
+def _unique_by_key(entities: Sequence[Entity]) -> list[Entity]:
+    seen: set[str] = set()
+    unique = []
+    for entity in entities:
+        if entity.key not in seen:
+            seen.add(entity.key)
+            unique.append(entity)
+    return unique
+
+
+def _covered(entity: Entity, others: dict[tuple[str, str, bool], set[str | None]]) -> bool:
+    details = others.get((entity.type, entity.name.lower(), entity.negated))
+    if details is None:
+        return False
+    detail = entity.detail
+    return detail is None or detail in details
+
+
+def _details_by_identity(entities: Sequence[Entity]) -> dict[tuple[str, str, bool], set[str | None]]:
+    grouped: dict[tuple[str, str, bool], set[str | None]] = {}
+    for entity in entities:
+        grouped.setdefault((entity.type, entity.name.lower(), entity.negated), set()).add(entity.detail)
+    return grouped
+
+
+def compare_entities(output: Sequence[Entity], reference: Sequence[Entity]) -> EntityComparison:
+    """Compare an output's entities to a reference's with set semantics on keys (policy in the module docstring).
+
+    Raises:
+        ValueError: if an entity has a type outside ``ENTITY_TYPES``.
+    """
+    for entity in (*output, *reference):
+        _check_type(entity.type)
+    output_unique = _unique_by_key(output)
+    reference_unique = _unique_by_key(reference)
+    output_details = _details_by_identity(output_unique)
+    reference_details = _details_by_identity(reference_unique)
+    retained = tuple(e for e in reference_unique if _covered(e, output_details))
+    missing = tuple(e for e in reference_unique if not _covered(e, output_details))
+    supported = tuple(e for e in output_unique if _covered(e, reference_details))
+    extra = tuple(e for e in output_unique if not _covered(e, reference_details))
+    return EntityComparison(retained=retained, missing=missing, supported=supported, extra=extra)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Numbers and checklists
+# ----------------------------------------------------------------------------------------------------------------
+
+# Line-initial list numbering ("1. Aspirin", "2) Lasix"): layout, not content, and compression renumbers lists.
+_LIST_NUMBER_RE = re.compile(r"(?m)^[ \t]*(?:#\s*)?\d{1,3}[.)](?=\s)")
+# A number not glued to a preceding letter or digit: digits inside names and codes (SpO2, T2DM, q6h, B12, x2) are
+# part of the name. Trailing letters are allowed ("40mg", "98.6F", "2L"). "a/b" stays one token ("132/78").
+_NUMBER_RE = re.compile(rf"(?<![A-Za-z\d_.,])(?P<a>{_NUM})(?:\s*/\s*(?P<b>{_NUM}))?(?![\d])")
+
+
+def extract_numbers(text: str) -> list[str]:
+    """Normalised numeric tokens of ``text`` in order (with repeats), for numeric-fidelity checks.
+
+    - ``___`` (a de-identification blank) holds no digits and yields nothing.
+    - Line-initial list numbering ("1.", "2)") is skipped.
+    - A date yields its normalised month-day ("03-14") and, when written, its year as a separate token ("2150"),
+      so "3/14", "03/14" and "March 14" agree and a summary that drops the year is not flagged. Times yield
+      "HH:MM", hospital / post-operative days "HD 3" / "POD 2".
+    - Other numbers are normalised ("1.40" -> "1.4", "1,000" -> "1000", "40mg" -> "40", "96%" -> "96");
+      fractions and blood pressures stay one token ("132/78"); ranges split ("2-4" -> "2", "4").
+
+    Raises:
+        TypeError: if ``text`` is not a string.
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"extract_numbers expects a str, got {type(text).__name__}")
+    found: list[tuple[int, str]] = []
+    masked = list(text)
+
+    def mask(start: int, end: int) -> None:
+        masked[start:end] = " " * (end - start)
+
+    for match in _LIST_NUMBER_RE.finditer(text):
+        mask(match.start(), match.end())
+    for date in _find_dates(text):
+        if "".join(masked[date.start : date.end]).strip() != text[date.start : date.end].strip():
+            continue  # the "date" is list numbering
+        found.append((date.start, date.name))
+        if date.year:
+            found.append((date.start, date.year))
+        mask(date.start, date.end)
+    masked_text = "".join(masked)
+    for match in _NUMBER_RE.finditer(masked_text):
+        token = _normalise_number(match.group("a"))
+        if match.group("b"):
+            token += "/" + _normalise_number(match.group("b"))
+        found.append((match.start(), token))
+    found.sort(key=lambda item: item[0])
+    return [token for _, token in found]
+
+
+def format_entity_checklist(entities: Sequence[Entity]) -> str:
+    """A checklist grouped by type, one line per type that has entities, for a compression prompt.
+
+    Example: ``"Medications: metoprolol succinate 50 mg PO daily; furosemide 40 mg IV BID\\nLabs: creatinine 1.4"``.
+    Duplicates (same key) are listed once, in first-seen order; negated entities end in " [negated]". Returns ""
+    for no entities.
+
+    Raises:
+        ValueError: if an entity has a type outside ``ENTITY_TYPES``.
+    """
+    grouped: dict[str, list[str]] = {entity_type: [] for entity_type in ENTITY_TYPES}
+    for entity in _unique_by_key(entities):
+        _check_type(entity.type)
+        description = entity.describe()
+        if description not in grouped[entity.type]:
+            grouped[entity.type].append(description)
+    lines = [f"{_CHECKLIST_HEADERS[t]}: {'; '.join(items)}" for t, items in grouped.items() if items]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Generic scispaCy channel (comparison only)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def generic_channel_available() -> bool:
+    """True when scispaCy's ``en_core_sci_sm`` model is installed (it is not pip-installable offline)."""
+    import spacy.util
+
+    return spacy.util.is_package(GENERIC_MODEL_NAME)
+
+
+@lru_cache(maxsize=1)
+def _generic_nlp() -> Any:
+    import spacy
+
+    return spacy.load(GENERIC_MODEL_NAME)
+
+
+def extract_generic_entities(text: str) -> list[str]:
+    """Untyped entity strings from scispaCy's ``en_core_sci_sm`` (the seed prototype's metric; comparison only).
+
+    Raises:
+        GenericChannelUnavailableError: if ``en_core_sci_sm`` is not installed.
+    """
+    if not generic_channel_available():
+        raise GenericChannelUnavailableError(
+            f"the generic entity channel needs scispaCy's {GENERIC_MODEL_NAME!r} model, which is not installed; "
+            "install the model wheel from the scispaCy releases page (needs network) or use extract_entities, "
+            "which works offline"
+        )
+    return [entity.text for entity in _generic_nlp()(text).ents]
