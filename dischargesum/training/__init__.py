@@ -1,0 +1,1 @@
+"""Training: SFT on TRL's SFTTrainer and the fault-tolerance layer it plugs in (checkpointing, preemption)."""
