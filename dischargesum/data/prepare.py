@@ -1,0 +1,653 @@
+"""The prepare_data pipeline: raw BHC rows -> train / validation / test parquet, rejects.jsonl, data card.
+
+One pass over the input in bounded memory (``chunk_rows`` records at a time; ``seed`` normalisation adds a
+second pass over a staging file because its rare-word filter needs corpus counts first):
+
+1. :func:`dischargesum.data.readers.inspect_source` detects the schema and fails with exit code 2 on a missing
+   column — before the tokenizer or any data is loaded.
+2. Worker processes (``num_workers``) decode, validate and normalise chunks
+   (:func:`dischargesum.data.validate.validate_chunk`); at most ``2 * num_workers`` chunks are in flight.
+3. The main process drops duplicate ``note_id`` rows (the first kept row wins), counts tokens exactly as TRL's
+   SFTTrainer will (:mod:`dischargesum.data.budget`; a fast tokenizer encodes each batch on all cores),
+   shortens over-long notes (:mod:`dischargesum.data.shorten`) until they fit, rejects rows whose summary alone
+   cannot fit, assigns patient-level splits (:mod:`dischargesum.data.split`) and appends to the split files.
+4. The data card (:mod:`dischargesum.data.card`) proves the accounting (rows in = rows in splits + rejects),
+   records per-split length statistics and sha256 fingerprints; the manifest is marked complete last.
+
+Outputs are byte-identical across reruns with the same inputs and config (no timestamps outside the manifest;
+rows keep input order; Parquet files are written with fixed settings).
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+import os
+import shutil
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dischargesum.cli import UserError
+from dischargesum.config import ConfigError, PrepareDataConfig
+from dischargesum.data import schema
+from dischargesum.data.budget import (
+    chat_template_fingerprint,
+    count_tokens,
+    load_tokenizer,
+    render_loss_mask,
+    tokenize_examples,
+)
+from dischargesum.data.normalize import filter_rare_words, seed_backends
+from dischargesum.data.readers import SourceInfo, inspect_source, iter_chunks
+from dischargesum.data.shorten import MARKER, shorten_note
+from dischargesum.data.split import SplitTracker, assign_split
+from dischargesum.data.validate import ValidatedChunk, ValidationOptions, reject_record, validate_chunk
+from dischargesum.logging_utils import get_logger, is_main_process
+from dischargesum.manifest import (
+    MANIFEST_NAME,
+    atomic_write_json,
+    canonical_hash,
+    fingerprint_file,
+    finish_run,
+    read_manifest,
+    sha256_file,
+    start_run,
+)
+
+logger = get_logger(__name__)
+
+_MAX_FIT_ROUNDS = 8
+_STAGING_DIR = ".staging"
+
+
+def output_arrow_schema() -> Any:
+    """Arrow types of :data:`dischargesum.data.schema.PREPARED_COLUMNS`, in that order."""
+    import pyarrow as pa
+
+    types = {
+        "note_id": pa.string(),
+        "subject_id": pa.string(),
+        "source_row": pa.int64(),
+        "note": pa.string(),
+        "summary": pa.string(),
+        "note_chars_original": pa.int64(),
+        "note_shortened": pa.bool_(),
+        "prompt_tokens": pa.int64(),
+        "completion_tokens": pa.int64(),
+        "gt_entities": pa.string(),
+    }
+    if list(types) != list(schema.PREPARED_COLUMNS):
+        raise RuntimeError("output_arrow_schema is out of date with schema.PREPARED_COLUMNS")
+    return pa.schema(list(types.items()))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# length budget
+
+
+@dataclass
+class BudgetResult:
+    """Per-row outcome of :func:`fit_to_budget` (arrays aligned with the input rows)."""
+
+    notes: list[str]
+    prompt_tokens: np.ndarray
+    completion_tokens: np.ndarray
+    total_tokens: np.ndarray
+    shortened: np.ndarray  # bool
+    rejected: dict[int, str]  # row index -> detail (summary_too_long)
+    stats: Counter[str] = field(default_factory=Counter)
+
+
+def fit_to_budget(
+    tokenizer: Any,
+    notes: list[str],
+    summaries: list[str],
+    *,
+    instruction: str,
+    max_seq_length: int,
+    min_note_tokens: int,
+    strategy: str,
+    batch_size: int,
+) -> BudgetResult:
+    """Count tokens; shorten the notes of over-long examples until they fit; never touch a summary.
+
+    A row is rejected (``summary_too_long``) when the prompt frame plus the whole summary leave fewer than
+    ``min_note_tokens`` of ``max_seq_length`` for the note. Shortening converts the token excess to characters
+    with the note's own characters-per-token ratio, re-counts exactly and asks for more until the example fits;
+    after ``_MAX_FIT_ROUNDS`` rounds the note becomes the bare marker, which is known to fit.
+    """
+    count = partial(count_tokens, tokenizer, instruction=instruction, batch_size=batch_size)
+    prompt, completion, total = count(notes, summaries)
+    result = BudgetResult(list(notes), prompt, completion, total, np.zeros(len(notes), dtype=bool), {})
+    over = np.flatnonzero(total > max_seq_length)
+    if not len(over):
+        return result
+    over_summaries = [summaries[i] for i in over]
+    bare_prompt, _, bare_total = count([MARKER] * len(over), over_summaries)
+    feasible: list[int] = []
+    for k, i in enumerate(over):
+        room = max_seq_length - int(bare_total[k])
+        if room < min_note_tokens:
+            result.rejected[int(i)] = (
+                f"summary turn {int(completion[i])} tokens + prompt frame {int(bare_prompt[k])} = "
+                f"{int(bare_total[k])} tokens leaves {room} of max_seq_length {max_seq_length} for the note "
+                f"(min_note_tokens {min_note_tokens})"
+            )
+        else:
+            feasible.append(k)
+    # characters per note token, from this note's own tokenisation (note tokens = prompt - bare prompt frame)
+    ratio = {k: len(notes[over[k]]) / max(1, int(prompt[over[k]] - bare_prompt[k]) + 1) for k in feasible}
+    remove = {k: math.ceil((int(total[over[k]]) - max_seq_length) * ratio[k]) for k in feasible}
+    pending = feasible
+    for round_ in range(1, _MAX_FIT_ROUNDS + 1):
+        if not pending:
+            break
+        attempts = {k: shorten_note(notes[over[k]], remove[k], strategy) for k in pending}  # type: ignore[arg-type]
+        if round_ == _MAX_FIT_ROUNDS:
+            for k in pending:  # give up estimating: the bare marker fits (checked above)
+                attempts[k].text = MARKER
+        p, c, t = count([attempts[k].text for k in pending], [summaries[over[k]] for k in pending])
+        still = []
+        for j, k in enumerate(pending):
+            if t[j] <= max_seq_length:
+                i = int(over[k])
+                attempt = attempts[k]
+                result.notes[i] = attempt.text
+                result.prompt_tokens[i], result.completion_tokens[i], result.total_tokens[i] = p[j], c[j], t[j]
+                result.shortened[i] = True
+                result.stats[f"fit_rounds_{round_}"] += 1
+                result.stats["sections_dropped"] += len(attempt.dropped)
+                for name in attempt.dropped:
+                    result.stats[f"dropped:{name}"] += 1
+                if attempt.trimmed:
+                    result.stats[f"trimmed:{attempt.trimmed}"] += 1
+                if attempt.middle_cut_chars:
+                    result.stats["middle_cuts"] += 1
+            else:
+                # asked for too little: add the remaining excess, at this note's ratio, plus a small margin
+                remove[k] += math.ceil((int(t[j]) - max_seq_length) * ratio[k]) + 8
+                still.append(k)
+        pending = still
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# streaming helpers
+
+
+def _bounded_imap(fn: Callable[[Any], Any], items: Iterable[Any], workers: int) -> Iterator[Any]:
+    """``map(fn, items)`` in ``workers`` spawn processes, in order, with at most ``2 * workers`` items in flight.
+
+    (``Pool.imap`` would read the whole input ahead into its task queue.)
+    """
+    if workers <= 0:
+        yield from map(fn, items)
+        return
+    iterator = iter(items)
+    first = next(iterator, None)
+    if first is None:
+        return
+    second = next(iterator, None)
+    if second is None:  # one chunk: not worth starting processes
+        yield fn(first)
+        return
+    # spawn, not fork: the parent holds tokenizer threads that fork would copy mid-lock.
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        pending: deque[Any] = deque([pool.apply_async(fn, (first,)), pool.apply_async(fn, (second,))])
+        for item in iterator:
+            while len(pending) >= 2 * workers:
+                yield pending.popleft().get()
+            pending.append(pool.apply_async(fn, (item,)))
+        while pending:
+            yield pending.popleft().get()
+
+
+def _progress(desc: str, total: int | None) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="rows", disable=not is_main_process(), mininterval=2.0)
+
+
+@dataclass
+class _Totals:
+    rows_read: int = 0
+    rejects: list[dict[str, Any]] = field(default_factory=list)
+    stats: Counter[str] = field(default_factory=Counter)
+    prefixes: Counter[str] = field(default_factory=Counter)
+    shortening: Counter[str] = field(default_factory=Counter)
+
+    def absorb(self, chunk: ValidatedChunk) -> None:
+        self.rows_read += chunk.rows_read
+        self.rejects.extend(chunk.rejects)
+        self.stats.update(chunk.stats)
+        self.prefixes.update(chunk.prefixes)
+
+
+def _validated_chunks(info: SourceInfo, cfg: PrepareDataConfig, totals: _Totals, bar: Any) -> Iterator[ValidatedChunk]:
+    opts = ValidationOptions(
+        normalization=cfg.normalization,
+        utf8_errors=cfg.utf8_errors,
+        max_note_chars=cfg.max_note_chars,
+        use_input_split=cfg.input_split_column is not None,
+    )
+    for chunk in _bounded_imap(partial(validate_chunk, opts=opts), iter_chunks(info, cfg), cfg.num_workers):
+        totals.absorb(chunk)
+        bar.update(chunk.rows_read)
+        yield chunk
+
+
+def _staged_seed_chunks(
+    chunks: Iterator[ValidatedChunk], staging: Path, cfg: PrepareDataConfig, totals: _Totals
+) -> Iterator[ValidatedChunk]:
+    """Seed mode: stage every validated row, count words, then replay the rows with the rare-word filter."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    columns = ("rows", "note_id", "subject_id", "note", "summary", "gt_entities", "input_split")
+    arrow = pa.schema(
+        [("rows", pa.int64())] + [(name, pa.string()) for name in columns[1:]]  # type: ignore[list-item]
+    )
+    staging.mkdir(parents=True, exist_ok=True)
+    path = staging / "seed_pass1.parquet"
+    counts: Counter[str] = Counter()
+    with pq.ParquetWriter(path, arrow) as writer:
+        for chunk in chunks:
+            counts.update(chunk.word_counts or {})
+            writer.write_table(pa.table({name: getattr(chunk, name) for name in columns}, schema=arrow))
+    totals.stats["seed_vocabulary"] = len(counts)
+    totals.stats["seed_vocabulary_kept"] = sum(1 for v in counts.values() if v >= cfg.seed_min_word_count)
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=cfg.chunk_rows):
+        data = batch.to_pydict()
+        out = ValidatedChunk()
+        for i, row in enumerate(data["rows"]):
+            note = filter_rare_words(data["note"][i], counts, cfg.seed_min_word_count)
+            summary = filter_rare_words(data["summary"][i], counts, cfg.seed_min_word_count)
+            if not note or not summary:
+                reason = "empty_note" if not note else "empty_target"
+                totals.rejects.append(
+                    reject_record(row, data["note_id"][i], reason, "nothing left after the rare-word filter")
+                )
+                continue
+            out.rows.append(row)
+            out.note_id.append(data["note_id"][i])
+            out.subject_id.append(data["subject_id"][i])
+            out.note.append(note)
+            out.summary.append(summary)
+            out.gt_entities.append(data["gt_entities"][i])
+            out.input_split.append(data["input_split"][i])
+        yield out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the stage
+
+
+@dataclass
+class PrepareResult:
+    output_dir: Path
+    card: dict[str, Any]
+    manifest: dict[str, Any]
+
+
+def _source_fingerprint(info: SourceInfo, cfg: PrepareDataConfig) -> dict[str, Any]:
+    described = info.describe()
+    if info.path is not None:
+        described.update(path=str(info.path), bytes=info.path.stat().st_size, sha256=sha256_file(info.path))
+    else:
+        described.update(
+            rows=cfg.synthetic_rows,
+            profile=cfg.synthetic_profile,
+            schema=cfg.synthetic_schema,
+            seed=cfg.seed,
+            defects=list(cfg.synthetic_defects),
+        )
+    return described
+
+
+def _dedup(chunk: ValidatedChunk, seen: dict[str, int], totals: _Totals) -> list[int]:
+    """Indices of ``chunk`` rows whose note_id was not kept before (later duplicates become rejects)."""
+    keep = []
+    for j, (row, note_id) in enumerate(zip(chunk.rows, chunk.note_id)):
+        first = seen.get(note_id)
+        if first is not None:
+            totals.rejects.append(reject_record(row, note_id, "duplicate_note_id", f"first kept at row {first}"))
+            continue
+        seen[note_id] = row
+        keep.append(j)
+    return keep
+
+
+class _SplitWriters:
+    """Three Parquet writers (temporary names until :meth:`commit`) plus per-split length statistics."""
+
+    def __init__(self, out: Path) -> None:
+        import pyarrow.parquet as pq
+
+        self.out = out
+        self.schema = output_arrow_schema()
+        self.tmp = {split: out / f".{schema.SPLIT_FILES[split]}.tmp" for split in schema.SPLITS}
+        self.writers = {
+            split: pq.ParquetWriter(self.tmp[split], self.schema, compression="zstd") for split in schema.SPLITS
+        }
+        self.lengths: dict[str, dict[str, list[np.ndarray]]] = {split: {} for split in schema.SPLITS}
+
+    def write(self, split: str, columns: dict[str, list[Any]], lengths: dict[str, np.ndarray]) -> None:
+        import pyarrow as pa
+
+        self.writers[split].write_table(pa.table(columns, schema=self.schema))
+        for name, values in lengths.items():
+            self.lengths[split].setdefault(name, []).append(values)
+
+    def close(self) -> None:
+        for writer in self.writers.values():
+            writer.close()
+
+    def commit(self) -> None:
+        for split in schema.SPLITS:
+            os.replace(self.tmp[split], self.out / schema.SPLIT_FILES[split])
+
+    def discard(self) -> None:
+        for path in self.tmp.values():
+            path.unlink(missing_ok=True)
+
+    def length_arrays(self) -> dict[str, dict[str, np.ndarray]]:
+        return {
+            split: {
+                name: np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+                for name, parts in self.lengths[split].items()
+            }
+            for split in schema.SPLITS
+        }
+
+
+_LENGTH_NAMES = (
+    "prompt_tokens",
+    "completion_tokens",
+    "total_tokens",
+    "note_chars",
+    "note_chars_original",
+    "summary_chars",
+)
+
+
+def _write_chunk(
+    chunk: ValidatedChunk,
+    keep: list[int],
+    fitted: BudgetResult,
+    cfg: PrepareDataConfig,
+    tracker: SplitTracker,
+    writers: _SplitWriters,
+    totals: _Totals,
+) -> None:
+    by_split: dict[str, list[int]] = {split: [] for split in schema.SPLITS}
+    for k, j in enumerate(keep):
+        if k in fitted.rejected:
+            totals.rejects.append(
+                reject_record(chunk.rows[j], chunk.note_id[j], "summary_too_long", fitted.rejected[k])
+            )
+            continue
+        subject = chunk.subject_id[j]
+        if cfg.input_split_column is not None:
+            split = chunk.input_split[j]
+            assert split is not None
+        else:
+            split = assign_split(
+                subject, seed=cfg.seed, validation_fraction=cfg.validation_fraction, test_fraction=cfg.test_fraction
+            )
+        tracker.add(subject, split)
+        by_split[split].append(k)
+    for split, ks in by_split.items():
+        if not ks:
+            continue
+        js = [keep[k] for k in ks]
+        idx = np.asarray(ks, dtype=np.int64)
+        notes = [fitted.notes[k] for k in ks]
+        original = [len(chunk.note[j]) for j in js]
+        columns = {
+            "note_id": [chunk.note_id[j] for j in js],
+            "subject_id": [chunk.subject_id[j] for j in js],
+            "source_row": [chunk.rows[j] for j in js],
+            "note": notes,
+            "summary": [chunk.summary[j] for j in js],
+            "note_chars_original": original,
+            "note_shortened": fitted.shortened[idx].tolist(),
+            "prompt_tokens": fitted.prompt_tokens[idx].tolist(),
+            "completion_tokens": fitted.completion_tokens[idx].tolist(),
+            "gt_entities": [chunk.gt_entities[j] for j in js],
+        }
+        lengths = {
+            "prompt_tokens": fitted.prompt_tokens[idx],
+            "completion_tokens": fitted.completion_tokens[idx],
+            "total_tokens": fitted.total_tokens[idx],
+            "note_chars": np.fromiter(map(len, notes), dtype=np.int64, count=len(notes)),
+            "note_chars_original": np.asarray(original, dtype=np.int64),
+            "summary_chars": np.fromiter((len(chunk.summary[j]) for j in js), dtype=np.int64, count=len(js)),
+            "note_shortened": fitted.shortened[idx].astype(np.int64),
+        }
+        writers.write(split, columns, lengths)
+
+
+def _mark_failed(out: Path, message: str) -> None:
+    manifest = read_manifest(out) or {}
+    manifest.update(status="failed", failure=message)
+    if is_main_process():
+        atomic_write_json(out / MANIFEST_NAME, manifest)
+
+
+def run_prepare_data(cfg: PrepareDataConfig) -> PrepareResult:
+    """Run the stage into ``cfg.output_dir`` and return the data card and manifest.
+
+    Raises:
+        ConfigError: bad source, missing column, tokenizer without chat template (before heavy work).
+        UserError: the reject fraction exceeds ``max_reject_fraction``, or a pre-split input puts a patient in
+            two splits (outputs and rejects.jsonl are written for diagnosis; the manifest is marked failed).
+    """
+    from dischargesum.data.card import build_card, write_length_plots
+
+    began = time.perf_counter()
+    info = inspect_source(cfg)
+    tokenizer = load_tokenizer(cfg.tokenizer_name_or_path)
+    out = Path(cfg.output_dir)
+    if read_manifest(out) is not None:
+        logger.warning("%s already holds a run; its prepare_data outputs are replaced", out)
+    inputs = {
+        "source": _source_fingerprint(info, cfg),
+        "tokenizer": {
+            "name_or_path": cfg.tokenizer_name_or_path,
+            "chat_template_sha256": chat_template_fingerprint(tokenizer),
+        },
+    }
+    start_run(out, cfg, inputs=inputs)
+    staging = out / _STAGING_DIR
+    totals = _Totals()
+    tracker = SplitTracker()
+    seen: dict[str, int] = {}
+    writers = _SplitWriters(out)
+    bar = _progress("prepare_data", cfg.synthetic_rows if info.format == "synthetic" else None)
+    try:
+        stream = _validated_chunks(info, cfg, totals, bar)
+        if cfg.normalization == "seed":
+            stream = _staged_seed_chunks(stream, staging, cfg, totals)
+        for chunk in stream:
+            keep = _dedup(chunk, seen, totals)
+            fitted = fit_to_budget(
+                tokenizer,
+                [chunk.note[j] for j in keep],
+                [chunk.summary[j] for j in keep],
+                instruction=cfg.instruction,
+                max_seq_length=cfg.max_seq_length,
+                min_note_tokens=cfg.min_note_tokens,
+                strategy=cfg.note_shortening,
+                batch_size=cfg.tokenize_batch_size,
+            )
+            totals.shortening.update(fitted.stats)
+            _write_chunk(chunk, keep, fitted, cfg, tracker, writers, totals)
+        writers.close()
+    except BaseException:
+        writers.close()
+        writers.discard()
+        raise
+    finally:
+        bar.close()
+        shutil.rmtree(staging, ignore_errors=True)
+    writers.commit()
+    totals.rejects.sort(key=lambda r: (r["row"] is None, r["row"] if r["row"] is not None else 0))
+    _write_rejects(out / schema.REJECTS_FILE, totals.rejects)
+    lengths = writers.length_arrays()
+    outputs = {name: fingerprint_file(out / name, out) for name in (*schema.SPLIT_FILES.values(), schema.REJECTS_FILE)}
+    data_fingerprint = canonical_hash([outputs[schema.SPLIT_FILES[s]]["sha256"] for s in schema.SPLITS])
+    plots = write_length_plots(out, lengths, cfg.max_seq_length) if cfg.plots else []
+    for name in plots:
+        outputs[name] = fingerprint_file(out / name, out)
+    card = build_card(
+        cfg=cfg,
+        info=info,
+        tokenizer=tokenizer,
+        rows_read=totals.rows_read,
+        rejects=totals.rejects,
+        tracker=tracker,
+        lengths=lengths,
+        stats=totals.stats,
+        prefixes=totals.prefixes,
+        shortening=totals.shortening,
+        files=outputs,
+        data_fingerprint=data_fingerprint,
+        seed_backends=seed_backends() if cfg.normalization == "seed" else None,
+    )
+    atomic_write_json(out / schema.DATA_CARD_FILE, card)
+    outputs[schema.DATA_CARD_FILE] = fingerprint_file(out / schema.DATA_CARD_FILE, out)
+    kept = sum(tracker.rows.values())
+    if kept + len(totals.rejects) != totals.rows_read:  # a bug, not a user error: never silently lose a row
+        raise RuntimeError(f"accounting broken: {totals.rows_read} rows read, {kept} kept + {len(totals.rejects)}")
+    problems = []
+    if tracker.crossing_patients:
+        problems.append(
+            f"{tracker.crossing_patients} patient(s) have notes in more than one split of `input_split_column` = "
+            f"{cfg.input_split_column!r}; fix the input split or unset input_split_column to split by patient hash"
+        )
+    if card["reject_fraction"] > cfg.max_reject_fraction:
+        top = ", ".join(f"{k}: {v}" for k, v in Counter(card["rejects_by_reason"]).most_common(4))
+        problems.append(
+            f"{len(totals.rejects)} of {totals.rows_read} rows rejected ({card['reject_fraction']:.2%}) > "
+            f"max_reject_fraction {cfg.max_reject_fraction:.2%} ({top}). See {out / schema.REJECTS_FILE}; if the "
+            "input changed its layout, fix `column_mapping`; if the rejects are expected, raise max_reject_fraction"
+        )
+    if problems:
+        message = "; ".join(problems)
+        _mark_failed(out, message)
+        raise UserError(f"prepare_data: {message}.")
+    manifest = finish_run(
+        out,
+        outputs,
+        data_fingerprint=data_fingerprint,
+        rows={split: tracker.rows.get(split, 0) for split in schema.SPLITS},
+        rows_rejected=len(totals.rejects),
+        seconds=round(time.perf_counter() - began, 1),
+    )
+    logger.info(
+        "prepared %d rows: %s, %d rejected (%s) in %.1f s -> %s",
+        totals.rows_read,
+        ", ".join(f"{s} {tracker.rows.get(s, 0)}" for s in schema.SPLITS),
+        len(totals.rejects),
+        ", ".join(f"{k} {v}" for k, v in sorted(card["rejects_by_reason"].items()) if v) or "none",
+        time.perf_counter() - began,
+        out,
+    )
+    return PrepareResult(out, card, manifest)
+
+
+def _write_rejects(path: Path, rejects: list[dict[str, Any]]) -> None:
+    import json
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        for record in rejects:
+            fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# --debug N
+
+
+def debug_examples(cfg: PrepareDataConfig) -> str:
+    """N rendered training examples from the start of the input, trained tokens inside ⟦ ⟧ (nothing is written).
+
+    Uses the same validation, normalisation, duplicate check and length budget as the full run (the seed mode's
+    corpus-level rare-word filter excepted, which needs the whole input).
+
+    Raises:
+        ConfigError: as :func:`run_prepare_data`.
+    """
+    info = inspect_source(cfg)
+    tokenizer = load_tokenizer(cfg.tokenizer_name_or_path)
+    opts = ValidationOptions(
+        cfg.normalization, cfg.utf8_errors, cfg.max_note_chars, cfg.input_split_column is not None
+    )
+    totals = _Totals()
+    seen: dict[str, int] = {}
+    blocks: list[str] = [
+        f"prepare_data --debug {cfg.debug}: tokenizer {cfg.tokenizer_name_or_path}, max_seq_length "
+        f"{cfg.max_seq_length}, normalization {cfg.normalization}"
+        + (" (rare-word filter not applied in --debug)" if cfg.normalization == "seed" else "")
+        + ".\nTokens inside ⟦ ⟧ are trained on (completion_mask = 1); all others have label -100.\n"
+    ]
+    shown = 0
+    for raw in iter_chunks(info, cfg):
+        chunk = validate_chunk(raw, opts)
+        totals.absorb(chunk)
+        keep = _dedup(chunk, seen, totals)[: cfg.debug - shown]
+        fitted = fit_to_budget(
+            tokenizer,
+            [chunk.note[j] for j in keep],
+            [chunk.summary[j] for j in keep],
+            instruction=cfg.instruction,
+            max_seq_length=cfg.max_seq_length,
+            min_note_tokens=cfg.min_note_tokens,
+            strategy=cfg.note_shortening,
+            batch_size=cfg.tokenize_batch_size,
+        )
+        usable = [k for k in range(len(keep)) if k not in fitted.rejected]
+        tokenized = tokenize_examples(
+            tokenizer, [fitted.notes[k] for k in usable], [chunk.summary[keep[k]] for k in usable], cfg.instruction
+        )
+        for m, k in enumerate(usable):
+            j = keep[k]
+            blocks.append(
+                f"===== example {shown + 1}: row {chunk.rows[j]}, note_id {chunk.note_id[j]}, "
+                f"note_shortened {bool(fitted.shortened[k])}, prompt {int(tokenized.prompt_lengths[m])} tokens, "
+                f"trained {int(tokenized.completion_lengths[m])} tokens, total {int(tokenized.total_lengths[m])} / "
+                f"{cfg.max_seq_length} =====\n"
+                + render_loss_mask(tokenizer, tokenized.input_ids[m], int(tokenized.completion_starts[m]))
+                + "\n"
+            )
+            shown += 1
+        if shown >= cfg.debug:
+            break
+    if shown < cfg.debug:
+        blocks.append(f"(only {shown} valid rows in the input)\n")
+    reasons = Counter(r["reason"] for r in totals.rejects)
+    if reasons:
+        blocks.append(f"rejected while reading: {dict(sorted(reasons.items()))}\n")
+    return "\n".join(blocks)
+
+
+def check_output_dir(cfg: PrepareDataConfig) -> None:
+    """Refuse an output directory that is the input's directory or holds another stage's artifact.
+
+    Raises:
+        ConfigError: ``output_dir`` holds a manifest written by another stage.
+    """
+    manifest = read_manifest(cfg.output_dir)
+    if manifest is not None and manifest.get("stage") not in (None, PrepareDataConfig.STAGE):
+        raise ConfigError(
+            f"prepare_data: `output_dir` = {cfg.output_dir!r} holds a {manifest.get('stage')} run; choose another "
+            "directory (prepare_data replaces the files of its own earlier runs only)."
+        )

@@ -1,0 +1,412 @@
+"""Input sources for prepare_data: schema detection up front, then bounded-memory chunks of raw values.
+
+Sources (``PrepareDataConfig.source``):
+
+- a ``.csv`` / ``.csv.gz`` file — the Kaggle mirror ``BHC_MIMIC-IV.csv``, PhysioNet's MIMIC-IV-Ext-BHC CSV or
+  any CSV. Read by Arrow's streaming CSV reader in blocks (quoted newlines allowed) with every used column typed
+  *binary*, so no decoding happens before validation: invalid UTF-8 is found per row, not as a crash. A record
+  with the wrong number of fields is skipped by the parser and reported as ``malformed_row`` (Arrow cannot say
+  its row number once values may contain newlines, so its ``row`` is null and the detail has what Arrow knows).
+- a ``.jsonl`` / ``.jsonl.gz`` file — one JSON object per line, decoded with ``surrogateescape`` so invalid UTF-8
+  survives to validation. Blank lines are not rows. A line that is not a JSON object is ``malformed_row``.
+- a ``.parquet`` file — read by row batches (Parquet strings are UTF-8 by format).
+- ``synthetic`` — :func:`dischargesum.data.synthetic.generate_rows` with the recipe's size, profile, schema,
+  seed and defects.
+- ``kagglehub:<owner>/<dataset>`` — downloads through ``kagglehub`` when it is installed and credentials exist,
+  then reads the CSV inside. The licensed source is PhysioNet; use the mirror only where your data use agreement
+  allows it.
+
+Schemas: ``kaggle`` (``note_id, subject_id, hadm_id, ..., input, target``), ``physionet`` (``note_id, input,
+target, input_tokens, target_tokens`` — no ``subject_id``; it is derived from ``note_id``) or ``custom`` (any
+columns, mapped by ``column_mapping``). :func:`inspect_source` detects the schema from the header and raises
+:class:`ConfigError` (exit code 2) when a required column is missing — before anything heavy is loaded.
+
+``source_row`` numbers are 0-based over the data records of the file (header excluded).
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import itertools
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dischargesum.config import ConfigError, PrepareDataConfig
+from dischargesum.logging_utils import get_logger
+
+logger = get_logger(__name__)
+
+# Our field names. note_id, input and target are required; subject_id is derived from MIMIC note ids when absent.
+FIELDS = ("note_id", "subject_id", "input", "target", "gt_entities")
+REQUIRED_FIELDS = ("note_id", "input", "target")
+KAGGLE_SIGNATURE = frozenset({"note_id", "subject_id", "hadm_id", "input", "target"})
+PHYSIONET_SIGNATURE = frozenset({"note_id", "input", "target", "input_tokens", "target_tokens"})
+SUFFIXES = {".csv": "csv", ".csv.gz": "csv", ".jsonl": "jsonl", ".jsonl.gz": "jsonl", ".parquet": "parquet"}
+KAGGLEHUB_PREFIX = "kagglehub:"
+KAGGLE_CSV_NAME = "BHC_MIMIC-IV.csv"
+CSV_BLOCK_BYTES = 32 << 20  # Arrow needs a block larger than the longest record; 32 MiB ≈ 2,000 giant notes
+
+
+@dataclass
+class SourceInfo:
+    """What :func:`inspect_source` found: format, columns, detected schema and the column of each field."""
+
+    source: str
+    path: Path | None
+    format: str  # csv | jsonl | parquet | synthetic
+    columns: list[str]
+    schema: str  # kaggle | physionet | custom
+    mapping: dict[str, str]  # our field -> the file's column (only fields the file has)
+    split_column: str | None = None
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "format": self.format,
+            "schema_detected": self.schema,
+            "columns_found": self.columns,
+            "column_mapping_used": self.mapping,
+            "input_split_column": self.split_column,
+        }
+
+
+@dataclass
+class RawChunk:
+    """Raw values of consecutive input records: ``values[field][i]`` belongs to row ``start_row + i``."""
+
+    start_row: int
+    values: dict[str, list[Any]]
+    malformed: list[str] = field(default_factory=list)  # details of records the parser skipped (row unknown)
+
+    def __len__(self) -> int:
+        return len(self.values["note_id"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# inspection
+
+
+def _suffix(path: Path) -> str:
+    name = path.name.lower()
+    for suffix in sorted(SUFFIXES, key=len, reverse=True):
+        if name.endswith(suffix):
+            return suffix
+    return path.suffix.lower()
+
+
+def _open_binary(path: Path) -> io.BufferedIOBase:
+    return gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")  # type: ignore[return-value]
+
+
+def _csv_header(path: Path) -> list[str]:
+    with _open_binary(path) as fh:
+        head = fh.read(1 << 16).decode("utf-8-sig", errors="replace")
+    reader = csv.reader(io.StringIO(head))
+    try:
+        return [c.strip() for c in next(reader)]
+    except StopIteration:
+        return []
+
+
+def _jsonl_header(path: Path) -> list[str]:
+    with _open_binary(path) as fh:
+        for line in fh:
+            if line.strip():
+                try:
+                    record = json.loads(line.decode("utf-8", errors="surrogateescape"))
+                except ValueError as exc:
+                    raise ConfigError(
+                        f"prepare_data: `source` = {path}: the first record is not valid JSON ({exc}); "
+                        "a .jsonl file needs one JSON object per line."
+                    ) from exc
+                return list(record) if isinstance(record, dict) else []
+    return []
+
+
+def _parquet_header(path: Path) -> list[str]:
+    import pyarrow.parquet as pq
+
+    return list(pq.ParquetFile(path).schema_arrow.names)
+
+
+def _resolve_kagglehub(handle: str) -> Path:
+    """Download (or reuse the cached copy of) a Kaggle dataset with kagglehub and return its CSV.
+
+    Raises:
+        ConfigError: kagglehub is not installed, the download fails, or the dataset has no CSV.
+    """
+    try:
+        import kagglehub
+    except ImportError as exc:
+        raise ConfigError(
+            f"prepare_data: `source` = {KAGGLEHUB_PREFIX}{handle} needs the `kagglehub` package (pip install "
+            "kagglehub) and Kaggle credentials. The licensed source is PhysioNet's MIMIC-IV-Ext-BHC: download its "
+            "CSV and set `source` to that file instead."
+        ) from exc
+    try:
+        directory = Path(kagglehub.dataset_download(handle))
+    except Exception as exc:  # kagglehub raises many types (auth, network, not found)
+        raise ConfigError(f"prepare_data: kagglehub could not fetch {handle!r}: {exc}") from exc
+    preferred = directory / KAGGLE_CSV_NAME
+    if preferred.is_file():
+        return preferred
+    found = sorted(directory.rglob("*.csv"))
+    if not found:
+        raise ConfigError(f"prepare_data: kagglehub dataset {handle!r} ({directory}) holds no CSV file.")
+    return found[0]
+
+
+def inspect_source(cfg: PrepareDataConfig) -> SourceInfo:
+    """Find the source's format and columns, detect its schema and map our fields to its columns.
+
+    Raises:
+        ConfigError: the file is missing or of an unsupported type, the schema named in the config does not
+            match the columns, or a required column (or ``input_split_column``) is missing — the message lists the
+            columns found and the ``column_mapping`` key to set.
+    """
+    if cfg.source == "synthetic":
+        from dischargesum.data.synthetic import ENTITY_COLUMN, KAGGLE_COLUMNS, PHYSIONET_COLUMNS
+
+        columns = [*(KAGGLE_COLUMNS if cfg.synthetic_schema == "kaggle" else PHYSIONET_COLUMNS), ENTITY_COLUMN]
+        path, fmt = None, "synthetic"
+    else:
+        if cfg.source.startswith(KAGGLEHUB_PREFIX):
+            path = _resolve_kagglehub(cfg.source[len(KAGGLEHUB_PREFIX) :])
+        else:
+            path = Path(cfg.source).expanduser()
+        if not path.is_file():
+            raise ConfigError(
+                f"prepare_data: `source` = {cfg.source!r} is not a file. Point it at the PhysioNet "
+                "MIMIC-IV-Ext-BHC CSV (or another CSV / JSONL / Parquet file), or use `synthetic`."
+            )
+        suffix = _suffix(path)
+        if suffix not in SUFFIXES:
+            raise ConfigError(
+                f"prepare_data: `source` = {cfg.source!r} has suffix {suffix!r}; use one of "
+                f"{', '.join(SUFFIXES)} (or `synthetic`)."
+            )
+        fmt = SUFFIXES[suffix]
+        columns = {"csv": _csv_header, "jsonl": _jsonl_header, "parquet": _parquet_header}[fmt](path)
+    present = set(columns)
+    mapping = {name: name for name in FIELDS if name in present}
+    if cfg.schema == "auto":
+        if cfg.column_mapping:
+            schema = "custom"
+        elif present >= KAGGLE_SIGNATURE:
+            schema = "kaggle"
+        elif present >= PHYSIONET_SIGNATURE:
+            schema = "physionet"
+        else:
+            schema = "custom"
+    else:
+        schema = cfg.schema
+        signature = {"kaggle": KAGGLE_SIGNATURE, "physionet": PHYSIONET_SIGNATURE}.get(schema)
+        if signature is not None and not signature <= present:
+            raise ConfigError(
+                f"prepare_data: `schema` is {schema!r} but `source` = {cfg.source!r} lacks the column(s) "
+                f"{sorted(signature - present)}; found {columns}. Use `schema: auto`, or `schema: custom` with "
+                "`column_mapping`."
+            )
+    mapping.update(cfg.column_mapping)
+    missing = [name for name in REQUIRED_FIELDS if mapping.get(name) not in present]
+    mapped_missing = {k: v for k, v in cfg.column_mapping.items() if v not in present}
+    if missing or mapped_missing:
+        what = sorted(set(missing) | set(mapped_missing))
+        example = ", ".join(f'"{name}": "<your column>"' for name in what)
+        tried = {name: mapping.get(name, name) for name in what}
+        detected = (
+            schema
+            if schema != "custom"
+            else f"neither kaggle ({', '.join(sorted(KAGGLE_SIGNATURE))}) nor physionet "
+            f"({', '.join(sorted(PHYSIONET_SIGNATURE))})"
+        )
+        raise ConfigError(
+            f"prepare_data: `source` = {cfg.source!r} ({fmt}) has no column for {what} (looked for {tried}). "
+            f"Columns found: {columns}. Schema detected: {detected}. Set `column_mapping` to name the file's "
+            f"columns, e.g. --column_mapping '{{{example}}}'."
+        )
+    if cfg.input_split_column is not None and cfg.input_split_column not in present:
+        raise ConfigError(
+            f"prepare_data: `input_split_column` = {cfg.input_split_column!r} is not a column of {cfg.source!r}; "
+            f"columns found: {columns}. Fix the name or unset it (`--input_split_column none`) to split by patient "
+            "hash."
+        )
+    mapping = {k: v for k, v in mapping.items() if v in present}
+    info = SourceInfo(cfg.source, path, fmt, list(columns), schema, mapping, cfg.input_split_column)
+    logger.info(
+        "source %s: %s, schema %s detected; columns used %s%s",
+        cfg.source,
+        fmt,
+        schema,
+        mapping,
+        "" if "subject_id" in mapping else " (no subject_id column: derived from MIMIC note_id)",
+    )
+    return info
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# reading
+
+
+def _wanted(info: SourceInfo) -> dict[str, str]:
+    wanted = dict(info.mapping)
+    if info.split_column is not None:
+        wanted["split"] = info.split_column
+    return wanted
+
+
+def _empty_values(wanted: dict[str, str]) -> dict[str, list[Any]]:
+    return {name: [] for name in (*FIELDS, "split")}
+
+
+def _fill(values: dict[str, list[Any]], n: int) -> dict[str, list[Any]]:
+    for name, column in values.items():
+        if not column:
+            values[name] = [None] * n
+    return values
+
+
+def iter_chunks(info: SourceInfo, cfg: PrepareDataConfig) -> Iterator[RawChunk]:
+    """Yield the source as :class:`RawChunk` objects of at most ``cfg.chunk_rows`` records, in file order."""
+    reader = {
+        "csv": _iter_csv,
+        "jsonl": _iter_jsonl,
+        "parquet": _iter_parquet,
+        "synthetic": _iter_synthetic,
+    }[info.format]
+    yield from reader(info, cfg)
+
+
+def _iter_synthetic(info: SourceInfo, cfg: PrepareDataConfig) -> Iterator[RawChunk]:
+    from dischargesum.data.synthetic import generate_rows
+
+    rows = generate_rows(
+        cfg.synthetic_rows,
+        profile=cfg.synthetic_profile,
+        schema=cfg.synthetic_schema,
+        seed=cfg.seed,
+        defects=tuple(cfg.synthetic_defects),
+    )
+    wanted = _wanted(info)
+    start = 0
+    while batch := list(itertools.islice(rows, cfg.chunk_rows)):
+        values = _empty_values(wanted)
+        for name, column in wanted.items():
+            values[name] = [row.get(column) for row in batch]
+        yield RawChunk(start, _fill(values, len(batch)))
+        start += len(batch)
+
+
+def _iter_jsonl(info: SourceInfo, cfg: PrepareDataConfig) -> Iterator[RawChunk]:
+    assert info.path is not None
+    wanted = _wanted(info)
+    start = 0
+    values = _empty_values(wanted)
+    malformed_rows: dict[int, str] = {}
+    count = 0
+    with _open_binary(info.path) as fh:
+        for line in fh:
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line.decode("utf-8", errors="surrogateescape"))
+            except ValueError as exc:
+                record, malformed_rows[count] = None, f"invalid JSON: {exc.__class__.__name__}"
+            if record is not None and not isinstance(record, dict):
+                record, malformed_rows[count] = None, f"a JSON {type(record).__name__}, not an object"
+            for name, column in wanted.items():
+                values[name].append(record.get(column) if record is not None else _MALFORMED)
+            count += 1
+            if count == cfg.chunk_rows:
+                yield _jsonl_chunk(start, values, count, malformed_rows)
+                start += count
+                values, malformed_rows, count = _empty_values(wanted), {}, 0
+    if count:
+        yield _jsonl_chunk(start, values, count, malformed_rows)
+
+
+class _Malformed:
+    """Marker for a value of a record that could not be parsed (validation rejects the row as malformed_row)."""
+
+    def __repr__(self) -> str:
+        return "<malformed>"
+
+    def __reduce__(self) -> str:  # keep the singleton across worker processes
+        return "_MALFORMED"
+
+
+_MALFORMED = _Malformed()
+MALFORMED = _MALFORMED
+
+
+def _jsonl_chunk(start: int, values: dict[str, list[Any]], n: int, malformed: dict[int, str]) -> RawChunk:
+    chunk = RawChunk(start, _fill(values, n))
+    if malformed:
+        chunk.values["_malformed_detail"] = [malformed.get(i) for i in range(n)]
+    return chunk
+
+
+def _iter_parquet(info: SourceInfo, cfg: PrepareDataConfig) -> Iterator[RawChunk]:
+    import pyarrow.parquet as pq
+
+    assert info.path is not None
+    wanted = _wanted(info)
+    columns = sorted(set(wanted.values()))
+    start = 0
+    for batch in pq.ParquetFile(info.path).iter_batches(batch_size=cfg.chunk_rows, columns=columns):
+        values = _empty_values(wanted)
+        for name, column in wanted.items():
+            values[name] = batch.column(column).to_pylist()
+        yield RawChunk(start, _fill(values, batch.num_rows))
+        start += batch.num_rows
+
+
+def _iter_csv(info: SourceInfo, cfg: PrepareDataConfig) -> Iterator[RawChunk]:
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    assert info.path is not None
+    wanted = _wanted(info)
+    columns = sorted(set(wanted.values()))
+    skipped: list[str] = []
+
+    def on_invalid_row(row: Any) -> str:
+        where = f"line {row.number}" if row.number is not None else "line unknown"
+        skipped.append(f"{where}: {row.actual_columns} fields, expected {row.expected_columns}")
+        return "skip"
+
+    reader = pacsv.open_csv(
+        pa.input_stream(str(info.path), compression="detect"),
+        read_options=pacsv.ReadOptions(block_size=CSV_BLOCK_BYTES, use_threads=True),
+        parse_options=pacsv.ParseOptions(newlines_in_values=True, invalid_row_handler=on_invalid_row),
+        convert_options=pacsv.ConvertOptions(
+            include_columns=columns,
+            column_types={c: pa.binary() for c in columns},
+            strings_can_be_null=False,
+            quoted_strings_can_be_null=False,
+        ),
+    )
+    start = 0
+    try:
+        for batch in reader:
+            for offset in range(0, max(batch.num_rows, 1), cfg.chunk_rows):
+                part = batch.slice(offset, cfg.chunk_rows)
+                values = _empty_values(wanted)
+                for name, column in wanted.items():
+                    values[name] = part.column(column).to_pylist()
+                chunk = RawChunk(start, _fill(values, part.num_rows), malformed=skipped[:])
+                skipped.clear()
+                if len(chunk) or chunk.malformed:
+                    yield chunk
+                start += part.num_rows
+    except pa.ArrowInvalid as exc:
+        raise ConfigError(
+            f"prepare_data: `source` = {info.source!r} could not be parsed as CSV near data row {start}: {exc}"
+        ) from exc
+    if skipped:
+        yield RawChunk(start, _fill(_empty_values(wanted), 0), malformed=skipped[:])
