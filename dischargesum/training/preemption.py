@@ -29,7 +29,9 @@ PREEMPTED_EXIT_CODE = EXIT_PREEMPTED
 
 PREEMPTION_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGUSR1)
 
-_state: dict[str, Any] = {"signal": None, "count": 0, "installed": False}
+# signal: the first signal this process received; agreed: a collective check found the flag set on some rank (so a
+# rank that got no signal itself still reports the run as preempted and exits 143 with the others).
+_state: dict[str, Any] = {"signal": None, "count": 0, "installed": False, "agreed": False}
 _install_lock = threading.Lock()
 
 
@@ -59,8 +61,12 @@ def install_preemption_handlers() -> bool:
 
 
 def preemption_requested() -> bool:
-    """True once this process received SIGTERM or SIGUSR1 (since the handlers were installed)."""
-    return _state["signal"] is not None
+    """True once this process received SIGTERM or SIGUSR1, or the ranks agreed that one of them did.
+
+    The entry point checks it after ``trainer.train()`` returns: True means the run stopped early for preemption
+    (a checkpoint was committed) and the process should exit with :data:`PREEMPTED_EXIT_CODE`.
+    """
+    return _state["signal"] is not None or bool(_state["agreed"])
 
 
 def preemption_signal_name() -> str | None:
@@ -81,6 +87,7 @@ def reset_preemption_state() -> None:
     """Clear the flag (tests only; a real process never un-preempts)."""
     _state["signal"] = None
     _state["count"] = 0
+    _state["agreed"] = False
 
 
 def agree_across_ranks(local_flag: bool) -> bool:
@@ -93,6 +100,8 @@ def agree_across_ranks(local_flag: bool) -> bool:
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() <= 1:
+        if local_flag:
+            _state["agreed"] = True
         return local_flag
     backend = str(dist.get_backend()).lower()
     if "nccl" in backend and torch.cuda.is_available():
@@ -101,4 +110,7 @@ def agree_across_ranks(local_flag: bool) -> bool:
         device = torch.device("cpu")
     flag = torch.tensor([1 if local_flag else 0], dtype=torch.int32, device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item())
+    agreed = bool(flag.item())
+    if agreed:
+        _state["agreed"] = True
+    return agreed
