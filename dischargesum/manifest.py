@@ -239,7 +239,7 @@ def require_artifact(
     for name, info in recorded.items() if isinstance(recorded, dict) else ():
         if not isinstance(info, dict) or "bytes" not in info:
             continue
-        p = d / info.get("path", name)
+        p = d / str(info.get("path", name))
         if not p.exists() or p.stat().st_size != info["bytes"]:
             raise ArtifactError(
                 f"`{field}` = {directory}: {p.name} changed or vanished since {manifest.get('stage')} wrote it "

@@ -20,7 +20,7 @@ from __future__ import annotations
 import random
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from dischargesum.logging_utils import get_logger
 
@@ -141,7 +141,7 @@ def build_tiny_gemma3(
     torch.manual_seed(seed)
     tokenizer = train_tiny_tokenizer(corpus if corpus is not None else _default_corpus(seed), vocab_size)
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    text_kwargs = dict(
+    text_kwargs: dict[str, Any] = dict(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
         intermediate_size=intermediate_size,
@@ -161,8 +161,7 @@ def build_tiny_gemma3(
     if kind == "causal_lm":
         from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
-        config = Gemma3TextConfig(**text_kwargs)
-        model = Gemma3ForCausalLM(config)
+        model: Any = Gemma3ForCausalLM(Gemma3TextConfig(**text_kwargs))
     else:
         from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3TextConfig, SiglipVisionConfig
 
@@ -175,7 +174,7 @@ def build_tiny_gemma3(
             patch_size=8,
             vision_use_head=False,
         )
-        config = Gemma3Config(
+        vlm_config = Gemma3Config(  # type: ignore[call-arg]  # token ids go through PretrainedConfig kwargs
             text_config=Gemma3TextConfig(**text_kwargs).to_dict(),
             vision_config=vision.to_dict(),
             mm_tokens_per_image=4,
@@ -186,7 +185,7 @@ def build_tiny_gemma3(
             bos_token_id=ids["<bos>"],
             eos_token_id=ids["<eos>"],
         )
-        model = Gemma3ForConditionalGeneration(config)
+        model = Gemma3ForConditionalGeneration(vlm_config)
     model.eval()
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
@@ -205,7 +204,7 @@ def build_tiny_bert(output_dir: str | Path, *, seed: int = 0, corpus: Iterable[s
     """Write a tiny BERT encoder (2 layers, hidden 32) with a WordPiece tokenizer; for BERTScore tests."""
     import torch
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import BertConfig, BertModel, BertTokenizerFast
+    from transformers import BertConfig, BertModel, BertTokenizerFast  # type: ignore[attr-defined]
 
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -254,7 +253,7 @@ def build_tiny_bert(output_dir: str | Path, *, seed: int = 0, corpus: Iterable[s
 # ---------------------------------------------------------------------------------------------------------------
 
 # MedGemma-4B's language model (Gemma-3-4B text): the FLOPs and bytes of the real model without its weights.
-GEMMA3_4B_TEXT = dict(
+GEMMA3_4B_TEXT: dict[str, Any] = dict(
     vocab_size=262_208,
     hidden_size=2560,
     intermediate_size=10_240,
@@ -309,7 +308,7 @@ def build_random_gemma3_4b(output_dir: str | Path, *, seed: int = 0, tokenizer_d
     torch.manual_seed(seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with torch.device(device):
-        model = Gemma3ForCausalLM(gemma3_4b_text_config()).to(torch.bfloat16)
+        model = Gemma3ForCausalLM(gemma3_4b_text_config()).to(torch.bfloat16)  # type: ignore[arg-type]
     model.save_pretrained(out, safe_serialization=True)
     if tokenizer_dir is not None:
         from transformers import AutoTokenizer

@@ -1346,7 +1346,7 @@ def write_synthetic(
         if workers > 1 and len(tasks) > 1:
             # spawn, not fork: the caller may hold threads (torch, tokenizers) that fork would copy mid-lock.
             pool = multiprocessing.get_context("spawn").Pool(min(workers, len(tasks)))
-            results = pool.imap(_render_chunk, tasks)
+            results: Iterator[Any] = pool.imap(_render_chunk, tasks)
         else:
             results = map(_render_chunk, tasks)
         if suffix == ".parquet":
