@@ -167,6 +167,13 @@ class PrepareDataConfig(BaseConfig):
     tokenize_batch_size: int = _help(
         "Examples per apply_chat_template batch (a fast tokenizer encodes a batch on all cores).", default=512
     )
+    token_counting: Literal["auto", "exact"] = _help(
+        "`exact` tokenizes every example as TRL's SFTTrainer does (prompt, then prompt + completion). `auto` gives "
+        "the same counts tokenizing each note once, by splitting the rendered chat before the special token that "
+        "opens the generation prompt — used only when verified against `exact` on probe texts, and re-checked on "
+        "every 64th row (a mismatch stops the run).",
+        default="auto",
+    )
     plots: bool = _help("Write length histograms (lengths_tokens.png, lengths_chars.png).", default=True)
 
     def __post_init__(self) -> None:
@@ -250,12 +257,10 @@ class SFTConfig(BaseConfig):
         "message. `fp16` is refused for Gemma 3 (its activations overflow fp16 and the loss turns NaN).",
         default="auto",
     )
-    attn_implementation: Literal[
-        "auto", "eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention"
-    ] = _help(
-        "Attention kernel. `auto` = sdpa. With `packing`/`padding_free` only kernels that keep packed examples "
-        "apart are accepted (all of these do in transformers >= 5.17: sdpa/eager/flex via a block-diagonal mask "
-        "built from position_ids, flash via varlen sequence lengths).",
+    attn_implementation: str = _help(
+        "Attention kernel: auto (= sdpa), eager, sdpa, flash_attention_2, flash_attention_3, flex_attention, or a "
+        "Hub kernel `org/repo`. With `packing`/`padding_free` only kernels known to keep packed examples apart are "
+        "accepted (sdpa/eager/flex get a block-diagonal mask from position_ids, flash uses varlen sequence lengths).",
         default="auto",
     )
     # --- LoRA ---------------------------------------------------------------------------------------------------
@@ -388,6 +393,13 @@ class SFTConfig(BaseConfig):
             raise ConfigError(
                 "sft_qlora: `log_note_ids: true` needs `packing: false` (a packed row mixes several notes and "
                 "packing drops the note index). Turn one of them off."
+            )
+        known_attention = ("auto", "eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
+        if self.attn_implementation not in known_attention and "/" not in self.attn_implementation:
+            raise ConfigError(
+                f"sft_qlora: `attn_implementation` = {self.attn_implementation!r} is not one of "
+                f"{', '.join(known_attention)} (or a Hub kernel `org/repo`)."
+                + _closest_choice(self.attn_implementation, known_attention)
             )
         if self.packing and self.padding_free:
             raise ConfigError(
@@ -1005,7 +1017,7 @@ def format_help(cls: type[BaseConfig], prog: str | None = None) -> str:
         "  --config PATH  YAML recipe whose keys are the fields below.",
     ]
     for f in dataclasses.fields(cls):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc,operator]
         lines.append(f"  --{f.name} {_type_name(hints[f.name])}  (default: {default!r})")
         lines.append(f"      {f.metadata.get('help', '')}")
     return "\n".join(lines) + "\n"

@@ -1,0 +1,497 @@
+"""Stage 2: rewrite each stage-1 summary shorter with a second model, and verify that no clinical entity was lost.
+
+For each note (:func:`compress_notes`):
+
+1. The shared extractor (:mod:`dischargesum.entities`) lists the stage-1 summary's entities; the prompt
+   (:func:`compression_messages`) contains the summary itself, that checklist (:func:`format_entity_checklist`) and
+   the target length in words (``target_ratio`` of the summary's words).
+2. After each attempt the output's entities are compared with the summary's (:func:`compare_entities`: same drug
+   and dose, same lab value, same date, same negation). An attempt is accepted when its entity recall reaches
+   ``retention_threshold``, it ended by itself (not cut off at its token cap) and it is not longer than
+   ``max_length_ratio`` of the summary. Otherwise the note is re-prompted — from the original summary, naming the
+   entities the last attempt lost (and saying it was too long or cut off) — up to ``max_attempts`` generations.
+3. A note with no accepted attempt keeps its stage-1 summary and is flagged ``fallback: true``: a longer summary
+   that keeps every medication and value is better than a short one that drops them.
+
+Each attempt's generation is capped at ``min(max_new_tokens, ceil(stage-1 tokens x max_length_ratio) + 16)``
+tokens: an attempt that runs past it would be rejected as too long anyway.
+
+Records (``stage2.jsonl``, one per note in input order): ``note_id``, ``summary`` (the accepted compression or the
+stage-1 fallback), ``stage1_summary``, ``fallback``, ``attempts``, ``accepted_attempt``, ``retention`` (entity
+recall of ``summary`` against the stage-1 summary; ``null`` when stage 1 had no entities), ``retained`` /
+``missing`` / ``extra`` (entity keys), ``ratio_chars`` / ``ratio_tokens`` (``summary`` over stage 1, tokens of the
+compression model's tokenizer), ``chars``, ``tokens``, ``stage1_chars``, ``stage1_tokens``, ``target_ratio``,
+``prompt_tokens`` and ``new_tokens`` (summed over attempts), ``seconds``, ``finish_reason`` (of the last attempt)
+and ``attempt_log`` (per attempt: retention, ratio, finish reason, missing keys, why it was rejected).
+
+The generation itself is :class:`dischargesum.inference.InferenceEngine`; this module only builds prompts and
+judges outputs, so its retry and fallback logic is tested with a scripted model double (anything with
+``encode_chats``, ``count_tokens`` and ``generate_all``).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from dischargesum.config import CompressConfig, GenerateConfig, PipelineConfig, parse_config
+from dischargesum.logging_utils import get_logger
+from dischargesum.manifest import ArtifactError, fingerprint_file, finish_run, require_artifact, sha256_file, start_run
+
+if TYPE_CHECKING:
+    from dischargesum.entities import Entity
+    from dischargesum.inference import GenerationRequest, GenerationResult
+
+logger = get_logger(__name__)
+
+STAGE2_FILE = "stage2.jsonl"
+# Slack above the length cap so a rewrite near the limit can finish its sentence and emit its stop token.
+_CAP_SLACK_TOKENS = 16
+
+
+class CompressionModel(Protocol):
+    """What compression needs from a generator (the engine, or a scripted double in tests)."""
+
+    def encode_chats(self, conversations: Sequence[list[dict[str, str]]]) -> list[list[int]]: ...
+
+    def count_tokens(self, texts: Sequence[str]) -> list[int]: ...
+
+    def generate_all(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]: ...
+
+
+@dataclass(frozen=True)
+class CompressionSettings:
+    target_ratio: float = 0.5
+    retention_threshold: float = 0.9
+    max_attempts: int = 3
+    max_length_ratio: float = 1.0
+    max_new_tokens: int = 512
+    seed: int = 0
+
+    @classmethod
+    def from_config(cls, cfg: CompressConfig) -> CompressionSettings:
+        return cls(
+            target_ratio=cfg.target_ratio,
+            retention_threshold=cfg.retention_threshold,
+            max_attempts=cfg.max_attempts,
+            max_length_ratio=cfg.max_length_ratio,
+            max_new_tokens=cfg.max_new_tokens,
+            seed=cfg.seed,
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Prompts
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def word_count(text: str) -> int:
+    return len(text.split())
+
+
+def compression_messages(
+    summary: str,
+    checklist: str,
+    *,
+    target_words: int,
+    missing: Sequence[str] = (),
+    previous_problem: str | None = None,
+) -> list[dict[str, str]]:
+    """The user turn asking for a shorter summary that keeps every checklist item (no system turn: Gemma has none).
+
+    ``missing`` (descriptions of entities a previous attempt lost) and ``previous_problem`` ("too long", "cut
+    off") make it a re-prompt; the summary is always the original stage-1 text.
+
+    Raises:
+        ValueError: ``summary`` is empty (there is nothing to compress).
+    """
+    if not summary.strip():
+        raise ValueError("compression_messages needs a non-empty summary")
+    words = word_count(summary)
+    lines = [
+        f"Shorten the discharge summary below to about {target_words} words (it has {words}). Keep every item of "
+        "the checklist with exactly the same drug names, doses, units, routes, frequencies, values and dates, and "
+        "keep negated findings negated. Do not add anything that is not in the summary. Reply with the shortened "
+        "summary only.",
+        "",
+        "Checklist (clinical entities found in the summary):",
+        checklist if checklist.strip() else "(no entities found; keep every clinical fact)",
+    ]
+    if missing:
+        lines += ["", "Your previous version left these out; include every one of them:", "; ".join(missing)]
+    if previous_problem:
+        lines += ["", f"Your previous version {previous_problem}."]
+    lines += ["", "Summary:", summary.strip()]
+    return [{"role": "user", "content": "\n".join(lines)}]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The verify-and-repair loop
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _NoteState:
+    note_id: str
+    summary: str
+    entities: list[Entity]
+    checklist: str
+    stage1_chars: int
+    stage1_tokens: int
+    target_words: int
+    cap: int
+    attempts: list[dict[str, Any]] = field(default_factory=list)
+    accepted: tuple[str, Any, int] | None = None  # (text, comparison, attempt number)
+    missing_descriptions: list[str] = field(default_factory=list)
+    problem: str | None = None
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    seconds: float = 0.0
+    last_finish_reason: str | None = None
+
+
+def _rejection(
+    retention: float | None, ratio: float, finish_reason: str, text: str, s: CompressionSettings
+) -> str | None:
+    if not text.strip():
+        return "empty"
+    if finish_reason != "eos":
+        return "cut_off"
+    if ratio > s.max_length_ratio:
+        return "too_long"
+    if retention is not None and retention < s.retention_threshold:
+        return "entities_lost"
+    return None
+
+
+def compress_notes(
+    items: Sequence[tuple[str, str]], model: CompressionModel, settings: CompressionSettings
+) -> list[dict[str, Any]]:
+    """Compress ``(note_id, stage-1 summary)`` pairs; return one stage-2 record per pair, in input order.
+
+    All notes of an attempt round are generated together (one ``generate_all`` call), so retries batch well.
+    """
+    from dischargesum.entities import compare_entities, extract_entities_batch, format_entity_checklist
+    from dischargesum.inference import GenerationRequest, note_seed
+
+    summaries = [summary for _, summary in items]
+    entity_lists = extract_entities_batch(summaries)
+    token_counts = model.count_tokens(summaries)
+    states = []
+    for (note_id, summary), entities, tokens in zip(items, entity_lists, token_counts):
+        cap = min(settings.max_new_tokens, math.ceil(tokens * settings.max_length_ratio) + _CAP_SLACK_TOKENS)
+        states.append(
+            _NoteState(
+                note_id=note_id,
+                summary=summary,
+                entities=entities,
+                checklist=format_entity_checklist(entities),
+                stage1_chars=len(summary),
+                stage1_tokens=tokens,
+                target_words=max(1, round(word_count(summary) * settings.target_ratio)),
+                cap=max(1, cap),
+            )
+        )
+    for attempt in range(1, settings.max_attempts + 1):
+        pending = [st for st in states if st.accepted is None and st.summary.strip()]
+        if not pending:
+            break
+        conversations = [
+            compression_messages(
+                st.summary,
+                st.checklist,
+                target_words=st.target_words,
+                missing=st.missing_descriptions,
+                previous_problem=st.problem,
+            )
+            for st in pending
+        ]
+        prompts = model.encode_chats(conversations)
+        requests = [
+            GenerationRequest(
+                key=st.note_id,
+                prompt_ids=tuple(ids),
+                max_new_tokens=st.cap,
+                seed=note_seed(settings.seed, f"{st.note_id}#attempt{attempt}"),
+                index=i,
+            )
+            for i, (st, ids) in enumerate(zip(pending, prompts))
+        ]
+        results = model.generate_all(requests)
+        outputs = extract_entities_batch([r.text for r in results])
+        for st, result, output_entities in zip(pending, results, outputs):
+            comparison = compare_entities(output_entities, st.entities)
+            retention = comparison.recall()
+            ratio = len(result.text) / st.stage1_chars if st.stage1_chars else 0.0
+            rejected = _rejection(retention, ratio, result.finish_reason, result.text, settings)
+            st.prompt_tokens += result.prompt_tokens
+            st.new_tokens += result.new_tokens
+            st.seconds += result.seconds
+            st.last_finish_reason = result.finish_reason
+            st.attempts.append(
+                {
+                    "attempt": attempt,
+                    "retention": retention,
+                    "ratio_chars": round(ratio, 4),
+                    "finish_reason": result.finish_reason,
+                    "missing": [e.key for e in comparison.missing],
+                    "rejected": rejected,
+                }
+            )
+            if rejected is None:
+                st.accepted = (result.text, comparison, attempt)
+                continue
+            st.missing_descriptions = [e.describe() for e in comparison.missing]
+            st.problem = {
+                "empty": "was empty",
+                "cut_off": f"was cut off before it finished; stay near {st.target_words} words",
+                "too_long": f"was too long ({word_count(result.text)} words); stay near {st.target_words} words",
+                "entities_lost": None,
+            }[rejected]
+    final_texts = [st.accepted[0] if st.accepted else st.summary for st in states]
+    final_tokens = model.count_tokens(final_texts)
+    records = []
+    for st, text, tokens in zip(states, final_texts, final_tokens):
+        comparison = st.accepted[1] if st.accepted else compare_entities(st.entities, st.entities)
+        records.append(
+            {
+                "note_id": st.note_id,
+                "summary": text,
+                "stage1_summary": st.summary,
+                "fallback": st.accepted is None,
+                "attempts": len(st.attempts),
+                "accepted_attempt": st.accepted[2] if st.accepted else None,
+                "retention": comparison.recall(),
+                "retained": [e.key for e in comparison.retained],
+                "missing": [e.key for e in comparison.missing],
+                "extra": [e.key for e in comparison.extra],
+                "ratio_chars": round(len(text) / st.stage1_chars, 4) if st.stage1_chars else None,
+                "ratio_tokens": round(tokens / st.stage1_tokens, 4) if st.stage1_tokens else None,
+                "chars": len(text),
+                "tokens": tokens,
+                "stage1_chars": st.stage1_chars,
+                "stage1_tokens": st.stage1_tokens,
+                "target_ratio": settings.target_ratio,
+                "prompt_tokens": st.prompt_tokens,
+                "new_tokens": st.new_tokens,
+                "seconds": round(st.seconds, 4),
+                "finish_reason": st.last_finish_reason,
+                "attempt_log": st.attempts,
+            }
+        )
+    return records
+
+
+def summarize_stage2(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Totals for the manifest: fallbacks, attempts, retention, compression (ratio of totals and mean of ratios)."""
+    n = len(records)
+    if not n:
+        return {"notes": 0}
+    retentions = [r["retention"] for r in records if r.get("retention") is not None]
+    ratios = [r["ratio_chars"] for r in records if r.get("ratio_chars") is not None]
+    stage1_chars = sum(r["stage1_chars"] for r in records)
+    return {
+        "notes": n,
+        "fallbacks": sum(1 for r in records if r["fallback"]),
+        "fallback_rate": round(sum(1 for r in records if r["fallback"]) / n, 4),
+        "mean_attempts": round(sum(r["attempts"] for r in records) / n, 3),
+        "mean_retention": round(sum(retentions) / len(retentions), 4) if retentions else None,
+        "ratio_chars_of_totals": round(sum(r["chars"] for r in records) / stage1_chars, 4) if stage1_chars else None,
+        "ratio_chars_mean": round(sum(ratios) / len(ratios), 4) if ratios else None,
+        "new_tokens": sum(r["new_tokens"] for r in records),
+        "generation_seconds": round(sum(r["seconds"] for r in records), 3),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Stage 2: compress
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def read_stage1(path: str | Path, *, field: str = "input") -> list[tuple[str, str]]:
+    """``(note_id, summary)`` pairs of a completed generate output, checked before any model is loaded.
+
+    Raises:
+        ArtifactError: the file's directory is not a completed generate output, or a line lacks note_id/summary,
+            or note_ids repeat.
+    """
+    from dischargesum.inference import read_jsonl
+
+    p = Path(path)
+    require_artifact(p.parent, stage="generate", field=field, files=[p.name])
+    pairs = []
+    seen = set()
+    for number, record in enumerate(read_jsonl(p), start=1):
+        note_id, summary = record.get("note_id"), record.get("summary")
+        if not isinstance(note_id, str) or not isinstance(summary, str):
+            raise ArtifactError(f"`{field}` = {path}: line {number} lacks a string note_id and summary.")
+        if note_id in seen:
+            raise ArtifactError(f"`{field}` = {path}: note_id {note_id!r} appears twice. Rerun generate.")
+        seen.add(note_id)
+        pairs.append((note_id, summary))
+    return pairs
+
+
+def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def run_compress(cfg: CompressConfig) -> dict[str, Any]:
+    """Stage 2: ``cfg.input`` (stage1.jsonl) -> ``<output_dir>/stage2.jsonl`` + manifest.
+
+    The input's manifest, the model and the resumability of output_dir are checked before any model is loaded.
+    Notes are dealt to ranks round-robin and processed in chunks of ``chunk_notes``; a rerun skips notes already
+    written. Returns the manifest summary (main process; ``{}`` elsewhere).
+
+    Raises:
+        ArtifactError: the input is missing, half-written or malformed. ConfigError: unknown model, or output_dir
+            holds outputs of different settings.
+    """
+    from dischargesum.inference import (
+        ShardedJsonlOutput,
+        current_processes,
+        engine_from_config,
+        progress_bar,
+        read_jsonl,
+        resolve_model_source,
+        resume_key,
+    )
+
+    procs = current_processes()
+    items = read_stage1(cfg.input)
+    if cfg.limit:
+        items = items[: cfg.limit]
+    if not items:
+        raise ArtifactError(f"`input` = {cfg.input} has no summaries to compress.")
+    source = resolve_model_source(cfg.model_name_or_path, cfg.adapter)
+    input_sha = sha256_file(cfg.input)
+    key = resume_key(cfg, input_sha256=input_sha, base=source.base, adapter_sha256=source.adapter_sha256)
+    output = ShardedJsonlOutput(cfg.output_dir, STAGE2_FILE, procs)
+    output.check_resumable(key, overwrite=cfg.overwrite)
+    procs.barrier()
+    start_run(
+        cfg.output_dir,
+        cfg,
+        inputs={
+            "input": str(Path(cfg.input).resolve()),
+            "input_sha256": input_sha,
+            "model": source.base,
+            "adapter": source.adapter,
+        },
+    )
+    output.prepare(key, overwrite=cfg.overwrite, description={"stage": "compress"})
+    done = output.done_records()
+    todo = [item for item in items if item[0] not in done]
+    if done:
+        logger.info("resuming: %d of %d notes already written", len(items) - len(todo), len(items))
+    mine = todo[procs.rank :: procs.world_size]
+    started = time.perf_counter()
+    written = 0
+    if mine:
+        engine = engine_from_config(cfg, source, procs.device)
+        settings = CompressionSettings.from_config(cfg)
+        bar = progress_bar(len(mine), "compress", procs)
+        try:
+            with output.writer() as append:
+                for chunk in _chunks(mine, cfg.chunk_notes):
+                    records = compress_notes(chunk, engine, settings)
+                    append(records)
+                    written += len(records)
+                    bar.update(len(records))
+                    bar.set_postfix(fallbacks=sum(1 for r in records if r["fallback"]), refresh=False)
+        finally:
+            bar.close()
+            engine.close()
+    output.finish_rank(written)
+    summary: dict[str, Any] = {}
+    if procs.is_main:
+        output.wait_for_ranks()
+        output.merge([note_id for note_id, _ in items])
+        summary = summarize_stage2(read_jsonl(output.path))
+        summary["this_run"] = {"notes": len(todo), "wall_seconds": round(time.perf_counter() - started, 3)}
+        finish_run(cfg.output_dir, {STAGE2_FILE: fingerprint_file(output.path, cfg.output_dir)}, summary=summary)
+        logger.info(
+            "wrote %s: %d notes, %d fallbacks, mean entity retention %s, length ratio (of totals) %s",
+            output.path,
+            summary["notes"],
+            summary["fallbacks"],
+            summary["mean_retention"],
+            summary["ratio_chars_of_totals"],
+        )
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Both stages in one process
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _cuda_allocated() -> int | None:
+    import torch
+
+    return int(torch.cuda.memory_allocated()) if torch.cuda.is_available() else None
+
+
+def stage_configs(cfg: PipelineConfig) -> tuple[GenerateConfig, CompressConfig]:
+    """The two stage configs of a pipeline run: the recipes with output_dirs under the pipeline's output_dir and
+    the compress input wired to stage 1's output.
+
+    Raises:
+        ConfigError: either recipe is invalid.
+    """
+    root = Path(cfg.output_dir)
+    gen = parse_config(GenerateConfig, ["--config", cfg.generate_config, "--output_dir", str(root / "generate")])
+    comp = parse_config(
+        CompressConfig,
+        [
+            "--config",
+            cfg.compress_config,
+            "--output_dir",
+            str(root / "compress"),
+            "--input",
+            str(root / "generate" / "stage1.jsonl"),
+        ],
+    )
+    return gen, comp
+
+
+def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
+    """generate then compress in one process; the stage-1 model is fully released before stage 2 loads.
+
+    After stage 1 the pipeline checks that no model loaded by the engine is still alive (weak references) and
+    records CUDA memory before stage 1, after it and after stage 2 in its manifest.
+
+    Raises:
+        ConfigError / ArtifactError: as the stages (both recipes and the compression model are checked before
+            stage 1 starts). RuntimeError: the stage-1 model is still referenced after it was released.
+    """
+    from dischargesum.inference import live_model_count, release_memory, resolve_model_source, run_generate
+
+    gen_cfg, comp_cfg = stage_configs(cfg)
+    resolve_model_source(comp_cfg.model_name_or_path, comp_cfg.adapter)
+    start_run(
+        cfg.output_dir, cfg, inputs={"generate_config": cfg.generate_config, "compress_config": cfg.compress_config}
+    )
+    memory: dict[str, int | None] = {"before_stage1": _cuda_allocated()}
+    stage1 = run_generate(gen_cfg)
+    release_memory()
+    memory["after_stage1"] = _cuda_allocated()
+    alive = live_model_count()
+    if alive:
+        raise RuntimeError(f"{alive} stage-1 model(s) are still referenced after release; stage 2 would not fit")
+    logger.info(
+        "stage-1 model released (CUDA allocated: %s bytes before stage 1, %s after)",
+        memory["before_stage1"],
+        memory["after_stage1"],
+    )
+    stage2 = run_compress(comp_cfg)
+    release_memory()
+    memory["after_stage2"] = _cuda_allocated()
+    summary = {"generate": stage1, "compress": stage2, "cuda_memory_allocated": memory, "stage1_model_released": True}
+    finish_run(cfg.output_dir, {}, summary=summary)
+    return summary
