@@ -1,0 +1,579 @@
+"""sft_qlora: QLoRA fine-tuning on prepare_data's output with TRL's SFTTrainer, through ``accelerate launch``.
+
+Follow one batch: ``train.parquet`` rows become TRL *conversational prompt-completion* examples (prompt =
+:func:`~dischargesum.data.formatting.prompt_messages` of the note with the data card's instruction, completion =
+the summary turn), TRL renders them with the model's chat template and builds ``labels`` with -100 on every prompt
+token (so the loss is on the summary only, without relying on ``{% generation %}`` markers, which MedGemma's
+template lacks). :class:`DischargeSFTTrainer` then checks every example — no example is longer than the token budget
+(nothing is ever truncated: TRL would cut the *end*, i.e. the summary) and each keeps at least one trained token —
+and packs when asked. TRL's fused LM head computes the loss in chunks without materialising 262k-wide logits.
+
+Outputs in ``output_dir``: ``checkpoint-<step>/`` (committed atomically with a manifest by
+:mod:`dischargesum.training.checkpointing`), ``tensorboard/`` (one directory for the whole run, resumed runs
+continue the same curves), ``metrics.jsonl`` (one row per logging step; with ``log_note_ids`` one more row per
+optimizer step with the note_ids it trained on), ``final/`` (adapter, tokenizer, resolved config, data fingerprint,
+model card, manifest) and a completed ``manifest.json``.
+
+``metrics.jsonl`` rows: ``{"step", "loss", "learning_rate", "grad_norm", "tokens", "trained_tokens",
+"tokens_per_second", "trained_tokens_per_second", "total_tokens", "window_seconds", "epoch", ...}`` at each logging
+step (``tokens`` = non-pad tokens processed since the last row, ``trained_tokens`` = tokens that carry loss), plus
+``{"step", "eval_loss", ...}`` rows for evaluations, ``{"step", "note_ids": [...]}`` rows when ``log_note_ids``
+(ranks' examples concatenated rank-major) and one final ``{"step", "train_runtime", ...}`` row. After a resume,
+rows past the resumed step are dropped first, so every step appears once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from dischargesum.cli import UserError
+from dischargesum.config import ConfigError, SFTConfig
+from dischargesum.data import schema
+from dischargesum.logging_utils import get_logger, is_main_process
+from dischargesum.manifest import (
+    MANIFEST_NAME,
+    RESOLVED_CONFIG_NAME,
+    ArtifactError,
+    atomic_write_json,
+    atomic_write_text,
+    config_hash,
+    fingerprint_file,
+    finish_run,
+    read_manifest,
+    require_artifact,
+    start_run,
+)
+from dischargesum.training.metrics import METRICS_FILE, MetricsLog
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+
+    from dischargesum.modeling import Hardware, ModelInfo, TrainingPlan
+
+logger = get_logger(__name__)
+
+FINAL_DIR = "final"
+TENSORBOARD_DIR = "tensorboard"
+DATA_FINGERPRINT_FILE = "data_fingerprint.json"
+MODEL_CARD_FILE = "README.md"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Inputs: data card, token budget
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class DataInputs:
+    """prepare_data's output as sft_qlora uses it."""
+
+    dataset_dir: Path
+    fingerprint: str
+    card: dict[str, Any]
+    instruction: str
+    max_seq_length: int
+
+
+def load_data_inputs(cfg: SFTConfig) -> DataInputs:
+    """Check ``dataset_dir`` is a completed prepare_data output and resolve the token budget.
+
+    ``max_seq_length`` relates to the data's budget as follows: prepare_data shortened every note so that prompt +
+    summary fits its ``max_seq_length`` (summaries are never cut). Training with a *smaller* budget would have to
+    cut summaries, so it is refused; ``none`` takes the data's budget; a *larger* one is accepted (it only sets the
+    row length when packing).
+
+    Raises:
+        ArtifactError: not a completed prepare_data output, or a file is missing.
+        ConfigError: ``max_seq_length`` below the data card's, or a data card without the fields training needs.
+    """
+    files = [schema.SPLIT_FILES["train"], schema.SPLIT_FILES["validation"], schema.DATA_CARD_FILE]
+    manifest = require_artifact(cfg.dataset_dir, stage="prepare_data", field="dataset_dir", files=files)
+    d = Path(cfg.dataset_dir)
+    try:
+        card = json.loads((d / schema.DATA_CARD_FILE).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"`dataset_dir` = {d}: {schema.DATA_CARD_FILE} is unreadable ({exc}).") from None
+    for key in ("instruction", "max_seq_length"):
+        if key not in card:
+            raise ArtifactError(
+                f"`dataset_dir` = {d}: {schema.DATA_CARD_FILE} lacks `{key}`; rerun prepare_data with this version."
+            )
+    data_budget = int(card["max_seq_length"])
+    if cfg.max_seq_length is None:
+        budget = data_budget
+    elif cfg.max_seq_length < data_budget:
+        raise ConfigError(
+            f"sft_qlora: `max_seq_length` = {cfg.max_seq_length} is below the data's budget of {data_budget} tokens "
+            f"({d / schema.DATA_CARD_FILE}): examples that fill the budget would lose the end of their summary. Use "
+            f"`--max_seq_length none` (= {data_budget}), or rerun prepare_data with `--max_seq_length "
+            f"{cfg.max_seq_length}`."
+        )
+    else:
+        budget = cfg.max_seq_length
+    fingerprint = manifest.get("data_fingerprint")
+    if not fingerprint:
+        raise ArtifactError(f"`dataset_dir` = {d}: its manifest has no data_fingerprint; rerun prepare_data.")
+    return DataInputs(d, str(fingerprint), card, str(card["instruction"]), budget)
+
+
+def _to_prompt_completion(row: dict[str, Any], index: int, instruction: str) -> dict[str, Any]:
+    from dischargesum.data.formatting import completion_messages, prompt_messages
+
+    return {
+        "prompt": prompt_messages(row["note"], instruction),
+        "completion": completion_messages(row["summary"]),
+        "example_index": index,
+    }
+
+
+def load_split(data: DataInputs, split: str, *, limit: int = 0) -> tuple[Dataset, list[str]]:
+    """A split as TRL conversational prompt-completion examples plus its note_ids (row ``i`` <-> ``note_ids[i]``).
+
+    Each example keeps ``example_index`` (its row in the split) so a step's note_ids can be recorded without
+    carrying strings through the collator.
+    """
+    import pyarrow.parquet as pq
+    from accelerate import PartialState
+    from datasets import Dataset
+
+    path = data.dataset_dir / schema.SPLIT_FILES[split]
+    note_ids = [str(x) for x in pq.read_table(path, columns=["note_id"]).column("note_id").to_pylist()]
+    with PartialState().main_process_first():  # the main process builds the datasets cache, the others reuse it
+        ds = Dataset.from_parquet(str(path))
+        if limit and limit < len(ds):
+            ds = ds.select(range(limit))
+            note_ids = note_ids[:limit]
+        ds = ds.map(
+            _to_prompt_completion,
+            with_indices=True,
+            fn_kwargs={"instruction": data.instruction},
+            remove_columns=ds.column_names,
+            desc=f"formatting {split}",
+        )
+    if len(ds) == 0:
+        raise UserError(f"`dataset_dir` = {data.dataset_dir}: the {split} split is empty; rerun prepare_data.")
+    return ds, note_ids
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def run_is_complete(cfg: SFTConfig, data_fingerprint: str) -> bool:
+    """True when ``output_dir`` holds a completed run of exactly this config (same hash) on the same data, with its
+    ``final/``: rerunning the command then does nothing (changing e.g. ``max_steps`` resumes instead)."""
+    out = Path(cfg.output_dir)
+    manifest = read_manifest(out)
+    final = read_manifest(out / FINAL_DIR)
+    return bool(
+        manifest
+        and final
+        and manifest.get("stage") == SFTConfig.STAGE
+        and manifest.get("status") == "complete"
+        and final.get("status") == "complete"
+        and manifest.get("config_hash") == config_hash(cfg)
+        and manifest.get("data_fingerprint") == data_fingerprint
+        and (out / FINAL_DIR / "adapter_model.safetensors").is_file()
+    )
+
+
+def _check_output_dir(cfg: SFTConfig) -> None:
+    """Refuse an output_dir that holds another stage's artifact, or old checkpoints with ``resume: none``.
+
+    Raises:
+        ConfigError: naming the directory and the fix.
+    """
+    from dischargesum.training.checkpointing import list_checkpoint_dirs
+
+    out = Path(cfg.output_dir)
+    manifest = read_manifest(out)
+    if manifest and manifest.get("stage") != SFTConfig.STAGE:
+        raise ConfigError(
+            f"sft_qlora: `output_dir` = {out} holds a `{manifest.get('stage')}` artifact; training would overwrite "
+            "its manifest. Choose another `output_dir`."
+        )
+    if cfg.resume_from_checkpoint.strip().lower() in ("none", "false", "no") and list_checkpoint_dirs(out):
+        raise ConfigError(
+            f"sft_qlora: `resume_from_checkpoint` = none, but `output_dir` = {out} already holds checkpoints "
+            f"({', '.join(p.name for _s, p in list_checkpoint_dirs(out))}). A fresh run there would mix with them "
+            "(rotation and `auto` resume go by step). Use a new `output_dir`, delete them, or resume (`auto`)."
+        )
+
+
+def plan_training(cfg: SFTConfig, hw: Hardware | None = None) -> tuple[ModelInfo, TrainingPlan]:
+    """Read the model's config.json and run the preflight (no weights loaded, nothing allocated)."""
+    from dischargesum.modeling import detect_hardware, preflight, read_model_info
+
+    info = read_model_info(cfg.model_name_or_path)
+    return info, preflight(cfg, info, hw or detect_hardware())
+
+
+def _trl_args(cfg: SFTConfig, plan: TrainingPlan, data: DataInputs):
+    from trl import SFTConfig as TRLSFTConfig
+
+    kwargs: dict[str, Any] = dict(
+        output_dir=cfg.output_dir,
+        seed=cfg.seed,
+        max_steps=cfg.max_steps,
+        num_train_epochs=cfg.num_train_epochs,
+        per_device_train_batch_size=cfg.per_device_train_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.lr_scheduler_type,
+        warmup_steps=cfg.warmup_steps,
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
+        optim=cfg.optim,
+        bf16=plan.bf16,
+        fp16=False,
+        use_cpu=plan.device == "cpu",
+        logging_steps=cfg.logging_steps,
+        # A NaN/inf loss must show in the logs, not be replaced by the running mean (HF's default).
+        logging_nan_inf_filter=False,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        # Rotation is ours (checkpointing.rotate_checkpoints): HF's can delete the last good checkpoint.
+        save_total_limit=None,
+        eval_strategy="steps" if cfg.eval_steps else "no",
+        eval_steps=cfg.eval_steps or None,
+        per_device_eval_batch_size=cfg.per_device_eval_batch_size,
+        # TensorBoard only, through our callback (one stable directory, purge on resume); nothing remote.
+        report_to="none",
+        # Text-only LoRA: every trainable parameter gets a gradient every step (the vision tower is frozen).
+        ddp_find_unused_parameters=False,
+        dataloader_num_workers=0,
+        remove_unused_columns=True,
+        # TRL: conversational prompt-completion, loss on the completion only; lengths are checked, not truncated.
+        completion_only_loss=True,
+        assistant_only_loss=False,
+        max_length=data.max_seq_length if cfg.packing else None,
+        packing=cfg.packing,
+        packing_strategy="bfd",
+        padding_free=cfg.padding_free,
+        dataset_num_proc=cfg.dataset_num_proc if cfg.dataset_num_proc > 1 else None,
+        use_liger_kernel=cfg.use_liger_kernel,
+        disable_tqdm=not is_main_process(),
+        log_level="warning",
+    )
+    # transformers 5.24 renamed gradient_checkpointing to activation_checkpointing (the old name warns); 5.17 only
+    # has the old one. Both keep the two attributes in sync, which TRL reads.
+    names = {f.name for f in dataclasses.fields(TRLSFTConfig)}
+    prefix = "activation" if "activation_checkpointing" in names else "gradient"
+    kwargs[f"{prefix}_checkpointing"] = cfg.gradient_checkpointing
+    kwargs[f"{prefix}_checkpointing_kwargs"] = {"use_reentrant": False} if cfg.gradient_checkpointing else None
+    return TRLSFTConfig(**kwargs)
+
+
+def run_facts(cfg: SFTConfig, data: DataInputs, plan: TrainingPlan, world_size: int):
+    """What every checkpoint records about this run (the resume guards compare it)."""
+    from dischargesum.modeling import lora_facts, resolve_model_path
+    from dischargesum.training.checkpointing import RunFacts
+
+    return RunFacts.create(
+        config_hash=config_hash(cfg),
+        data_fingerprint=data.fingerprint,
+        base_model=resolve_model_path(cfg.model_name_or_path),
+        quantization=plan.quantization_facts(),
+        lora=lora_facts(cfg),
+        max_seq_length=data.max_seq_length,
+        per_device_train_batch_size=cfg.per_device_train_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        world_size=world_size,
+    )
+
+
+def build_trainer(
+    cfg: SFTConfig,
+    data: DataInputs,
+    plan: TrainingPlan,
+    *,
+    facts: Any,
+    resume_step: int = 0,
+    model: Any = None,
+) -> Any:
+    """Load tokenizer, datasets and model, and build the :class:`~dischargesum.training.trainer.DischargeSFTTrainer`
+    with its callbacks (checkpoint protocol, TensorBoard in ``<output_dir>/tensorboard``, metrics.jsonl).
+
+    Raises:
+        UserError: an example is longer than the budget or has no trained token.
+    """
+    from dischargesum.modeling import (
+        cast_trainable_parameters,
+        is_vlm_model,
+        load_model_for_training,
+        load_tokenizer,
+        lora_config,
+    )
+    from dischargesum.training.checkpointing import make_checkpoint_callbacks
+    from dischargesum.training.trainer import (
+        BatchExtrasCollator,
+        DischargeSFTTrainer,
+        MetricsCallback,
+        StableTensorBoardCallback,
+        gemma3_vlm_needs_token_type_ids,
+    )
+
+    out = Path(cfg.output_dir)
+    if plan.compute_dtype == "float32" and os.environ.get("ACCELERATE_MIXED_PRECISION", "no") != "no":
+        # The launcher asked for bf16 autocast where preflight chose fp32 (CPU / no-bf16 GPU): fp32 wins.
+        os.environ["ACCELERATE_MIXED_PRECISION"] = "no"
+    tb_dir = out / TENSORBOARD_DIR
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(tb_dir)  # transformers 5 ignores `logging_dir`
+    had_events = tb_dir.is_dir() and any(tb_dir.glob("events.out.tfevents.*"))
+
+    tokenizer = load_tokenizer(cfg.model_name_or_path)
+    train_ds, train_note_ids = load_split(data, "train")
+    eval_ds, eval_note_ids = None, []
+    if cfg.eval_steps:
+        eval_ds, eval_note_ids = load_split(data, "validation", limit=cfg.max_eval_samples)
+    args = _trl_args(cfg, plan, data)
+    if model is None:
+        model = load_model_for_training(cfg, plan)
+    log = MetricsLog(out / METRICS_FILE, resume_step=resume_step)
+    trainer = DischargeSFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        processing_class=tokenizer,
+        peft_config=lora_config(cfg, is_vlm=is_vlm_model(model)),
+        callbacks=make_checkpoint_callbacks(facts, out, cfg.save_total_limit),
+        max_seq_length=data.max_seq_length,
+        resolved_config_yaml=cfg.to_yaml(),
+        note_ids_for_check={"train": train_note_ids, "eval": eval_note_ids},
+    )
+    cast = cast_trainable_parameters(trainer.model, plan.lora_dtype)
+    if cast:
+        logger.info("LoRA weights kept in %s (%d tensors re-cast after TRL)", plan.lora_dtype, cast)
+    trainer.data_collator = BatchExtrasCollator(
+        trainer.data_collator, add_token_type_ids=plan.is_vlm and gemma3_vlm_needs_token_type_ids()
+    )
+    trainer.record_example_indices = cfg.log_note_ids
+    trainer.total_tokens = log.prior_tokens
+    trainer.total_seconds = log.prior_seconds
+    trainer.add_callback(StableTensorBoardCallback(tb_dir, purge_step=resume_step + 1 if had_events else None))
+    trainer.add_callback(MetricsCallback(trainer, log, train_note_ids if cfg.log_note_ids else None))
+    return trainer
+
+
+def train(cfg: SFTConfig) -> int:
+    """The body of ``scripts/sft_qlora.py``: returns 0 (done or already done), 143 (preempted, checkpoint committed).
+
+    Raises:
+        ConfigError, ArtifactError, UserError: problems the user can fix (exit code 2), all found before the model
+            is loaded except the per-example checks, which need the tokenizer.
+    """
+    data = load_data_inputs(cfg)
+    out = Path(cfg.output_dir)
+    if run_is_complete(cfg, data.fingerprint):
+        logger.info(
+            "%s already holds a completed run of this exact config (final/ is there): nothing to do. Use a new "
+            "`output_dir` (or change the config, e.g. raise `max_steps`) to train again.",
+            out,
+        )
+        return 0
+    _check_output_dir(cfg)
+    _info, plan = plan_training(cfg)
+    for note in plan.notes:
+        logger.info("%s", note)
+
+    from accelerate import PartialState
+
+    from dischargesum.modeling import base_weights_digest, resolve_model_path
+    from dischargesum.training.checkpointing import (
+        checkpoint_global_step,
+        preemption_requested,
+        resolve_resume_checkpoint,
+    )
+    from dischargesum.training.preemption import PREEMPTED_EXIT_CODE
+
+    state = PartialState()
+    # Every rank has read the output directory's state before the main process starts rewriting it.
+    state.wait_for_everyone()
+    facts = run_facts(cfg, data, plan, state.num_processes)
+    resume = resolve_resume_checkpoint(cfg.resume_from_checkpoint, out, facts, cfg.allow_resume_mismatch)
+    resume_step = (checkpoint_global_step(resume) or 0) if resume is not None else 0
+    base_path = resolve_model_path(cfg.model_name_or_path)
+    start_run(
+        out,
+        cfg,
+        inputs={
+            "dataset_dir": str(data.dataset_dir.resolve()),
+            "data_fingerprint": data.fingerprint,
+            "base_model": base_path,
+            "resume_from": str(resume) if resume else None,
+        },
+    )
+    trainer = build_trainer(cfg, data, plan, facts=facts, resume_step=resume_step)
+    digest_before = base_weights_digest(trainer.model) if cfg.check_base_unchanged and state.is_main_process else None
+    n_trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    logger.info(
+        "training %s (%s, %s compute, 4-bit=%s, attention=%s) on %d process(es): %d trainable parameters, "
+        "%d training examples, resume from %s",
+        cfg.model_name_or_path,
+        type(trainer.model.get_base_model()).__name__,
+        plan.compute_dtype,
+        plan.load_in_4bit,
+        plan.attn_implementation,
+        state.num_processes,
+        n_trainable,
+        len(trainer.train_dataset),
+        resume or "scratch",
+    )
+
+    t0 = time.perf_counter()
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    invocation_seconds = time.perf_counter() - t0
+    if preemption_requested():
+        logger.warning(
+            "preempted: checkpoint committed, exiting with %d so the scheduler requeues", PREEMPTED_EXIT_CODE
+        )
+        return PREEMPTED_EXIT_CODE
+
+    digest_after = base_weights_digest(trainer.model) if digest_before is not None else None
+    if digest_before is not None and digest_before != digest_after:
+        raise RuntimeError(f"the frozen base weights changed during training ({digest_before} -> {digest_after})")
+    summary = {
+        "global_step": trainer.state.global_step,
+        "final_train_loss": trainer.last_train_loss,
+        "total_tokens": trainer.total_tokens,
+        "train_seconds": round(trainer.total_seconds, 2),
+        "this_invocation_seconds": round(invocation_seconds, 2),
+        "world_size": state.num_processes,
+        "distributed_type": plan.distributed_type,
+        "device": _device_description(plan),
+        "compute_dtype": plan.compute_dtype,
+        "load_in_4bit": plan.load_in_4bit,
+        "attn_implementation": plan.attn_implementation,
+        "trainable_parameters": n_trainable,
+        "base_weights_digest_before": digest_before,
+        "base_weights_digest_after": digest_after,
+    }
+    write_final(trainer, cfg, data, base_path, summary)
+    return 0
+
+
+def _device_description(plan: TrainingPlan) -> str:
+    if plan.device != "cuda":
+        return "cpu"
+    import torch
+
+    return f"{torch.cuda.get_device_name(0)} (CUDA {torch.version.cuda})"
+
+
+def write_final(trainer: Any, cfg: SFTConfig, data: DataInputs, base_path: str, summary: dict[str, Any]) -> Path:
+    """Write ``final/`` (adapter, tokenizer, resolved config, data fingerprint, model card, manifest) and complete
+    the run's manifest. All ranks call it (saving is collective under DeepSpeed/FSDP); the main process writes."""
+    out = Path(cfg.output_dir)
+    final = out / FINAL_DIR
+    trainer.save_model(str(final))
+    trainer.accelerator.wait_for_everyone()
+    if not is_main_process():
+        return final
+    atomic_write_json(
+        final / DATA_FINGERPRINT_FILE,
+        {
+            "dataset_dir": str(data.dataset_dir.resolve()),
+            "data_fingerprint": data.fingerprint,
+            "max_seq_length": data.max_seq_length,
+            "data_card": data.card,
+        },
+    )
+    atomic_write_text(final / MODEL_CARD_FILE, model_card(cfg, data, base_path, summary))
+    running = read_manifest(out) or {}
+    atomic_write_json(final / MANIFEST_NAME, {**running, "status": "running"})
+    outputs = {
+        p.name: fingerprint_file(p, final) for p in sorted(final.iterdir()) if p.is_file() and p.name != MANIFEST_NAME
+    }
+    finish_run(final, outputs, base_model=base_path, data_fingerprint=data.fingerprint, training=summary)
+    run_outputs = {
+        f"{FINAL_DIR}/{name}": {**info, "path": f"{FINAL_DIR}/{info['path']}"} for name, info in outputs.items()
+    }
+    finish_run(out, run_outputs, base_model=base_path, data_fingerprint=data.fingerprint, training=summary)
+    logger.info(
+        "done: %d steps, final loss %s, %d tokens -> %s",
+        summary["global_step"],
+        summary["final_train_loss"],
+        summary["total_tokens"],
+        final,
+    )
+    return final
+
+
+def model_card(cfg: SFTConfig, data: DataInputs, base_path: str, summary: dict[str, Any]) -> str:
+    """The ``final/README.md`` model card: what was trained on what, and how it went (no note text)."""
+    splits = data.card.get("splits", {})
+    split_rows = ", ".join(f"{k} {v.get('rows')}" for k, v in splits.items() if isinstance(v, dict))
+    loss = summary.get("final_train_loss")
+    loss_text = "n/a" if loss is None or (isinstance(loss, float) and math.isnan(loss)) else f"{loss:.4f}"
+    hours = summary.get("train_seconds", 0.0) / 3600
+    topology = {"NO": "single process", "MULTI_CPU": "DDP over gloo", "MULTI_GPU": "DDP"}.get(
+        str(summary.get("distributed_type")), str(summary.get("distributed_type"))
+    )
+    lines = [
+        "---",
+        f"base_model: {base_path}",
+        "library_name: peft",
+        "pipeline_tag: text-generation",
+        "tags: [dischargesum, lora, qlora, sft, clinical-summarization]"
+        if cfg.load_in_4bit
+        else "tags: [dischargesum, lora, sft, clinical-summarization]",
+        "---",
+        "",
+        f"# LoRA adapter: brief hospital course from a discharge note ({Path(cfg.output_dir).name})",
+        "",
+        f"Fine-tuned from `{cfg.model_name_or_path}` by `dischargesum` sft_qlora on prepare_data's output "
+        f"(`{data.dataset_dir}`, fingerprint `{data.fingerprint[:16]}`). The loss covers the summary only; prompts "
+        "use the data card's instruction and the model's chat template.",
+        "",
+        "## Training summary",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| optimizer steps | {summary.get('global_step')} |",
+        f"| final training loss | {loss_text} |",
+        f"| tokens processed (non-pad) | {summary.get('total_tokens'):,} |",
+        f"| training time | {summary.get('train_seconds', 0.0):.1f} s ({hours:.2f} h) |",
+        f"| hardware | {summary.get('world_size')} x {summary.get('device')}, {topology} |",
+        f"| precision | {summary.get('compute_dtype')} compute, 4-bit base: {summary.get('load_in_4bit')} |",
+        f"| trainable parameters | {summary.get('trainable_parameters'):,} |",
+        "",
+        "## Data",
+        "",
+        f"- rows per split: {split_rows or 'see data_fingerprint.json'}",
+        f"- token budget (prompt + summary): {data.max_seq_length}; summaries are never truncated",
+        f"- normalization: {data.card.get('normalization', 'unknown')}",
+        "",
+        "## Configuration",
+        "",
+        f"- LoRA r={cfg.lora_r}, alpha={cfg.lora_alpha}, dropout={cfg.lora_dropout}, targets "
+        f"{', '.join(cfg.lora_target_modules)}",
+        f"- 4-bit base: {cfg.load_in_4bit} ({cfg.bnb_4bit_quant_type}, double quant {cfg.bnb_4bit_use_double_quant})",
+        f"- learning rate {cfg.learning_rate} ({cfg.lr_scheduler_type}), per-device batch "
+        f"{cfg.per_device_train_batch_size} x accumulation {cfg.gradient_accumulation_steps} x "
+        f"{summary.get('world_size')} process(es), packing {cfg.packing}",
+        f"- full resolved config: `{RESOLVED_CONFIG_NAME}`; data card: `{DATA_FINGERPRINT_FILE}`",
+        "",
+        "## Use",
+        "",
+        "```bash",
+        "accelerate launch scripts/generate.py --config recipes/<model>/generate.yaml --adapter <this directory>",
+        "```",
+        "",
+        "The base model is recorded in `adapter_config.json` (`base_model_name_or_path`). To export a standalone "
+        "bf16 model: `dischargesum.modeling.merge_adapter(<this directory>, <output>)`.",
+        "",
+        "## Limitations",
+        "",
+        "Trained on de-identified clinical notes (MIMIC-IV derived, or synthetic for the demo); outputs must be "
+        "reviewed by a clinician. No note or summary text is stored in this directory.",
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,311 @@
+"""The SFT trainer: TRL's ``SFTTrainer`` + our checkpoint protocol, example checks, token accounting, callbacks.
+
+What we add to TRL and why (everything else is TRL / transformers as shipped):
+
+* ``_prepare_dataset``: TRL tokenizes and builds completion-only labels; we run it *without* truncation and check
+  every example (TRL truncates the end of a too-long example — the summary — silently), then pack.
+* ``compute_loss``: counts non-pad and trained tokens on the device (no per-micro-batch host sync) and records
+  each step's example indices when asked; ``log`` reduces the counts across ranks once per logging step and adds
+  tokens/s and GPU memory to the logs, so TensorBoard and ``metrics.jsonl`` get them from the same place.
+* ``_save``: writes the resolved config into every checkpoint (generate can load any ``checkpoint-N``).
+* no telemetry, no TRL model card in ``output_dir`` (``final/README.md`` is ours).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+from transformers.integrations import TensorBoardCallback
+from trl import SFTTrainer
+from trl.data_utils import pack_dataset
+
+from dischargesum.cli import UserError
+from dischargesum.logging_utils import get_logger
+from dischargesum.manifest import RESOLVED_CONFIG_NAME, atomic_write_text
+from dischargesum.training.checkpointing import CheckpointingTrainerMixin
+from dischargesum.training.metrics import MetricsLog
+
+logger = get_logger(__name__)
+
+EXAMPLE_INDEX = "example_index"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checks on tokenized examples
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def example_token_stats(dataset: Any) -> tuple[list[int], list[int]]:
+    """Per-example total tokens and trained tokens (labels != -100 at positions > 0, which are the ones predicted).
+
+    Reads the arrow columns in batches (no Python loop over tokens), so it stays cheap on 270k examples.
+    """
+    import numpy as np
+    import pyarrow.compute as pc
+
+    lengths: list[int] = []
+    trained: list[int] = []
+    for batch in dataset.with_format("arrow").iter(batch_size=4096):
+        ids, labels = batch.column("input_ids"), batch.column("labels")
+        lengths.extend(pc.list_value_length(ids).to_numpy(zero_copy_only=False).tolist())
+        label_lengths = pc.list_value_length(labels).to_numpy(zero_copy_only=False)
+        flat = pc.list_flatten(labels).to_numpy(zero_copy_only=False)
+        parents = pc.list_parent_indices(labels).to_numpy(zero_copy_only=False)
+        starts = np.concatenate([[0], np.cumsum(label_lengths)[:-1]])
+        counted = flat != -100
+        counted[starts[label_lengths > 0]] = False  # position 0 has no preceding token to predict it from
+        trained.extend(np.bincount(parents, weights=counted, minlength=batch.num_rows).astype(int).tolist())
+    return lengths, trained
+
+
+def check_examples(dataset: Any, *, max_length: int, name: str, note_ids: list[str] | None = None) -> None:
+    """Refuse examples longer than the budget (they would be truncated) or without any trained token.
+
+    Raises:
+        UserError: names how many examples fail, the longest length or example note_ids, and the fix.
+    """
+    lengths, trained = example_token_stats(dataset)
+    too_long = [i for i, n in enumerate(lengths) if n > max_length]
+    if too_long:
+        raise UserError(
+            f"{len(too_long)} of {len(lengths)} {name} examples are longer than max_seq_length={max_length} tokens "
+            f"(longest {max(lengths)}); they would be truncated, cutting the summary. prepare_data budgets lengths "
+            "with the tokenizer it was given: rerun it with this model's tokenizer (`--tokenizer_name_or_path`), "
+            "or raise `max_seq_length`."
+        )
+    untrained = [i for i, n in enumerate(trained) if n < 1]
+    if untrained:
+        ids = [note_ids[i] for i in untrained[:5]] if note_ids else untrained[:5]
+        raise UserError(
+            f"{len(untrained)} {name} examples have no trained (summary) token, e.g. {ids}: the loss mask would "
+            "skip them entirely. Check that their summaries are not empty and that the chat template renders the "
+            "assistant turn after the prompt."
+        )
+    logger.info(
+        "%s: %d examples, %d tokens (%d trained on, %.0f%%), longest %d of %d",
+        name,
+        len(lengths),
+        sum(lengths),
+        sum(trained),
+        100.0 * sum(trained) / max(sum(lengths), 1),
+        max(lengths) if lengths else 0,
+        max_length,
+    )
+
+
+def gemma3_vlm_needs_token_type_ids() -> bool:
+    """Whether this transformers' ``Gemma3ForConditionalGeneration`` refuses to train without ``token_type_ids``.
+
+    Some 4.5x/5.x releases built the mask through ``create_causal_mask_mapping(..., is_training=...)`` and raised
+    "`token_type_ids` is required as a model input when training" for text-only batches; 5.17 and 5.24 (checked in
+    their sources) accept None. Detected by signature, so such a version gets all-zero ids (= every token is text).
+    """
+    try:
+        from transformers.models.gemma3 import modeling_gemma3
+    except ImportError:  # pragma: no cover - gemma3 ships with every supported transformers
+        return False
+    fn = getattr(modeling_gemma3, "create_causal_mask_mapping", None)
+    return fn is not None and "is_training" in inspect.signature(fn).parameters
+
+
+@dataclasses.dataclass
+class BatchExtrasCollator:
+    """Wraps TRL's collator: carries ``example_index`` into the batch (the trainer pops it before the forward) and,
+    for Gemma 3 VLMs on transformers versions that need it, adds all-zero ``token_type_ids``."""
+
+    inner: Callable[[list[dict[str, Any]]], dict[str, Any]]
+    add_token_type_ids: bool = False
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = self.inner(examples)
+        if examples and EXAMPLE_INDEX in examples[0]:
+            batch[EXAMPLE_INDEX] = torch.tensor([int(ex[EXAMPLE_INDEX]) for ex in examples], dtype=torch.long)
+        if self.add_token_type_ids:
+            batch["token_type_ids"] = torch.zeros_like(batch["input_ids"])
+        return batch
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The trainer
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class DischargeSFTTrainer(CheckpointingTrainerMixin, SFTTrainer):
+    """TRL's SFTTrainer with our checkpoint protocol, example checks, token accounting and no telemetry.
+
+    Extra keyword arguments: ``max_seq_length`` (the token budget examples are checked against and packed to),
+    ``resolved_config_yaml`` (written into every checkpoint and ``final/``), ``note_ids_for_check`` (``{"train":
+    [...], "eval": [...]}`` to name failing examples).
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        max_seq_length: int,
+        resolved_config_yaml: str,
+        note_ids_for_check: dict[str, list[str]] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        # Read by _prepare_dataset, which SFTTrainer.__init__ calls: set before super().__init__.
+        self._budget = max_seq_length
+        self._resolved_config_yaml = resolved_config_yaml
+        self._note_ids_for_check = note_ids_for_check or {}
+        self.record_example_indices = False
+        self._step_indices: list[int] = []
+        self._token_counts: torch.Tensor | None = None
+        self._window_start = time.perf_counter()
+        self.total_tokens = 0
+        self.total_seconds = 0.0
+        self.last_train_loss: float | None = None
+        super().__init__(*args, **kwargs)
+
+    # TRL pings the Hub with usage data unless HF_HUB_DISABLE_TELEMETRY is set; a clinical pipeline never does.
+    def _send_telemetry(self) -> None:
+        return None
+
+    # Our final/README.md replaces TRL's card, which TRL writes into output_dir at every checkpoint.
+    def create_model_card(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):  # type: ignore[no-untyped-def]
+        # TRL tokenizes and builds the completion-only labels; run it without truncation or packing so that the
+        # real lengths can be checked, then pack (TRL's own pack_dataset, as TRL would).
+        saved = args.max_length
+        args.max_length = None
+        try:
+            dataset = super()._prepare_dataset(dataset, processing_class, args, False, formatting_func, dataset_name)
+        finally:
+            args.max_length = saved
+        check_examples(
+            dataset, max_length=self._budget, name=dataset_name, note_ids=self._note_ids_for_check.get(dataset_name)
+        )
+        if packing:
+            dataset = dataset.select_columns(["input_ids", "labels"])
+            dataset = pack_dataset(dataset, self._budget, args.packing_strategy, {})
+        return dataset
+
+    def _set_signature_columns_if_needed(self) -> None:
+        super()._set_signature_columns_if_needed()
+        if self._signature_columns is not None and EXAMPLE_INDEX not in self._signature_columns:
+            self._signature_columns = [*self._signature_columns, EXAMPLE_INDEX]
+
+    def _save(self, output_dir: str | None = None, state_dict: Any = None) -> None:
+        super()._save(output_dir, state_dict)
+        # The resolved config (incl. the base model) goes into every checkpoint, before its manifest is written.
+        if self.args.should_save:
+            atomic_write_text(
+                Path(output_dir or self.args.output_dir) / RESOLVED_CONFIG_NAME, self._resolved_config_yaml
+            )
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[no-untyped-def]
+        example_index = inputs.pop(EXAMPLE_INDEX, None)
+        if self.model.training:
+            labels = inputs["labels"]
+            if "attention_mask" in inputs:
+                tokens = inputs["attention_mask"].sum()
+            else:  # padding-free: the batch is one row of real tokens
+                tokens = torch.tensor(inputs["input_ids"].numel(), device=labels.device)
+            trained = (labels[..., 1:] != -100).sum()
+            counts = torch.stack([tokens.to(torch.long), trained.to(torch.long)])
+            self._token_counts = counts if self._token_counts is None else self._token_counts + counts
+            if self.record_example_indices and example_index is not None:
+                self._step_indices.extend(int(i) for i in example_index.tolist())
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    def start_throughput_window(self) -> None:
+        self._window_start = time.perf_counter()
+
+    def pop_step_example_indices(self) -> list[int]:
+        out, self._step_indices = self._step_indices, []
+        return out
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:
+            self._add_throughput(logs)
+        super().log(logs, start_time)
+
+    def _add_throughput(self, logs: dict[str, float]) -> None:
+        counts = self._token_counts
+        if counts is None:
+            counts = torch.zeros(2, dtype=torch.long, device=self.args.device)
+        # Collective: every rank reaches `log` at the same logging step.
+        counts = self.accelerator.reduce(counts.clone(), reduction="sum")
+        tokens, trained = (int(x) for x in counts.tolist())
+        self._token_counts = None
+        now = time.perf_counter()
+        seconds = max(now - self._window_start, 1e-9)
+        self._window_start = now
+        self.total_tokens += tokens
+        self.total_seconds += seconds
+        self.last_train_loss = float(logs["loss"])
+        logs.update(
+            tokens=tokens,
+            trained_tokens=trained,
+            tokens_per_second=round(tokens / seconds, 2),
+            trained_tokens_per_second=round(trained / seconds, 2),
+            total_tokens=self.total_tokens,
+            window_seconds=round(seconds, 4),
+        )
+        if self.args.device.type == "cuda":
+            gib = 2**30
+            logs.update(
+                gpu_memory_allocated_gib=round(torch.cuda.memory_allocated() / gib, 3),
+                gpu_memory_peak_gib=round(torch.cuda.max_memory_allocated() / gib, 3),
+                gpu_memory_reserved_gib=round(torch.cuda.memory_reserved() / gib, 3),
+            )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Callbacks
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class StableTensorBoardCallback(TensorBoardCallback):
+    """transformers' TensorBoard callback writing to one fixed directory. A resumed run passes ``purge_step`` =
+    resumed step + 1, so TensorBoard hides what the interrupted run logged after the checkpoint it resumes from and
+    the curves continue without duplicates."""
+
+    def __init__(self, log_dir: Path, purge_step: int | None) -> None:
+        super().__init__()
+        self.logging_dir = str(log_dir)
+        self._purge_step = purge_step
+
+    def _init_summary_writer(self, args, log_dir=None):  # type: ignore[no-untyped-def]
+        if self._SummaryWriter is not None:
+            self.tb_writer = self._SummaryWriter(log_dir=self.logging_dir, purge_step=self._purge_step)
+
+
+class MetricsCallback(TrainerCallback):
+    """Every log event -> one ``metrics.jsonl`` row; with note_ids, one row per step with every rank's note_ids."""
+
+    def __init__(self, trainer: DischargeSFTTrainer, log: MetricsLog, note_ids: list[str] | None) -> None:
+        self.trainer = trainer
+        self.log = log
+        self.note_ids = note_ids
+
+    def on_train_begin(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+        self.trainer.start_throughput_window()
+        return control
+
+    def on_log(self, args, state, control, logs=None, **kwargs):  # type: ignore[no-untyped-def]
+        if logs:
+            self.log.write({"step": state.global_step, **logs})
+        return control
+
+    def on_step_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+        if self.note_ids is None:
+            return control
+        from accelerate.utils import gather_object
+
+        local = self.trainer.pop_step_example_indices()
+        # Collective (all ranks reach on_step_end together); rank-major order.
+        gathered = gather_object([local]) if self.trainer.accelerator.num_processes > 1 else [local]
+        self.log.write({"step": state.global_step, "note_ids": [self.note_ids[i] for ids in gathered for i in ids]})
+        return control
