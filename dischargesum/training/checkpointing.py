@@ -549,7 +549,7 @@ def commit_checkpoint(
 def clean_leftovers(output_dir: str | Path) -> list[Path]:
     """Remove staging and trash directories left by interrupted saves or deletions (committing process only)."""
     root = Path(output_dir)
-    removed = []
+    removed: list[Path] = []
     if not root.is_dir():
         return removed
     for child in root.iterdir():
@@ -670,12 +670,20 @@ class CheckpointingTrainerMixin:
     from :func:`make_checkpoint_callbacks`.
     """
 
+    # Provided by transformers.Trainer, which this mixin is always combined with (declared for type checkers).
+    args: Any
+    state: Any
+    control: Any
+    accelerator: Any
+    callback_handler: Any
+    hp_search_backend: Any
+
     # Set by _save_checkpoint: what the last commit wrote (step, bytes, seconds) — read by benchmarks and logs.
     last_checkpoint_info: dict[str, Any] | None = None
     _preempted_in_evaluation: bool = False
 
     def _checkpointing_callback(self) -> CheckpointRotationCallback:
-        for cb in self.callback_handler.callbacks:  # type: ignore[attr-defined]
+        for cb in self.callback_handler.callbacks:
             if isinstance(cb, CheckpointRotationCallback):
                 return cb
         raise RuntimeError(
@@ -686,9 +694,9 @@ class CheckpointingTrainerMixin:
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
         self._checkpointing_callback()
         if resume_from_checkpoint is True:
-            found = find_latest_valid_checkpoint(self.args.output_dir)  # type: ignore[attr-defined]
+            found = find_latest_valid_checkpoint(self.args.output_dir)
             if found is None:
-                raise CheckpointError(f"resume requested but {self.args.output_dir} holds no valid checkpoint")  # type: ignore[attr-defined]
+                raise CheckpointError(f"resume requested but {self.args.output_dir} holds no valid checkpoint")
             resume_from_checkpoint = str(found)
         if resume_from_checkpoint in (False, ""):
             resume_from_checkpoint = None
@@ -701,14 +709,14 @@ class CheckpointingTrainerMixin:
         # HF's epoch loop starts with a step before it checks `max_steps`: a run resumed from a checkpoint at (or
         # past) max_steps would train one extra step and save checkpoint-<max_steps + 1>. Skip the loop instead;
         # the checkpoint's weights and optimizer state are already loaded (on every backend) at this point.
-        state = self.state  # type: ignore[attr-defined]
+        state = self.state
         if state.max_steps > 0 and state.global_step >= state.max_steps:
             logger.warning(
                 "already at step %d, at or past max_steps=%d: nothing to train (raise `--max_steps` to continue)",
                 state.global_step,
                 state.max_steps,
             )
-            self.control.should_training_stop = True  # type: ignore[attr-defined]
+            self.control.should_training_stop = True
             return None
         return super()._run_epoch(*args, **kwargs)  # type: ignore[misc]
 
@@ -717,7 +725,7 @@ class CheckpointingTrainerMixin:
         from transformers.trainer_utils import SaveStrategy
 
         cb = self._checkpointing_callback()
-        args, state, accelerator = self.args, self.state, self.accelerator  # type: ignore[attr-defined]
+        args, state, accelerator = self.args, self.state, self.accelerator
         step = state.global_step
         run_dir = Path(self._get_output_dir(trial=trial))  # type: ignore[attr-defined]
         final_dir = run_dir / f"{CHECKPOINT_PREFIX}-{step}"
@@ -733,7 +741,7 @@ class CheckpointingTrainerMixin:
             staging.mkdir(parents=True)
         accelerator.wait_for_everyone()
 
-        if self.hp_search_backend is None and trial is None:  # type: ignore[attr-defined]
+        if self.hp_search_backend is None and trial is None:
             self.store_flos()  # type: ignore[attr-defined]
         self.save_model(str(staging), _internal_call=True)  # type: ignore[attr-defined]
         if fault is not None:
@@ -754,9 +762,7 @@ class CheckpointingTrainerMixin:
         if args.should_save:
             # As HF: record ExportableState callbacks and the TrainerControl in the trainer state.
             for exportable in [
-                c
-                for c in [*self.callback_handler.callbacks, self.control]  # type: ignore[attr-defined]
-                if isinstance(c, ExportableState)
+                c for c in [*self.callback_handler.callbacks, self.control] if isinstance(c, ExportableState)
             ]:
                 name = exportable.__class__.__name__
                 if isinstance(state.stateful_callbacks.get(name), list):
@@ -808,15 +814,17 @@ class CheckpointingTrainerMixin:
             if not getattr(self, "is_in_train", False):
                 logger.warning("preempted during evaluation outside training: evaluation abandoned")
                 return {}
-            logger.warning("preempted during evaluation at step %d: committing a checkpoint, then stopping",
-                           self.state.global_step)  # type: ignore[attr-defined]  # fmt: skip
+            logger.warning(
+                "preempted during evaluation at step %d: committing a checkpoint, then stopping",
+                self.state.global_step,
+            )
             self._save_checkpoint(getattr(self, "model_wrapped", None), trial=None)
-            self.control = self.callback_handler.on_save(self.args, self.state, self.control)  # type: ignore[attr-defined]
+            self.control = self.callback_handler.on_save(self.args, self.state, self.control)
             self.control.should_save = False  # already saved; HF must not save the same step again
             self.control.should_training_stop = True
-            for cb in self.callback_handler.callbacks:  # type: ignore[attr-defined]
+            for cb in self.callback_handler.callbacks:
                 if isinstance(cb, PreemptionCallback):
-                    cb.stopped_at_step = self.state.global_step  # type: ignore[attr-defined]
+                    cb.stopped_at_step = self.state.global_step
             return {}
 
     def _determine_best_metric(self, metrics: dict[str, float], trial: Any) -> bool:
