@@ -255,11 +255,17 @@ class DischargeSFTTrainer(CheckpointingTrainerMixin, SFTTrainer):
         )
         if self.args.device.type == "cuda":
             gib = 2**30
+            peak = torch.cuda.max_memory_allocated()
             logs.update(
                 gpu_memory_allocated_gib=round(torch.cuda.memory_allocated() / gib, 3),
-                gpu_memory_peak_gib=round(torch.cuda.max_memory_allocated() / gib, 3),
+                gpu_memory_peak_gib=round(peak / gib, 3),
                 gpu_memory_reserved_gib=round(torch.cuda.memory_reserved() / gib, 3),
             )
+            if self.accelerator.num_processes > 1:
+                # Every rank's peak (ZeRO/FSDP shards unevenly; rank 0 alone hides the fullest GPU). Collective, as
+                # the reduce above: all ranks log at the same step.
+                peaks = self.accelerator.gather(torch.tensor([peak], dtype=torch.long, device=self.args.device))
+                logs.update({f"gpu_memory_peak_gib_rank{r}": round(int(p) / gib, 3) for r, p in enumerate(peaks)})
 
 
 # ---------------------------------------------------------------------------------------------------------------
