@@ -299,6 +299,17 @@ class SFTConfig(BaseConfig):
     gradient_checkpointing: bool = _help(
         "Recompute activations in the backward pass: much less memory, ~20-30% more compute.", default=True
     )
+    selective_checkpointing: bool = _help(
+        "With `gradient_checkpointing`: keep each layer's attention output instead of recomputing it (TRL's "
+        "selective activation checkpointing): less recompute for one hidden-state-sized tensor per layer.",
+        default=False,
+    )
+    activation_offloading: bool = _help(
+        "Move the activations the backward needs (with `gradient_checkpointing`: each layer's input) to pinned CPU "
+        "memory during the forward, overlapped on a side stream (TRL's activation offloading). Lowers GPU memory "
+        "for small cards at some speed. GPU only.",
+        default=False,
+    )
     packing: bool = _help(
         "Pack several examples into each `max_seq_length` row (best-fit decreasing, padding-free); attention never "
         "crosses example boundaries.",
@@ -306,6 +317,11 @@ class SFTConfig(BaseConfig):
     )
     padding_free: bool = _help(
         "Concatenate each micro-batch into one row without padding (no packing across micro-batches).", default=False
+    )
+    completion_only_loss: bool = _help(
+        "Loss on the summary tokens only (prompt tokens get label -100). `false` trains on the whole sequence, the "
+        "seed prototype's setting (kept for comparison: it spends the loss on re-predicting the note).",
+        default=True,
     )
     use_liger_kernel: bool = _help(
         "Liger Triton kernels (RMSNorm, GeGLU, RoPE). GPU only; needs the `gpu` extra (liger-kernel).", default=False
@@ -405,6 +421,11 @@ class SFTConfig(BaseConfig):
             raise ConfigError(
                 "sft_qlora: `packing` already trains padding-free; set `padding_free: false` (or `packing: false` "
                 "to flatten each micro-batch without packing)."
+            )
+        if self.selective_checkpointing and not self.gradient_checkpointing:
+            raise ConfigError(
+                "sft_qlora: `selective_checkpointing: true` refines gradient checkpointing, which is off; set "
+                "`gradient_checkpointing: true` or `selective_checkpointing: false`."
             )
 
 

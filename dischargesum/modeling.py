@@ -253,6 +253,11 @@ def preflight(cfg: SFTConfig, model: ModelInfo, hw: Hardware) -> TrainingPlan:
             raise ConfigError(
                 "`use_liger_kernel: true` needs liger-kernel: `pip install 'dischargesum[gpu]'` (or liger-kernel)."
             )
+    if cfg.activation_offloading and hw.device != "cuda":
+        raise ConfigError(
+            "`activation_offloading: true` moves activations between a GPU and pinned CPU memory; there is no GPU "
+            "here. Set `activation_offloading: false`."
+        )
     if cfg.optim in _GPU_ONLY_OPTIMIZERS and hw.device != "cuda":
         raise ConfigError(f"`optim` = {cfg.optim} is a bitsandbytes GPU optimizer; use `adamw_torch` on CPU.")
     if cfg.check_base_unchanged and sharded:

@@ -250,8 +250,9 @@ def _trl_args(cfg: SFTConfig, plan: TrainingPlan, data: DataInputs):
         ddp_find_unused_parameters=False,
         dataloader_num_workers=0,
         remove_unused_columns=True,
-        # TRL: conversational prompt-completion, loss on the completion only; lengths are checked, not truncated.
-        completion_only_loss=True,
+        # TRL: conversational prompt-completion, loss on the completion only (unless the recipe asks for the whole
+        # sequence); lengths are checked, not truncated.
+        completion_only_loss=cfg.completion_only_loss,
         assistant_only_loss=False,
         max_length=data.max_seq_length if cfg.packing else None,
         packing=cfg.packing,
@@ -259,6 +260,7 @@ def _trl_args(cfg: SFTConfig, plan: TrainingPlan, data: DataInputs):
         padding_free=cfg.padding_free,
         dataset_num_proc=cfg.dataset_num_proc if cfg.dataset_num_proc > 1 else None,
         use_liger_kernel=cfg.use_liger_kernel,
+        activation_offloading=cfg.activation_offloading,
         disable_tqdm=not is_main_process(),
         log_level="warning",
     )
@@ -267,7 +269,13 @@ def _trl_args(cfg: SFTConfig, plan: TrainingPlan, data: DataInputs):
     names = {f.name for f in dataclasses.fields(TRLSFTConfig)}
     prefix = "activation" if "activation_checkpointing" in names else "gradient"
     kwargs[f"{prefix}_checkpointing"] = cfg.gradient_checkpointing
-    kwargs[f"{prefix}_checkpointing_kwargs"] = {"use_reentrant": False} if cfg.gradient_checkpointing else None
+    checkpointing_kwargs: dict[str, Any] | None = None
+    if cfg.gradient_checkpointing:
+        checkpointing_kwargs = {"use_reentrant": False}
+        if cfg.selective_checkpointing:
+            # TRL-only key: SFTTrainer wraps the model with a policy that saves the attention ops' outputs.
+            checkpointing_kwargs["selective"] = True
+    kwargs[f"{prefix}_checkpointing_kwargs"] = checkpointing_kwargs
     return TRLSFTConfig(**kwargs)
 
 

@@ -1,0 +1,92 @@
+"""sft_qlora speed/memory options: whole-sequence vs completion-only labels, selective checkpointing and
+activation offloading reach TRL, and the GPU-only / inconsistent settings are refused before any model loads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dischargesum.config import ConfigError, SFTConfig
+from tests.fixtures_data import make_prepared_dataset
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture(scope="module")
+def dataset_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
+    return make_prepared_dataset(tmp_path_factory.mktemp("speed-data"), tiny_model_dir, n_rows=12)
+
+
+def _cfg(dataset_dir: Path, model_dir: Path, out: Path, **kw) -> SFTConfig:
+    base = dict(
+        output_dir=str(out),
+        dataset_dir=str(dataset_dir),
+        model_name_or_path=str(model_dir),
+        load_in_4bit=False,
+        max_steps=1,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=1,
+        lora_r=4,
+        lora_alpha=8,
+    )
+    base.update(kw)
+    return SFTConfig(**base)
+
+
+def _cpu():
+    from dischargesum.modeling import Hardware
+
+    return Hardware("cpu", False, "cpu", "NO", None, 1, "no")
+
+
+def _trl_args(cfg: SFTConfig):
+    from dischargesum.training.sft import _trl_args, load_data_inputs, plan_training
+
+    data = load_data_inputs(cfg)
+    _, plan = plan_training(cfg, _cpu())
+    return _trl_args(cfg, plan, data)
+
+
+def test_checkpointing_options_reach_trl(dataset_dir: Path, tiny_model_dir: Path, tmp_path: Path) -> None:
+    plain = _trl_args(_cfg(dataset_dir, tiny_model_dir, tmp_path / "a", gradient_checkpointing=True))
+    assert plain.gradient_checkpointing and plain.gradient_checkpointing_kwargs == {"use_reentrant": False}
+    assert not plain.activation_offloading and plain.completion_only_loss is True
+    sac = _trl_args(
+        _cfg(dataset_dir, tiny_model_dir, tmp_path / "b", gradient_checkpointing=True, selective_checkpointing=True)
+    )
+    assert sac.gradient_checkpointing_kwargs == {"use_reentrant": False, "selective": True}
+    off = _trl_args(_cfg(dataset_dir, tiny_model_dir, tmp_path / "c", gradient_checkpointing=False))
+    assert not off.gradient_checkpointing and not off.gradient_checkpointing_kwargs
+    whole = _trl_args(_cfg(dataset_dir, tiny_model_dir, tmp_path / "d", completion_only_loss=False))
+    assert whole.completion_only_loss is False
+
+
+def test_inconsistent_or_gpu_only_settings_are_refused(dataset_dir: Path, tiny_model_dir: Path, tmp_path: Path):
+    from dischargesum.modeling import preflight, read_model_info
+
+    with pytest.raises(ConfigError, match=r"selective_checkpointing.*gradient_checkpointing: true"):
+        _cfg(dataset_dir, tiny_model_dir, tmp_path, gradient_checkpointing=False, selective_checkpointing=True)
+    cfg = _cfg(dataset_dir, tiny_model_dir, tmp_path, activation_offloading=True)
+    with pytest.raises(ConfigError, match="activation_offloading: false"):
+        preflight(cfg, read_model_info(str(tiny_model_dir)), _cpu())
+
+
+@pytest.mark.parametrize("completion_only", [True, False])
+def test_whole_sequence_loss_labels_every_token(
+    dataset_dir: Path, tiny_model_dir: Path, tmp_path: Path, completion_only: bool
+) -> None:
+    from dischargesum.training.sft import build_trainer, load_data_inputs, plan_training, run_facts
+
+    cfg = _cfg(dataset_dir, tiny_model_dir, tmp_path / "run", completion_only_loss=completion_only)
+    data = load_data_inputs(cfg)
+    _, plan = plan_training(cfg, _cpu())
+    trainer = build_trainer(cfg, data, plan, facts=run_facts(cfg, data, plan, 1))
+    masked = prompt = 0
+    for row in trainer.train_dataset:
+        masked += sum(1 for x in row["labels"] if x == -100)
+        prompt += len(row["input_ids"])
+    if completion_only:
+        assert 0 < masked < prompt  # the prompt is masked, the summary is not
+    else:
+        assert masked == 0  # every token carries loss, as in the seed prototype
