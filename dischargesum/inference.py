@@ -808,8 +808,11 @@ class Processes:
 def current_processes() -> Processes:
     """Rank, world size, device and a barrier from accelerate's PartialState (works with and without a launcher)."""
     from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
 
-    state = PartialState()
+    # Without `cpu=True` PartialState ignores the launcher's ranks on a machine without a GPU (it reports one
+    # process), so pass it whenever accelerate was told to use the CPU or there is no GPU.
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available())
     return Processes(state.process_index, state.num_processes, state.device, state.wait_for_everyone)
 
 
