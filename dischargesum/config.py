@@ -758,8 +758,8 @@ class EvalConfig(BaseConfig):
         default_factory=lambda: [1500, 3000, 6000, 12000],
     )
     num_workers: int | None = _help(
-        "Processes for entity extraction and ROUGE (CPU-bound); `none`: the CPUs this process may use (max 32); 0: "
-        "in this process.",
+        "Processes for entity extraction and ROUGE (CPU-bound); `none`: one per CPU this process may use, minus "
+        "one for the main process (max 32); 0: in this process. Fewer than 64 samples always run in this process.",
         default=None,
     )
     entity_batch_size: int = _help("Texts per spaCy `nlp.pipe` batch in entity extraction.", default=64)

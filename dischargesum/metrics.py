@@ -716,6 +716,9 @@ def available_cpus() -> int:
         return os.cpu_count() or 1
 
 
+MIN_SAMPLES_FOR_WORKERS = 64
+
+
 class TextScoringJob:
     """Runs ``_score_text_chunk`` over all samples, in worker processes or in this process.
 
@@ -733,10 +736,12 @@ class TextScoringJob:
     ) -> None:
         self.triples = triples
         self.options = options
-        workers = min(available_cpus(), 32) if num_workers is None else num_workers
+        # Default: one process per CPU but one, which stays with the main process (BERTScore / feeding the GPU).
+        workers = max(1, min(available_cpus() - 1, 32)) if num_workers is None else num_workers
         self.chunk_size = max(1, min(32, math.ceil(len(triples) / max(1, workers * 4))))
-        # A pool costs ~1-2 s of spawn + imports per worker: not worth it for a handful of samples.
-        self.workers = workers if workers > 1 and len(triples) >= 4 * self.chunk_size else 0
+        # A pool costs ~1-2 s of spawn + imports per worker: not worth it for a few dozen samples. One worker is
+        # worth it for more: it runs while this process computes BERTScore.
+        self.workers = workers if workers >= 1 and len(triples) >= MIN_SAMPLES_FOR_WORKERS else 0
         self.progress = progress
         self._executor: ProcessPoolExecutor | None = None
         self._futures: list[Future] = []
@@ -1299,8 +1304,18 @@ def evaluate(inputs: EvalInputs, cfg: EvalConfig, *, progress: bool | None = Non
 
     bert: BertScoreOutput | None = None
     if scorer is not None:
+        import torch
+
+        threads = torch.get_num_threads()
+        if scorer.device.type == "cpu" and job.workers:
+            # The workers hold job.workers CPUs: more torch threads than the CPUs left only spin and wait (measured
+            # here: a tiny linear layer 80x slower with 2 threads on 2 busy CPUs than with 1).
+            torch.set_num_threads(max(1, available_cpus() - job.workers))
         bert_started = time.perf_counter()
-        bert = scorer.score([s.prediction for s in samples], [s.reference or "" for s in samples], progress=show)
+        try:
+            bert = scorer.score([s.prediction for s in samples], [s.reference or "" for s in samples], progress=show)
+        finally:
+            torch.set_num_threads(threads)
         timing["bertscore_s"] = time.perf_counter() - bert_started
     counter_name, count_tokens = _token_counter(cfg, scorer)
     token_counts = {
