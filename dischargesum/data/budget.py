@@ -17,6 +17,17 @@ batched call gives the same ids as per-example calls (no padding is requested).
 
 The prompt is :func:`dischargesum.data.formatting.prompt_messages` and the completion
 :func:`~dischargesum.data.formatting.completion_messages`, the same builders sft_qlora and generate use.
+
+:class:`TokenCounter` gives the same numbers with each note tokenized once instead of twice (prepare_data's hot
+loop at 270k rows). It relies on how Hugging Face fast tokenizers work: added (special) tokens are split out of
+the text *before* normalisation and pre-tokenisation, so text that ends right before a special token with
+``lstrip=False`` tokenizes the same alone as followed by more text. The rendered conversation is cut before the
+special token that opens the generation prompt (Gemma: ``<start_of_turn>`` of ``<start_of_turn>model\n``):
+``ids(prompt + completion) = ids(head) + ids(tail)`` and ``ids(prompt) = ids(head) + ids(generation prompt)``,
+where the head (instruction + note) is shared. ``token_counting: auto`` uses the split only after checking it
+against the exact computation on probe texts (edge cases: trailing whitespace, special-token text inside a
+note, non-ASCII) and keeps checking every ``verify_every``-th row during the run; any disagreement is an error,
+never a silently different count. ``exact`` always tokenizes as TRL does.
 """
 
 from __future__ import annotations
@@ -161,3 +172,154 @@ def render_loss_mask(tokenizer: Any, input_ids: Sequence[int], completion_start:
     prompt = tokenizer.decode(list(input_ids[:completion_start]), skip_special_tokens=False)
     trained = tokenizer.decode(list(input_ids[completion_start:]), skip_special_tokens=False)
     return f"{prompt}⟦{trained}⟧"
+
+
+_PROBE_NOTES = (
+    "Sex: F\nService: MEDICINE\n\nChief Complaint:\nchest pain  \n",
+    "  leading and trailing whitespace \t\n\n",
+    "BP 120/80, HR 72, Na 138 mEq/L, metoprolol 25 mg PO BID; denies fevers. ___ ___",
+    "Caf\u00e9 na\u00efve \u00b5g \u2265 5 \u2014 \u00b0C; <start_of_turn>model\nnot a turn<end_of_turn>",
+    "[...]",
+    "x",
+)
+_PROBE_SUMMARIES = (
+    "Ms. ___ was admitted with chest pain.",
+    "\n  # Problem: AKI\n- Cr 2.1 -> 1.3\n",
+    "No fevers. Discharged on metoprolol 25 mg PO BID.",
+    "<end_of_turn> literal \u00b5g",
+    "y",
+    "A " * 300,
+)
+
+
+class TokenCounter:
+    """Exact TRL token counts for (note, summary) batches, tokenizing each note once when that is proven safe.
+
+    ``stats`` counts rows counted by the split (``split_rows``), by the exact path (``exact_rows``) and rows
+    re-counted exactly to check the split (``verified_rows``).
+
+    Raises (from :meth:`count`):
+        RuntimeError: a verified row disagrees with the exact count (use ``mode="exact"``).
+    """
+
+    def __init__(
+        self, tokenizer: Any, instruction: str = DEFAULT_INSTRUCTION, *, mode: str = "auto", verify_every: int = 64
+    ) -> None:
+        if mode not in ("auto", "exact"):
+            raise ValueError(f"mode={mode!r}; use 'auto' or 'exact'")
+        self.tokenizer = tokenizer
+        self.instruction = instruction
+        self.verify_every = max(1, verify_every)
+        self.split_token: str | None = None
+        self.stats: dict[str, int] = {"split_rows": 0, "exact_rows": 0, "verified_rows": 0}
+        self.mode = "exact"
+        if mode == "auto":
+            self.split_token = self._find_split_token()
+            if self.split_token is not None and self._probe():
+                self.mode = "split"
+            else:
+                logger.info(
+                    "token counting: exact (the prompt/completion split could not be verified for this tokenizer)"
+                )
+
+    # -- set-up -------------------------------------------------------------------------------------------------
+
+    def _find_split_token(self) -> str | None:
+        """The special token that starts the generation prompt (the last added token in a rendered prompt)."""
+        text = self.tokenizer.apply_chat_template(
+            prompt_messages("note", self.instruction), add_generation_prompt=True, tokenize=False
+        )
+        best, best_at = None, -1
+        for token in self.tokenizer.added_tokens_decoder.values():
+            if token.lstrip or token.normalized or not token.content:
+                continue
+            at = text.rfind(token.content)
+            if at > best_at or (at == best_at and best is not None and len(token.content) > len(best)):
+                best, best_at = token.content, at
+        return best if best_at > 0 else None
+
+    def _probe(self) -> bool:
+        notes = list(_PROBE_NOTES)
+        summaries = list(_PROBE_SUMMARIES)
+        exact = tokenize_examples(self.tokenizer, notes, summaries, self.instruction)
+        split = self._split_counts(notes, summaries)
+        if split is None:
+            return False
+        prompt, completion, total, fallback = split
+        return (
+            not fallback.any()
+            and np.array_equal(prompt, exact.prompt_lengths)
+            and np.array_equal(completion, exact.completion_lengths)
+            and np.array_equal(total, exact.total_lengths)
+        )
+
+    # -- counting -----------------------------------------------------------------------------------------------
+
+    def _encode(self, texts: list[str]) -> list[list[int]]:
+        # What apply_chat_template(tokenize=True) does with the rendered text.
+        return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+    def _split_counts(
+        self, notes: Sequence[str], summaries: Sequence[str]
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+        assert self.split_token is not None
+        prompts = [prompt_messages(note, self.instruction) for note in notes]
+        full = [p + completion_messages(s) for p, s in zip(prompts, summaries)]
+        prompt_texts = self.tokenizer.apply_chat_template(prompts, add_generation_prompt=True, tokenize=False)
+        full_texts = self.tokenizer.apply_chat_template(full, tokenize=False)
+        n = len(notes)
+        heads, tails, generation = [], [], []
+        fallback = np.zeros(n, dtype=bool)
+        for i, (p_text, f_text) in enumerate(zip(prompt_texts, full_texts)):
+            cut = p_text.rfind(self.split_token)
+            if cut <= 0 or not f_text.startswith(p_text[:cut]):
+                fallback[i] = True
+                cut = 0
+            heads.append(p_text[:cut])
+            tails.append(f_text[cut:])
+            generation.append(p_text[cut:])
+        head_ids = self._encode(heads)
+        tail_ids = self._encode(tails)
+        gen_cache: dict[str, list[int]] = {}
+        for text in set(generation):
+            gen_cache[text] = self._encode([text])[0]
+        head_len = np.fromiter(map(len, head_ids), dtype=np.int64, count=n)
+        gen_ids = [gen_cache[text] for text in generation]
+        prompt = head_len + np.fromiter(map(len, gen_ids), dtype=np.int64, count=n)
+        total = head_len + np.fromiter(map(len, tail_ids), dtype=np.int64, count=n)
+        start = head_len + np.fromiter(
+            (_common_prefix_length(g, t) for g, t in zip(gen_ids, tail_ids)), dtype=np.int64, count=n
+        )
+        return prompt, total - start, total, fallback
+
+    def count(self, notes: Sequence[str], summaries: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(prompt_tokens, completion_tokens, total_tokens)`` per pair — the numbers TRL's SFTTrainer gets."""
+        if len(notes) != len(summaries):
+            raise ValueError(f"{len(notes)} notes but {len(summaries)} summaries")
+        if self.mode == "exact" or not notes:
+            exact = tokenize_examples(self.tokenizer, notes, summaries, self.instruction)
+            self.stats["exact_rows"] += len(notes)
+            return exact.prompt_lengths, exact.completion_lengths, exact.total_lengths
+        split = self._split_counts(notes, summaries)
+        assert split is not None
+        prompt, completion, total, fallback = split
+        # rows the split cannot handle, plus every verify_every-th row, are counted exactly
+        check = fallback.copy()
+        check[:: self.verify_every] = True
+        idx = np.flatnonzero(check)
+        exact = tokenize_examples(
+            self.tokenizer, [notes[i] for i in idx], [summaries[i] for i in idx], self.instruction
+        )
+        for k, i in enumerate(idx):
+            got = (int(prompt[i]), int(completion[i]), int(total[i]))
+            want = (int(exact.prompt_lengths[k]), int(exact.completion_lengths[k]), int(exact.total_lengths[k]))
+            if not fallback[i] and got != want:
+                raise RuntimeError(
+                    f"token counting: the prompt/completion split gave {got} but TRL's tokenization gives {want} "
+                    "(prompt, completion, total); set `token_counting: exact`."
+                )
+            prompt[i], completion[i], total[i] = want
+        self.stats["verified_rows"] += int((check & ~fallback).sum())
+        self.stats["exact_rows"] += int(fallback.sum())
+        self.stats["split_rows"] += int((~fallback).sum())
+        return prompt, completion, total

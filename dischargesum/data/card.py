@@ -59,6 +59,7 @@ def build_card(
     files: dict[str, Any],
     data_fingerprint: str,
     seed_backends: dict[str, str] | None,
+    counting_mode: str,
 ) -> dict[str, Any]:
     by_reason = Counter(r["reason"] for r in rejects)
     patients = tracker.patients_per_split()
@@ -129,8 +130,13 @@ def build_card(
             "drop_order": list(DROP_ORDER) if cfg.note_shortening == "sections" else [],
             "marker": MARKER,
             "min_note_tokens": cfg.min_note_tokens,
+            "token_counting": {
+                "config": cfg.token_counting,
+                "mode": counting_mode,
+                **{k.split(":", 1)[1]: v for k, v in sorted(shortening.items()) if k.startswith("token_counting:")},
+            },
             "rows_shortened": sum(v for k, v in shortening.items() if k.startswith("fit_rounds_")),
-            "events": dict(sorted(shortening.items())),
+            "events": {k: v for k, v in sorted(shortening.items()) if not k.startswith("token_counting:")},
         },
         "files": files,
         "data_fingerprint": data_fingerprint,

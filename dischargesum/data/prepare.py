@@ -5,12 +5,12 @@ second pass over a staging file because its rare-word filter needs corpus counts
 
 1. :func:`dischargesum.data.readers.inspect_source` detects the schema and fails with exit code 2 on a missing
    column — before the tokenizer or any data is loaded.
-2. Worker processes (``num_workers``) decode, validate and normalise chunks
-   (:func:`dischargesum.data.validate.validate_chunk`); at most ``2 * num_workers`` chunks are in flight.
-3. The main process drops duplicate ``note_id`` rows (the first kept row wins), counts tokens exactly as TRL's
-   SFTTrainer will (:mod:`dischargesum.data.budget`; a fast tokenizer encodes each batch on all cores),
-   shortens over-long notes (:mod:`dischargesum.data.shorten`) until they fit, rejects rows whose summary alone
-   cannot fit, assigns patient-level splits (:mod:`dischargesum.data.split`) and appends to the split files.
+2. Worker processes (``num_workers``; at most ``2 * num_workers`` chunks in flight) decode, validate and
+   normalise each chunk (:func:`dischargesum.data.validate.validate_chunk`), count tokens exactly as TRL's
+   SFTTrainer will (:class:`dischargesum.data.budget.TokenCounter`), shorten over-long notes
+   (:mod:`dischargesum.data.shorten`) until they fit and reject rows whose summary alone cannot fit.
+3. The main process drops duplicate ``note_id`` rows (the first row that passed every other check wins),
+   assigns patient-level splits (:mod:`dischargesum.data.split`) and appends to the split files.
 4. The data card (:mod:`dischargesum.data.card`) proves the accounting (rows in = rows in splits + rejects),
    records per-split length statistics and sha256 fingerprints; the manifest is marked complete last.
 
@@ -28,7 +28,6 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -38,14 +37,14 @@ from dischargesum.cli import UserError
 from dischargesum.config import ConfigError, PrepareDataConfig
 from dischargesum.data import schema
 from dischargesum.data.budget import (
+    TokenCounter,
     chat_template_fingerprint,
-    count_tokens,
     load_tokenizer,
     render_loss_mask,
     tokenize_examples,
 )
 from dischargesum.data.normalize import filter_rare_words, seed_backends
-from dischargesum.data.readers import SourceInfo, inspect_source, iter_chunks
+from dischargesum.data.readers import RawChunk, SourceInfo, inspect_source, iter_chunks
 from dischargesum.data.shorten import MARKER, shorten_note
 from dischargesum.data.split import SplitTracker, assign_split
 from dischargesum.data.validate import ValidatedChunk, ValidationOptions, reject_record, validate_chunk
@@ -105,16 +104,27 @@ class BudgetResult:
     stats: Counter[str] = field(default_factory=Counter)
 
 
+def _count(counter: TokenCounter, notes: list[str], summaries: list[str], batch_size: int) -> tuple[np.ndarray, ...]:
+    """``counter.count`` in batches (token id lists of a whole chunk would hold ~100 MB of Python ints)."""
+    parts = [
+        counter.count(notes[i : i + batch_size], summaries[i : i + batch_size])
+        for i in range(0, len(notes), batch_size)
+    ]
+    if not parts:
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty.copy(), empty.copy()
+    return tuple(np.concatenate([part[k] for part in parts]) for k in range(3))
+
+
 def fit_to_budget(
-    tokenizer: Any,
+    counter: TokenCounter,
     notes: list[str],
     summaries: list[str],
     *,
-    instruction: str,
     max_seq_length: int,
     min_note_tokens: int,
     strategy: str,
-    batch_size: int,
+    batch_size: int = 512,
 ) -> BudgetResult:
     """Count tokens; shorten the notes of over-long examples until they fit; never touch a summary.
 
@@ -123,14 +133,13 @@ def fit_to_budget(
     with the note's own characters-per-token ratio, re-counts exactly and asks for more until the example fits;
     after ``_MAX_FIT_ROUNDS`` rounds the note becomes the bare marker, which is known to fit.
     """
-    count = partial(count_tokens, tokenizer, instruction=instruction, batch_size=batch_size)
-    prompt, completion, total = count(notes, summaries)
+    prompt, completion, total = _count(counter, notes, summaries, batch_size)
     result = BudgetResult(list(notes), prompt, completion, total, np.zeros(len(notes), dtype=bool), {})
     over = np.flatnonzero(total > max_seq_length)
     if not len(over):
         return result
     over_summaries = [summaries[i] for i in over]
-    bare_prompt, _, bare_total = count([MARKER] * len(over), over_summaries)
+    bare_prompt, _, bare_total = _count(counter, [MARKER] * len(over), over_summaries, batch_size)
     feasible: list[int] = []
     for k, i in enumerate(over):
         room = max_seq_length - int(bare_total[k])
@@ -153,7 +162,9 @@ def fit_to_budget(
         if round_ == _MAX_FIT_ROUNDS:
             for k in pending:  # give up estimating: the bare marker fits (checked above)
                 attempts[k].text = MARKER
-        p, c, t = count([attempts[k].text for k in pending], [summaries[over[k]] for k in pending])
+        p, c, t = _count(
+            counter, [attempts[k].text for k in pending], [summaries[over[k]] for k in pending], batch_size
+        )
         still = []
         for j, k in enumerate(pending):
             if t[j] <= max_seq_length:
@@ -179,27 +190,111 @@ def fit_to_budget(
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# chunk work (runs in worker processes, or in-process with num_workers: 0)
+
+
+@dataclass(frozen=True)
+class ChunkParams:
+    """Everything a worker needs to validate and fit a chunk (picklable)."""
+
+    validation: ValidationOptions
+    tokenizer_name_or_path: str
+    instruction: str
+    token_counting: str
+    max_seq_length: int
+    min_note_tokens: int
+    note_shortening: str
+    tokenize_batch_size: int
+
+    @classmethod
+    def from_config(cls, cfg: PrepareDataConfig) -> ChunkParams:
+        return cls(
+            validation=ValidationOptions(
+                normalization=cfg.normalization,
+                utf8_errors=cfg.utf8_errors,
+                max_note_chars=cfg.max_note_chars,
+                use_input_split=cfg.input_split_column is not None,
+            ),
+            tokenizer_name_or_path=cfg.tokenizer_name_or_path,
+            instruction=cfg.instruction,
+            token_counting=cfg.token_counting,
+            max_seq_length=cfg.max_seq_length,
+            min_note_tokens=cfg.min_note_tokens,
+            note_shortening=cfg.note_shortening,
+            tokenize_batch_size=cfg.tokenize_batch_size,
+        )
+
+
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(params: ChunkParams, single_threaded: bool) -> None:
+    if single_threaded:  # one tokenizer thread per worker process: the workers already fill the cores
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _WORKER.clear()
+    _WORKER["params"] = params
+
+
+def _worker_counter() -> TokenCounter:
+    counter = _WORKER.get("counter")
+    if counter is None:
+        params: ChunkParams = _WORKER["params"]
+        tokenizer = load_tokenizer(params.tokenizer_name_or_path)
+        counter = TokenCounter(tokenizer, params.instruction, mode=params.token_counting)
+        _WORKER["counter"] = counter
+    return counter
+
+
+def _fit_chunk(chunk: ValidatedChunk) -> tuple[ValidatedChunk, BudgetResult]:
+    params: ChunkParams = _WORKER["params"]
+    counter = _worker_counter()
+    before = dict(counter.stats)
+    fitted = fit_to_budget(
+        counter,
+        chunk.note,
+        chunk.summary,
+        max_seq_length=params.max_seq_length,
+        min_note_tokens=params.min_note_tokens,
+        strategy=params.note_shortening,
+        batch_size=params.tokenize_batch_size,
+    )
+    for key, value in counter.stats.items():
+        fitted.stats[f"token_counting:{key}"] += value - before.get(key, 0)
+    return chunk, fitted
+
+
+def _validate_only(raw: RawChunk) -> ValidatedChunk:
+    return validate_chunk(raw, _WORKER["params"].validation)
+
+
+def _validate_and_fit(raw: RawChunk) -> tuple[ValidatedChunk, BudgetResult]:
+    return _fit_chunk(_validate_only(raw))
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # streaming helpers
 
 
-def _bounded_imap(fn: Callable[[Any], Any], items: Iterable[Any], workers: int) -> Iterator[Any]:
+def _bounded_imap(fn: Callable[[Any], Any], items: Iterable[Any], workers: int, params: ChunkParams) -> Iterator[Any]:
     """``map(fn, items)`` in ``workers`` spawn processes, in order, with at most ``2 * workers`` items in flight.
 
-    (``Pool.imap`` would read the whole input ahead into its task queue.)
+    (``Pool.imap`` would read the whole input ahead into its task queue.) With ``workers == 0``, or a single
+    item, everything runs in this process.
     """
-    if workers <= 0:
-        yield from map(fn, items)
-        return
     iterator = iter(items)
     first = next(iterator, None)
     if first is None:
         return
-    second = next(iterator, None)
-    if second is None:  # one chunk: not worth starting processes
+    second = next(iterator, None) if workers > 0 else None
+    if second is None:
+        if _WORKER.get("params") != params:
+            _init_worker(params, single_threaded=False)
         yield fn(first)
+        yield from map(fn, iterator)
         return
     # spawn, not fork: the parent holds tokenizer threads that fork would copy mid-lock.
-    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(workers, initializer=_init_worker, initargs=(params, True)) as pool:
         pending: deque[Any] = deque([pool.apply_async(fn, (first,)), pool.apply_async(fn, (second,))])
         for item in iterator:
             while len(pending) >= 2 * workers:
@@ -230,17 +325,29 @@ class _Totals:
         self.prefixes.update(chunk.prefixes)
 
 
-def _validated_chunks(info: SourceInfo, cfg: PrepareDataConfig, totals: _Totals, bar: Any) -> Iterator[ValidatedChunk]:
-    opts = ValidationOptions(
-        normalization=cfg.normalization,
-        utf8_errors=cfg.utf8_errors,
-        max_note_chars=cfg.max_note_chars,
-        use_input_split=cfg.input_split_column is not None,
-    )
-    for chunk in _bounded_imap(partial(validate_chunk, opts=opts), iter_chunks(info, cfg), cfg.num_workers):
-        totals.absorb(chunk)
-        bar.update(chunk.rows_read)
-        yield chunk
+def _fitted_chunks(
+    info: SourceInfo, cfg: PrepareDataConfig, totals: _Totals, bar: Any
+) -> Iterator[tuple[ValidatedChunk, BudgetResult]]:
+    """Validated, normalised and fitted chunks in input order (seed mode: via a staging file, see below)."""
+    params = ChunkParams.from_config(cfg)
+    raw = iter_chunks(info, cfg)
+    if cfg.normalization == "clinical":
+        for chunk, fitted in _bounded_imap(_validate_and_fit, raw, cfg.num_workers, params):
+            totals.absorb(chunk)
+            bar.update(chunk.rows_read)
+            yield chunk, fitted
+        return
+    staging = Path(cfg.output_dir) / _STAGING_DIR
+    validated = _bounded_imap(_validate_only, raw, cfg.num_workers, params)
+
+    def counted() -> Iterator[ValidatedChunk]:
+        for chunk in validated:
+            totals.absorb(chunk)
+            bar.update(chunk.rows_read)
+            yield chunk
+
+    filtered = _staged_seed_chunks(counted(), staging, cfg, totals)
+    yield from _bounded_imap(_fit_chunk, filtered, cfg.num_workers, params)
 
 
 def _staged_seed_chunks(
@@ -251,9 +358,7 @@ def _staged_seed_chunks(
     import pyarrow.parquet as pq
 
     columns = ("rows", "note_id", "subject_id", "note", "summary", "gt_entities", "input_split")
-    arrow = pa.schema(
-        [("rows", pa.int64())] + [(name, pa.string()) for name in columns[1:]]  # type: ignore[list-item]
-    )
+    arrow = pa.schema([("rows", pa.int64())] + [(name, pa.string()) for name in columns[1:]])
     staging.mkdir(parents=True, exist_ok=True)
     path = staging / "seed_pass1.parquet"
     counts: Counter[str] = Counter()
@@ -311,19 +416,6 @@ def _source_fingerprint(info: SourceInfo, cfg: PrepareDataConfig) -> dict[str, A
     return described
 
 
-def _dedup(chunk: ValidatedChunk, seen: dict[str, int], totals: _Totals) -> list[int]:
-    """Indices of ``chunk`` rows whose note_id was not kept before (later duplicates become rejects)."""
-    keep = []
-    for j, (row, note_id) in enumerate(zip(chunk.rows, chunk.note_id)):
-        first = seen.get(note_id)
-        if first is not None:
-            totals.rejects.append(reject_record(row, note_id, "duplicate_note_id", f"first kept at row {first}"))
-            continue
-        seen[note_id] = row
-        keep.append(j)
-    return keep
-
-
 class _SplitWriters:
     """Three Parquet writers (temporary names until :meth:`commit`) plus per-split length statistics."""
 
@@ -379,20 +471,24 @@ _LENGTH_NAMES = (
 
 def _write_chunk(
     chunk: ValidatedChunk,
-    keep: list[int],
     fitted: BudgetResult,
     cfg: PrepareDataConfig,
+    seen: dict[str, int],
     tracker: SplitTracker,
     writers: _SplitWriters,
     totals: _Totals,
 ) -> None:
+    """Reject summary_too_long and duplicate rows, assign splits and append the rest to the split files."""
     by_split: dict[str, list[int]] = {split: [] for split in schema.SPLITS}
-    for k, j in enumerate(keep):
-        if k in fitted.rejected:
-            totals.rejects.append(
-                reject_record(chunk.rows[j], chunk.note_id[j], "summary_too_long", fitted.rejected[k])
-            )
+    for j, (row, note_id) in enumerate(zip(chunk.rows, chunk.note_id)):
+        if j in fitted.rejected:
+            totals.rejects.append(reject_record(row, note_id, "summary_too_long", fitted.rejected[j]))
             continue
+        first = seen.get(note_id)
+        if first is not None:
+            totals.rejects.append(reject_record(row, note_id, "duplicate_note_id", f"first kept at row {first}"))
+            continue
+        seen[note_id] = row
         subject = chunk.subject_id[j]
         if cfg.input_split_column is not None:
             split = chunk.input_split[j]
@@ -402,13 +498,12 @@ def _write_chunk(
                 subject, seed=cfg.seed, validation_fraction=cfg.validation_fraction, test_fraction=cfg.test_fraction
             )
         tracker.add(subject, split)
-        by_split[split].append(k)
-    for split, ks in by_split.items():
-        if not ks:
+        by_split[split].append(j)
+    for split, js in by_split.items():
+        if not js:
             continue
-        js = [keep[k] for k in ks]
-        idx = np.asarray(ks, dtype=np.int64)
-        notes = [fitted.notes[k] for k in ks]
+        idx = np.asarray(js, dtype=np.int64)
+        notes = [fitted.notes[j] for j in js]
         original = [len(chunk.note[j]) for j in js]
         columns = {
             "note_id": [chunk.note_id[j] for j in js],
@@ -464,6 +559,7 @@ def run_prepare_data(cfg: PrepareDataConfig) -> PrepareResult:
             "chat_template_sha256": chat_template_fingerprint(tokenizer),
         },
     }
+    counting_mode = TokenCounter(tokenizer, cfg.instruction, mode=cfg.token_counting).mode
     start_run(out, cfg, inputs=inputs)
     staging = out / _STAGING_DIR
     totals = _Totals()
@@ -472,23 +568,9 @@ def run_prepare_data(cfg: PrepareDataConfig) -> PrepareResult:
     writers = _SplitWriters(out)
     bar = _progress("prepare_data", cfg.synthetic_rows if info.format == "synthetic" else None)
     try:
-        stream = _validated_chunks(info, cfg, totals, bar)
-        if cfg.normalization == "seed":
-            stream = _staged_seed_chunks(stream, staging, cfg, totals)
-        for chunk in stream:
-            keep = _dedup(chunk, seen, totals)
-            fitted = fit_to_budget(
-                tokenizer,
-                [chunk.note[j] for j in keep],
-                [chunk.summary[j] for j in keep],
-                instruction=cfg.instruction,
-                max_seq_length=cfg.max_seq_length,
-                min_note_tokens=cfg.min_note_tokens,
-                strategy=cfg.note_shortening,
-                batch_size=cfg.tokenize_batch_size,
-            )
+        for chunk, fitted in _fitted_chunks(info, cfg, totals, bar):
             totals.shortening.update(fitted.stats)
-            _write_chunk(chunk, keep, fitted, cfg, tracker, writers, totals)
+            _write_chunk(chunk, fitted, cfg, seen, tracker, writers, totals)
         writers.close()
     except BaseException:
         writers.close()
@@ -520,6 +602,7 @@ def run_prepare_data(cfg: PrepareDataConfig) -> PrepareResult:
         files=outputs,
         data_fingerprint=data_fingerprint,
         seed_backends=seed_backends() if cfg.normalization == "seed" else None,
+        counting_mode=counting_mode,
     )
     atomic_write_json(out / schema.DATA_CARD_FILE, card)
     outputs[schema.DATA_CARD_FILE] = fingerprint_file(out / schema.DATA_CARD_FILE, out)
@@ -588,9 +671,9 @@ def debug_examples(cfg: PrepareDataConfig) -> str:
     """
     info = inspect_source(cfg)
     tokenizer = load_tokenizer(cfg.tokenizer_name_or_path)
-    opts = ValidationOptions(
-        cfg.normalization, cfg.utf8_errors, cfg.max_note_chars, cfg.input_split_column is not None
-    )
+    params = ChunkParams.from_config(cfg)
+    _init_worker(params, single_threaded=False)
+    _WORKER["counter"] = TokenCounter(tokenizer, cfg.instruction, mode=cfg.token_counting)
     totals = _Totals()
     seen: dict[str, int] = {}
     blocks: list[str] = [
@@ -601,25 +684,32 @@ def debug_examples(cfg: PrepareDataConfig) -> str:
     ]
     shown = 0
     for raw in iter_chunks(info, cfg):
-        chunk = validate_chunk(raw, opts)
+        chunk = validate_chunk(raw, params.validation)
         totals.absorb(chunk)
-        keep = _dedup(chunk, seen, totals)[: cfg.debug - shown]
+        wanted: list[int] = []
+        for j, (row, note_id) in enumerate(zip(chunk.rows, chunk.note_id)):
+            if note_id in seen:
+                totals.rejects.append(
+                    reject_record(row, note_id, "duplicate_note_id", f"first at row {seen[note_id]}")
+                )
+            elif len(wanted) < cfg.debug - shown:
+                seen[note_id] = row
+                wanted.append(j)
         fitted = fit_to_budget(
-            tokenizer,
-            [chunk.note[j] for j in keep],
-            [chunk.summary[j] for j in keep],
-            instruction=cfg.instruction,
+            _WORKER["counter"],
+            [chunk.note[j] for j in wanted],
+            [chunk.summary[j] for j in wanted],
             max_seq_length=cfg.max_seq_length,
             min_note_tokens=cfg.min_note_tokens,
             strategy=cfg.note_shortening,
             batch_size=cfg.tokenize_batch_size,
         )
-        usable = [k for k in range(len(keep)) if k not in fitted.rejected]
+        usable = [k for k in range(len(wanted)) if k not in fitted.rejected]
         tokenized = tokenize_examples(
-            tokenizer, [fitted.notes[k] for k in usable], [chunk.summary[keep[k]] for k in usable], cfg.instruction
+            tokenizer, [fitted.notes[k] for k in usable], [chunk.summary[wanted[k]] for k in usable], cfg.instruction
         )
         for m, k in enumerate(usable):
-            j = keep[k]
+            j = wanted[k]
             blocks.append(
                 f"===== example {shown + 1}: row {chunk.rows[j]}, note_id {chunk.note_id[j]}, "
                 f"note_shortened {bool(fitted.shortened[k])}, prompt {int(tokenized.prompt_lengths[m])} tokens, "
@@ -629,6 +719,11 @@ def debug_examples(cfg: PrepareDataConfig) -> str:
                 + "\n"
             )
             shown += 1
+        for k in fitted.rejected:
+            j = wanted[k]
+            totals.rejects.append(
+                reject_record(chunk.rows[j], chunk.note_id[j], "summary_too_long", fitted.rejected[k])
+            )
         if shown >= cfg.debug:
             break
     if shown < cfg.debug:
