@@ -402,7 +402,9 @@ def train(cfg: SFTConfig) -> int:
     )
     from dischargesum.training.preemption import PREEMPTED_EXIT_CODE
 
-    state = PartialState()
+    # cpu=True on a CPU run: otherwise accelerate ignores the launcher's ranks on a machine without a GPU (torchrun
+    # on CPU, e.g. multi_node.yaml's two machines) and the run facts would record world size 1.
+    state = PartialState(cpu=plan.device == "cpu")
     # Every rank has read the output directory's state before the main process starts rewriting it.
     state.wait_for_everyone()
     facts = run_facts(cfg, data, plan, state.num_processes)
