@@ -24,10 +24,23 @@ def test_there_are_recipes_and_scripts() -> None:
     assert SCRIPTS, "no scripts found"
 
 
+def recipe_stage(stem: str) -> str | None:
+    """The stage a recipe file belongs to: its name is the stage's (``sft_qlora.yaml``) or starts with the stage's
+    name and an underscore (``sft_qlora_8gb.yaml``: a variant of the same stage); the longest stage name wins."""
+    matches = [s for s in STAGE_CONFIGS if stem == s or stem.startswith(f"{s}_")]
+    return max(matches, key=len) if matches else None
+
+
+def test_recipe_stage_mapping() -> None:
+    assert recipe_stage("sft_qlora") == "sft_qlora"
+    assert recipe_stage("sft_qlora_8gb") == "sft_qlora"
+    assert recipe_stage("sft_qloraX") is None and recipe_stage("notastage") is None
+
+
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_recipe_loads_with_its_stage_config(recipe: Path) -> None:
-    stage = recipe.stem
-    assert stage in STAGE_CONFIGS, f"{recipe}: file name must be a stage name ({sorted(STAGE_CONFIGS)})"
+    stage = recipe_stage(recipe.stem)
+    assert stage is not None, f"{recipe}: file name must start with a stage name ({sorted(STAGE_CONFIGS)})"
     cfg = parse_config(STAGE_CONFIGS[stage], ["--config", str(recipe)])
     assert cfg.output_dir
 
