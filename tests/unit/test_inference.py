@@ -498,3 +498,19 @@ def test_part_writer_fsyncs_each_batch(tmp_path: Path, monkeypatch: pytest.Monke
         append([{"note_id": "a"}])
         append([{"note_id": "b"}, {"note_id": "c"}])
     assert len(synced) == 2
+
+
+def test_medgemma_class_generates_with_dynamic_and_static_cache(tiny_vlm_dir: Path) -> None:
+    """Gemma3ForConditionalGeneration (MedGemma's class) through the same engine, text only."""
+    source = resolve_model_source(str(tiny_vlm_dir), None)
+    options = {"precision": "fp32", "load_in_4bit": False, "merge_adapter": False, "attn_implementation": "auto"}
+    engine = load_engine(source, EngineSettings(max_batch_size=4), device="cpu", **options)
+    assert type(engine.model).__name__ == "Gemma3ForConditionalGeneration"
+    requests = _tiny_requests(engine, n=3, max_new=8)
+    dynamic = [r.token_ids for r in engine.generate_all(requests)]
+    static = InferenceEngine(
+        engine.model, engine.tokenizer, EngineSettings(max_batch_size=4, cache_implementation="static")
+    )
+    assert [r.token_ids for r in static.generate_all(requests)] == dynamic
+    assert all(len(t) > 0 for t in dynamic)
+    engine.close()
