@@ -1,0 +1,69 @@
+"""sft_qlora under DeepSpeed ZeRO-2 with two CPU processes (accelerate_configs/deepspeed_zero2.yaml), QLoRA.
+
+DeepSpeed needs a launcher (plain `python` fails looking for MPI) and compiles its small shared-memory comm op on
+first use (~40 s on an idle 2-core machine, cached in ~/.cache/torch_extensions afterwards). Trained to step 4,
+rerun unchanged (no retraining), rerun with ``--max_steps 6`` (resumes from checkpoint-4 through DeepSpeed's own
+checkpoint loading).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.distributed.test_sft_ddp import PINNED_LOSSES_DDP, WORLD
+from tests.fixtures_data import make_prepared_dataset
+from tests.integration.test_sft_train import (
+    ACCUMULATION,
+    PER_DEVICE_BATCH,
+    check_completed_run,
+    check_note_ids,
+    check_rerun_does_nothing,
+    check_resumed,
+    check_tensorboard,
+    launch,
+    sft_args,
+    train_losses,
+)
+
+pytestmark = pytest.mark.distributed
+
+
+@pytest.fixture(scope="module")
+def zero2_run(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> dict:
+    data = make_prepared_dataset(tmp_path_factory.mktemp("sft-zero2-data"), tiny_model_dir)
+    out = tmp_path_factory.mktemp("sft-zero2") / "run"
+    kw = {"config_file": "deepspeed_zero2.yaml", "num_processes": WORLD}
+    args = sft_args(data, tiny_model_dir, out, load_in_4bit=True)
+    first_proc = launch(args, **kw)
+    first = {
+        "proc": first_proc,
+        "losses": train_losses(out),
+        "note_ids": check_note_ids(out, steps=4, per_step=WORLD * PER_DEVICE_BATCH * ACCUMULATION),
+        "training": check_completed_run(out, steps=4, world_size=WORLD, base_digest=None),
+    }
+    check_tensorboard(out, steps=4)
+    check_rerun_does_nothing(args, out, **kw)
+    resumed = launch(sft_args(data, tiny_model_dir, out, max_steps=6, load_in_4bit=True), **kw)
+    return {"out": out, "first": first, "resumed": resumed}
+
+
+def test_zero2_trains_qlora_on_two_ranks(zero2_run: dict) -> None:
+    first = zero2_run["first"]
+    assert "on 2 process(es)" in first["proc"].stderr
+    assert first["training"]["distributed_type"] == "DEEPSPEED" and first["training"]["load_in_4bit"] is True
+    ids = [i for step in sorted(first["note_ids"]) for i in first["note_ids"][step]]
+    assert len(set(ids)) == len(ids)
+
+
+def test_zero2_losses_match_ddp(zero2_run: dict) -> None:
+    # Same data, seed and math as the DDP run: ZeRO-2 only shards the optimizer state and reduces the gradients in
+    # partitions, which changes the fp32 summation order (hence 1e-3 relative, not exact).
+    assert zero2_run["first"]["losses"] == pytest.approx(PINNED_LOSSES_DDP, rel=1e-3), zero2_run["first"]["losses"]
+
+
+def test_zero2_resume(zero2_run: dict) -> None:
+    out = zero2_run["out"]
+    check_resumed(zero2_run["resumed"], out, first_losses=zero2_run["first"]["losses"], steps=6, resumed_from=4)
+    check_completed_run(out, steps=6, world_size=WORLD, base_digest=None)
