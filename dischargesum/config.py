@@ -79,8 +79,9 @@ class PrepareDataConfig(BaseConfig):
     STAGE: typing.ClassVar[str] = "prepare_data"
 
     source: str = _help(
-        "Input: a CSV / JSONL / Parquet file (Kaggle `BHC_MIMIC-IV.csv`, PhysioNet MIMIC-IV-Ext-BHC, or any file "
-        "with `column_mapping`), or `synthetic` to generate rows.",
+        "Input: a CSV / JSONL / Parquet file (.csv.gz / .jsonl.gz too): PhysioNet MIMIC-IV-Ext-BHC (the licensed "
+        "source), the Kaggle mirror `BHC_MIMIC-IV.csv`, or any file with `column_mapping`; `synthetic` to generate "
+        "rows; or `kagglehub:<owner>/<dataset>` (needs kagglehub and Kaggle credentials).",
         default="synthetic",
     )
     schema: Literal["auto", "kaggle", "physionet", "custom"] = _help(
@@ -88,7 +89,8 @@ class PrepareDataConfig(BaseConfig):
         default="auto",
     )
     column_mapping: dict[str, str] = _help(
-        "Map our column names (note_id, subject_id, input, target) to the file's, e.g. {input: text, target: bhc}.",
+        "Map our column names (note_id, subject_id, input, target, gt_entities) to the file's, e.g. "
+        "{input: text, target: bhc}. subject_id may be absent: it is derived from MIMIC note ids (10000032-DS-21).",
         default_factory=dict,
     )
     synthetic_rows: int = _help("Rows to generate when `source: synthetic`.", default=2000)

@@ -27,11 +27,12 @@ data-free equivalent, and :func:`seed_backends` says which ran (the data card re
 - tokeniser: ``nltk.word_tokenize`` needs punkt; NLTK's data-free ``TreebankWordTokenizer`` gives the same
   tokens here, because only letters and spaces are left when tokenisation runs (nothing for punkt to split on).
 - stopwords: NLTK's English list (179 words) is embedded below, byte for byte the ``stopwords`` corpus entries.
-- lemmatiser: WordNet's noun morphology (``WordNetCorpusReader.MORPHOLOGICAL_SUBSTITUTIONS``, data-free) applied
-  without WordNet's dictionary check. WordNet accepts a candidate lemma only if it is a WordNet noun; without the
-  dictionary we keep words that end in ``ss``/``us``/``is``/``as`` and words of 3 letters or fewer unchanged
-  (status, diagnosis, bias, gas, was) and otherwise take the first matching rule. This is an approximation:
-  it differs from WordNet on irregular plurals and on words WordNet does not know.
+- lemmatiser: WordNet's noun suffix rules (the detachment rules of WordNet's ``morphy``) without WordNet's
+  dictionary. WordNet keeps a candidate lemma only if it is a WordNet noun; without the dictionary the most
+  specific rule is taken, and words that end in ``ss``/``us``/``is``/``as`` or have 3 letters or fewer stay as
+  they are (status, diagnosis, bias, gas, was). This is an approximation: it differs from WordNet on irregular
+  plurals, on words WordNet does not know (WordNet leaves them unchanged) and on "-ches" words like
+  "headaches" (here "headach").
 """
 
 from __future__ import annotations
@@ -186,16 +187,29 @@ def _seed_tools() -> tuple[Any, frozenset[str], Any]:
     return tokenize, stop, lemmatize
 
 
+# WordNet's noun detachment rules (WordNetCorpusReader.MORPHOLOGICAL_SUBSTITUTIONS[NOUN]), ordered so the most
+# specific suffix wins. WordNet tries them all and keeps candidates that are WordNet nouns; without the dictionary
+# the most specific rule is the best single guess ("glasses" -> "glass", "boxes" -> "box", "arteries" ->
+# "artery"), except "ves" -> "f", which is wrong as often as right ("valves"), so plain "s" removal is used there.
+_NOUN_RULES: tuple[tuple[str, str], ...] = (
+    ("sses", "ss"),
+    ("shes", "sh"),
+    ("ches", "ch"),
+    ("xes", "x"),
+    ("zes", "z"),
+    ("ies", "y"),
+    ("men", "man"),
+    ("s", ""),
+)
+
+
 @lru_cache(maxsize=200_000)
 def _rule_noun_lemma(word: str) -> str:
-    from nltk.corpus.reader.wordnet import NOUN, WordNetCorpusReader
-
     if len(word) <= 3 or word.endswith(_KEEP_UNLEMMATISED):
         return word
-    for old, new in WordNetCorpusReader.MORPHOLOGICAL_SUBSTITUTIONS[NOUN]:
+    for old, new in _NOUN_RULES:
         if word.endswith(old):
-            candidate = word[: len(word) - len(old)] + new
-            return candidate if len(candidate) >= 2 else word
+            return word[: len(word) - len(old)] + new
     return word
 
 

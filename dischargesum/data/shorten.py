@@ -164,7 +164,7 @@ def shorten_note(note: str, remove_chars: int, strategy: Literal["sections", "mi
             result.dropped.append(section.name)
             continue
         keep = len(body) - needed - len(MARKER) - 2
-        if keep <= 0:
+        if keep <= 0 or not body[: _snap_back(body, keep, 0)].strip():
             replacement[section.start] = stub
             needed -= len(body) + len(header) - len(stub)
             result.dropped.append(section.name)
