@@ -415,6 +415,7 @@ def run_compress(cfg: CompressConfig) -> dict[str, Any]:
         summary = summarize_stage2(read_jsonl(output.path))
         summary["this_run"] = {"notes": len(todo), "wall_seconds": round(time.perf_counter() - started, 3)}
         finish_run(cfg.output_dir, {STAGE2_FILE: fingerprint_file(output.path, cfg.output_dir)}, summary=summary)
+        output.mark_complete()
         logger.info(
             "wrote %s: %d notes, %d fallbacks, mean entity retention %s, length ratio (of totals) %s",
             output.path,
@@ -423,6 +424,8 @@ def run_compress(cfg: CompressConfig) -> dict[str, Any]:
             summary["mean_retention"],
             summary["ratio_chars_of_totals"],
         )
+    else:
+        output.wait_until_complete()
     return summary
 
 

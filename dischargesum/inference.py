@@ -50,6 +50,7 @@ import os
 import shutil
 import time
 import weakref
+from array import array
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,7 +87,7 @@ class GenerationRequest:
     """One prompt to complete. ``key`` is unique (the note_id); ``index`` the input position (tie-breaker)."""
 
     key: str
-    prompt_ids: tuple[int, ...]
+    prompt_ids: Sequence[int]
     max_new_tokens: int
     seed: int = 0
     index: int = 0
@@ -938,6 +939,7 @@ class ShardedJsonlOutput:
                 repair_jsonl(part, self.key)
             for marker in self.parts_dir.glob(f"{self.stem}.rank*.done"):
                 marker.unlink()
+            self._complete_marker().unlink(missing_ok=True)
             atomic_write_json(self.journal_path, {"resume_key": resume_key, **(description or {})})
         self.procs.barrier()
 
@@ -965,6 +967,21 @@ class ShardedJsonlOutput:
                     os.fsync(fh.fileno())
 
             yield append
+
+    def _complete_marker(self) -> Path:
+        return self.parts_dir / f"{self.stem}.complete"
+
+    def mark_complete(self) -> None:
+        """Main process, after merging and finishing the manifest: release the ranks waiting in
+        :meth:`wait_until_complete`."""
+        atomic_write_json(self._complete_marker(), {"path": str(self.path)})
+
+    def wait_until_complete(self, poll_seconds: float = 0.5) -> None:
+        """Other ranks: return once the main process has merged the output, so that when a stage returns its
+        output is complete on every rank (the pipeline's stage 2 reads stage 1 right away). Files, not a
+        collective: the main process may take a while and must not hit a NCCL timeout."""
+        while not self._complete_marker().is_file():
+            time.sleep(poll_seconds)
 
     def finish_rank(self, written: int) -> None:
         atomic_write_json(self._done_marker(self.procs.rank), {"rank": self.procs.rank, "written": written})
@@ -1187,14 +1204,17 @@ def run_generate(cfg: GenerateConfig) -> dict[str, Any]:
     stats = RunStats()
     started = time.perf_counter()
     if todo:
+        # Every rank tokenizes every note: the batch plan (and so each note's batch) must be the same on all ranks.
+        # Ids are kept as 4-byte arrays (a Python int list costs ~9x more for a large split).
         tokenizer = load_tokenizer(source.tokenizer_path, padding_side="left")
-        prompts = encode_chats(tokenizer, [prompt_messages(notes[i], instruction) for i in todo])
+        prompts: list[Sequence[int]] = []
+        for start in range(0, len(todo), 1024):
+            chunk = [prompt_messages(notes[i], instruction) for i in todo[start : start + 1024]]
+            prompts += [array("i", ids) for ids in encode_chats(tokenizer, chunk)]
         del tokenizer
         seeds = request_seeds(cfg.seed, note_ids, cfg.seed_policy)
         requests = [
-            GenerationRequest(
-                key=note_ids[i], prompt_ids=tuple(p), max_new_tokens=cfg.max_new_tokens, seed=seeds[i], index=i
-            )
+            GenerationRequest(key=note_ids[i], prompt_ids=p, max_new_tokens=cfg.max_new_tokens, seed=seeds[i], index=i)
             for i, p in zip(todo, prompts)
         ]
         settings = EngineSettings.from_config(cfg)
@@ -1213,6 +1233,7 @@ def run_generate(cfg: GenerateConfig) -> dict[str, Any]:
         summary = summarize_stage1(read_jsonl(output.path), world_size=procs.world_size)
         summary["this_run"] = {"notes": len(todo), "wall_seconds": round(time.perf_counter() - started, 3)}
         finish_run(cfg.output_dir, {STAGE1_FILE: fingerprint_file(output.path, cfg.output_dir)}, summary=summary)
+        output.mark_complete()
         logger.info(
             "wrote %s: %d notes, %d new tokens (%.1f new tokens/s per process), finish reasons %s",
             output.path,
@@ -1221,6 +1242,8 @@ def run_generate(cfg: GenerateConfig) -> dict[str, Any]:
             summary["new_tokens_per_second_per_process"] or 0.0,
             summary["finish_reasons"],
         )
+    else:
+        output.wait_until_complete()
     return summary
 
 
