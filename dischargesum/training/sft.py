@@ -338,7 +338,8 @@ def build_trainer(
 
     tokenizer = load_tokenizer(cfg.model_name_or_path)
     train_ds, train_note_ids = load_split(data, "train")
-    eval_ds, eval_note_ids = None, []
+    eval_ds: Dataset | None = None
+    eval_note_ids: list[str] = []
     if cfg.eval_steps:
         eval_ds, eval_note_ids = load_split(data, "validation", limit=cfg.max_eval_samples)
     args = _trl_args(cfg, plan, data)

@@ -206,7 +206,7 @@ class DischargeSFTTrainer(CheckpointingTrainerMixin, SFTTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[no-untyped-def]
         example_index = inputs.pop(EXAMPLE_INDEX, None)
-        if self.model.training:
+        if self.model is not None and self.model.training:
             labels = inputs["labels"]
             if "attention_mask" in inputs:
                 tokens = inputs["attention_mask"].sum()
