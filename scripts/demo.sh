@@ -1,13 +1,32 @@
 #!/usr/bin/env bash
 # One command, offline, on CPU, in minutes: install (scripts/bootstrap.sh), then run every pipeline stage on the
-# embedded demo — a tiny Gemma-3 built locally and synthetic BHC notes — through the same code paths a MedGemma
-# run uses. Outputs land in outputs/demo/.
+# embedded demo — a tiny Gemma-3 built locally and synthetic BHC notes — through the same code paths and the same
+# `accelerate launch` entry points a MedGemma run uses. Outputs land in outputs/demo/; a rerun resumes/skips
+# finished work. SKIP_BOOTSTRAP=1 uses the already-installed environment (PYTHON overrides the interpreter).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/bootstrap.sh
-export PATH="$PWD/${VENV:-.venv}/bin:$PATH"
+if [ "${SKIP_BOOTSTRAP:-0}" != "1" ]; then
+  bash scripts/bootstrap.sh
+fi
+PYTHON="${PYTHON:-${VENV:-.venv}/bin/python}"
 # The demo never needs the network: no Hub, no telemetry.
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 TOKENIZERS_PARALLELISM=false
+launch() { "$PYTHON" -m accelerate.commands.launch --config_file accelerate_configs/cpu.yaml "$@"; }
 
-python scripts/build_tiny_model.py --config recipes/demo/build_tiny_model.yaml
-echo "demo finished: see outputs/demo/"
+step() { printf '\n=== %s ===\n' "$1"; }
+step "1/7 build the tiny Gemma-3 + tiny BERT encoder"
+"$PYTHON" scripts/build_tiny_model.py --config recipes/demo/build_tiny_model.yaml
+step "2/7 prepare_data: synthetic notes -> patient-level splits"
+launch scripts/prepare_data.py --config recipes/demo/prepare_data.yaml
+step "3/7 sft_qlora: QLoRA (NF4 on CPU) fine-tuning"
+launch scripts/sft_qlora.py --config recipes/demo/sft_qlora.yaml
+step "4/7 generate: stage-1 summaries of test notes"
+launch scripts/generate.py --config recipes/demo/generate.yaml
+step "5/7 compress: stage-2 entity-checked compression"
+launch scripts/compress.py --config recipes/demo/compress.yaml
+step "6/7 eval: stage 1 vs reference and source"
+launch scripts/eval.py --config recipes/demo/eval.yaml
+step "7/7 eval: stage 2 vs stage 1 and source"
+launch scripts/eval.py --config recipes/demo/eval.yaml --predictions outputs/demo/compress/stage2.jsonl --output_dir outputs/demo/eval_stage2
+printf '\ndemo finished: outputs/demo/ (eval reports: outputs/demo/eval/report.md, outputs/demo/eval_stage2/report.md;\n'
+printf 'TensorBoard: %s -m tensorboard.main --logdir outputs/demo/sft/tensorboard)\n' "$PYTHON"
