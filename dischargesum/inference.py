@@ -38,6 +38,8 @@ generated again — and every rank skips the note_ids already written. At the en
 the main process waits for all markers (files, not a collective, so an unbalanced shard never hits a NCCL timeout)
 and merges the parts into ``<output_dir>/<name>`` in input order (atomic rename). A rerun whose settings differ
 from the run that wrote the parts is refused (``overwrite: true`` starts over), so outputs never mix settings.
+Across machines, ``output_dir`` must be on a filesystem every node sees: part files and markers are where the ranks
+meet. Every rank tokenizes every prompt (to compute the same batch plan); ids are kept as 4-byte arrays.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import time
 import weakref
 from array import array
@@ -588,8 +591,10 @@ def _cache_kwarg_name(model: Any) -> str:
 def release_memory() -> None:
     """Collect garbage, drop torch.compile's caches (they hold references to compiled modules) and empty the CUDA
     allocator's cache."""
-    with contextlib.suppress(Exception):  # dynamo may be unavailable in a stripped torch build
-        torch._dynamo.reset()
+    dynamo = sys.modules.get("torch._dynamo")  # only when something compiled (importing it costs seconds)
+    if dynamo is not None:
+        with contextlib.suppress(Exception):
+            dynamo.reset()
     _TOKEN_HASH_CACHE.clear()
     gc.collect()
     if torch.cuda.is_available():

@@ -514,3 +514,24 @@ def test_medgemma_class_generates_with_dynamic_and_static_cache(tiny_vlm_dir: Pa
     assert [r.token_ids for r in static.generate_all(requests)] == dynamic
     assert all(len(t) > 0 for t in dynamic)
     engine.close()
+
+
+def test_out_of_memory_batches_are_split_and_retried(tokenizer) -> None:
+    from dischargesum.cli import UserError
+
+    class OutOfMemoryAboveTwo(_ScriptedGenerateModel):
+        def generate(self, input_ids, *args, **kwargs):
+            if input_ids.shape[0] > 2:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+            return super().generate(input_ids, *args, **kwargs)
+
+    model = OutOfMemoryAboveTwo([[7, 1]] * 8)
+    engine = InferenceEngine(model, tokenizer, EngineSettings(max_batch_size=8))
+    results = engine.generate_all(_requests([5, 6, 7, 8, 9], max_new=4))
+    assert [r.key for r in results] == [f"n{i}" for i in range(5)]
+    assert all(r.finish_reason == "eos" and r.new_tokens == 2 for r in results)
+    assert max(call["input_ids"].shape[0] for call in model.calls) == 2
+    static = InferenceEngine(model, tokenizer, EngineSettings(max_batch_size=8, cache_implementation="static"))
+    static._reset_static_cache = lambda: "cache"  # type: ignore[method-assign]
+    with pytest.raises(UserError, match="batch_token_budget"):
+        static.generate_all(_requests([5, 6, 7], max_new=4))
