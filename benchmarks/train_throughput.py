@@ -231,7 +231,6 @@ VARIANTS: tuple[Variant, ...] = (
         "Unsloth FastLanguageModel, dropout 0, 'unsloth' checkpointing",
         profiles=("kaggle", "physionet"),
         sets=("unsloth",),
-        needs_cuda=True,
     ),
 )
 # Check references, in order of preference, per loss group (first one that ran on the same profile).
@@ -248,15 +247,20 @@ def run_unsloth_variant(spec: dict[str, Any]) -> dict[str, Any]:
     LoRA r/alpha as our recipe on all 7 projections, dropout 0, ``use_gradient_checkpointing="unsloth"``, a plain
     step loop (AdamW, grad clip 1.0), micro-batches of ``batch`` examples padded to the longest after grouping by
     length within windows of 8 batches (Unsloth has no packing in this loop), completion-only labels."""
+    # isort: off
+    import unsloth  # noqa: F401  (first: it patches transformers, trl and peft when imported before them)
+    from unsloth import FastLanguageModel
+
+    # isort: on
     import random
 
     import torch
-    import unsloth  # noqa: F401  (must be imported before transformers: it patches them)
-    from unsloth import FastLanguageModel
 
     began = time.perf_counter()
     result: dict[str, Any] = {"name": spec["name"], "profile": spec["profile"], "completion_only_loss": True}
-    result["gpu"] = _common.gpu_facts()[0]
+    cuda = torch.cuda.is_available()
+    if cuda:
+        result["gpu"] = _common.gpu_facts()[0]
     data = json.loads(Path(spec["tokens_path"]).read_text(encoding="utf-8"))
     examples = list(zip(data["input_ids"], data["completion_start"]))
     kwargs: dict[str, Any] = dict(
@@ -340,8 +344,9 @@ def run_unsloth_variant(spec: dict[str, Any]) -> dict[str, Any]:
     opt = torch.optim.AdamW(params, lr=2e-4, weight_decay=0.0)
     grad_accum = int(spec["grad_accum"])
     total_steps = int(spec["warmup_steps"]) + int(spec["measure_steps"])
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     steps = []
     prev = time.perf_counter()
     cursor = 0
@@ -360,7 +365,8 @@ def run_unsloth_variant(spec: dict[str, Any]) -> dict[str, Any]:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
+        if cuda:
+            torch.cuda.synchronize()
         now = time.perf_counter()
         steps.append(
             {
@@ -383,8 +389,8 @@ def run_unsloth_variant(spec: dict[str, Any]) -> dict[str, Any]:
         trained_tokens_per_s=round(sum(s["trained_tokens"] for s in measured) / seconds, 1),
         measured_seconds=round(seconds, 3),
         tokens_per_step=round(sum(s["tokens"] for s in measured) / len(measured), 1),
-        peak_allocated_gib=round(torch.cuda.max_memory_allocated() / 2**30, 3),
-        peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 3),
+        peak_allocated_gib=round(torch.cuda.max_memory_allocated() / 2**30, 3) if cuda else None,
+        peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 3) if cuda else None,
         config={
             "batch_size": batch_size,
             "grad_accum": grad_accum,
@@ -706,9 +712,9 @@ def table_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def write_outputs(out_dir: Path, payload: dict[str, Any], logs: dict[str, str]) -> None:
+def write_outputs(out_dir: Path, payload: dict[str, Any], logs: dict[str, str], earlier_logs: str = "") -> None:
     _common.write_json(out_dir / RESULT_NAME, payload)
-    text = "".join(f"===== {k} =====\n{v}\n" for k, v in logs.items())
+    text = earlier_logs + "".join(f"===== {k} =====\n{v}\n" for k, v in logs.items())
     (out_dir / LOG_NAME).write_text(text or "no failed rows\n", encoding="utf-8")
 
 
@@ -864,10 +870,13 @@ def main(argv: list[str] | None = None) -> int:
     # 2. rows: merge with an earlier invocation's rows in the same --out (the Unsloth run adds its rows)
     previous = _common._read_json(out_dir / RESULT_NAME) if args.unsloth else None
     rows: list[dict[str, Any]] = []
+    earlier_logs = ""
     if previous and previous.get("variants"):
         rows = [r for r in previous["variants"] if r.get("name") != "unsloth"]
         for key in ("date", "command", "versions", "settings"):
             payload[f"main_run_{key}"] = previous.get(key)
+        if (out_dir / LOG_NAME).is_file():
+            earlier_logs = (out_dir / LOG_NAME).read_text(encoding="utf-8").replace("no failed rows\n", "")
     spec_dir = work / "specs"
     spec_dir.mkdir(parents=True, exist_ok=True)
     jobs: list[_common.Job] = []
@@ -888,6 +897,8 @@ def main(argv: list[str] | None = None) -> int:
             [sys.executable, str(Path(__file__).resolve()), "--_worker", str(spec_path)],
             timeout_s=args.variant_timeout_s,
             log_path=work / "logs" / f"{key}.log",
+            # each row tokenizes into its own datasets cache: rows running side by side never share cache files
+            env={"HF_DATASETS_CACHE": str(work / "hf_datasets_cache" / key)},
         )
         jobs.append(job)
         job_rows[key] = row
@@ -910,7 +921,7 @@ def main(argv: list[str] | None = None) -> int:
             logs[job.name] = _common.tail(job.log_path, 6000)
         payload["variants"] = rows
         payload.update(summarize(rows, prep))
-        write_outputs(out_dir, payload, logs)
+        write_outputs(out_dir, payload, logs, earlier_logs)
         print(
             f"[train_throughput] {row['name']}/{row['profile']}: {row.get('status')} "
             f"{row.get('tokens_per_s', '-')} tok/s in {job.seconds:.0f} s",
@@ -919,12 +930,14 @@ def main(argv: list[str] | None = None) -> int:
 
     payload["variants"] = rows
     payload.update(summarize(rows, prep))
-    write_outputs(out_dir, payload, logs)
-    _common.run_jobs(jobs, slots, deadline=deadline, on_done=on_done)
+    write_outputs(out_dir, payload, logs, earlier_logs)
+    # a row needs ~40 s to load the model and build the trainer before its first step: don't start one in the last
+    # 90 s of the budget (it would only time out)
+    _common.run_jobs(jobs, slots, deadline=deadline, on_done=on_done, min_start_s=90.0)
     payload["variants"] = rows
     payload.update(summarize(rows, prep))
     payload["wall_seconds"] = round(args.budget_s - (deadline - time.monotonic()), 1)
-    write_outputs(out_dir, payload, logs)
+    write_outputs(out_dir, payload, logs, earlier_logs)
     print(f"[train_throughput] wrote {out_dir / RESULT_NAME}")
     device = (prep.get("gpus") or [{}])[0].get("name", "cpu")
     print(

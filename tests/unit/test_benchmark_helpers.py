@@ -82,3 +82,58 @@ def test_a_failing_or_hanging_job_does_not_stop_the_others(tmp_path: Path) -> No
     by = {j.name: j for j in jobs}
     assert by["fails"].returncode == 3 and by["hangs"].timed_out and by["works"].returncode == 0
     assert sorted(done) == ["fails", "hangs", "works"] and "ok" in (tmp_path / "c.log").read_text()
+
+
+def test_unsloth_row_loop_with_a_stand_in_module(tmp_path: Path, tiny_model_dir: Path, monkeypatch) -> None:
+    """The Unsloth row's own code (collation, identical-batch check, step loop, result) on CPU, with a stand-in
+    `unsloth` module (plain transformers + peft) — Unsloth itself needs a GPU; this checks our loop around it."""
+    import json
+    import random
+    import types
+
+    import torch
+
+    def from_pretrained(model_name, max_seq_length, dtype, load_in_4bit, **kwargs):
+        from transformers import AutoModelForCausalLM
+
+        assert kwargs.get("local_files_only") is True and load_in_4bit
+        return AutoModelForCausalLM.from_pretrained(model_name, dtype=torch.float32), None
+
+    def get_peft_model(model, r, lora_alpha, lora_dropout, target_modules, **kwargs):
+        from peft import LoraConfig, get_peft_model
+
+        assert kwargs["use_gradient_checkpointing"] == "unsloth" and lora_dropout == 0.0
+        return get_peft_model(model, LoraConfig(r=r, lora_alpha=lora_alpha, target_modules=target_modules))
+
+    fake = types.ModuleType("unsloth")
+    fake.FastLanguageModel = types.SimpleNamespace(  # type: ignore[attr-defined]
+        from_pretrained=from_pretrained, get_peft_model=get_peft_model, for_training=lambda m: m.train()
+    )
+    monkeypatch.setitem(sys.modules, "unsloth", fake)
+    import train_throughput as tt
+
+    rng = random.Random(0)
+    ids = [[2] + [rng.randrange(10, 1000) for _ in range(n)] for n in (40, 25, 33, 18, 50)]
+    tokens = tmp_path / "tokens.json"
+    tokens.write_text(json.dumps({"input_ids": ids, "completion_start": [len(x) // 2 for x in ids]}))
+    spec = {
+        "name": "unsloth",
+        "profile": "tiny",
+        "tokens_path": str(tokens),
+        "model_dir": str(tiny_model_dir),
+        "max_seq_length": 128,
+        "lora_r": 4,
+        "lora_alpha": 8,
+        "batch_size": 2,
+        "grad_accum": 2,
+        "check_examples": 3,
+        "warmup_steps": 1,
+        "measure_steps": 2,
+    }
+    result = tt.run_unsloth_variant(spec)
+    assert [s["step"] for s in result["steps"]] == [1, 2, 3] and result["measured_steps"] == 2
+    assert result["tokens_per_s"] > 0 and all(s["tokens"] > s["trained_tokens"] > 0 for s in result["steps"])
+    check = result["check"]
+    assert check["trained_tokens"] == sum(len(x) - len(x) // 2 for x in ids[:3])
+    assert len(check["grad_sketch"]) == 2 * 7 * 2 * _common.SKETCH_DIM  # 2 layers x 7 projections x (A, B)
+    assert result["group"] == _common.loss_group(True, 4, 8, tt.LORA_TARGETS)
