@@ -62,6 +62,7 @@ FINAL_DIR = "final"
 TENSORBOARD_DIR = "tensorboard"
 DATA_FINGERPRINT_FILE = "data_fingerprint.json"
 MODEL_CARD_FILE = "README.md"
+DATASETS_CACHE_DIR = ".datasets_cache"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -132,11 +133,15 @@ def _to_prompt_completion(row: dict[str, Any], index: int, instruction: str) -> 
     }
 
 
-def load_split(data: DataInputs, split: str, *, limit: int = 0) -> tuple[Dataset, list[str]]:
+def load_split(
+    data: DataInputs, split: str, *, cache_dir: Path | None = None, limit: int = 0
+) -> tuple[Dataset, list[str]]:
     """A split as TRL conversational prompt-completion examples plus its note_ids (row ``i`` <-> ``note_ids[i]``).
 
     Each example keeps ``example_index`` (its row in the split) so a step's note_ids can be recorded without
-    carrying strings through the collator.
+    carrying strings through the collator. ``cache_dir`` holds the datasets cache (arrow copies of the notes and
+    their tokenization): sft_qlora keeps it inside the run's output directory rather than in ~/.cache, so copies
+    of credentialed text stay where the user put the run.
     """
     import pyarrow.parquet as pq
     from accelerate import PartialState
@@ -145,7 +150,7 @@ def load_split(data: DataInputs, split: str, *, limit: int = 0) -> tuple[Dataset
     path = data.dataset_dir / schema.SPLIT_FILES[split]
     note_ids = [str(x) for x in pq.read_table(path, columns=["note_id"]).column("note_id").to_pylist()]
     with PartialState().main_process_first():  # the main process builds the datasets cache, the others reuse it
-        ds = Dataset.from_parquet(str(path))
+        ds = Dataset.from_parquet(str(path), cache_dir=str(cache_dir) if cache_dir else None)
         if limit and limit < len(ds):
             ds = ds.select(range(limit))
             note_ids = note_ids[:limit]
@@ -312,6 +317,7 @@ def build_trainer(
     Raises:
         UserError: an example is longer than the budget or has no trained token.
     """
+    from dischargesum.data.budget import chat_template_fingerprint
     from dischargesum.modeling import (
         cast_trainable_parameters,
         is_vlm_model,
@@ -337,11 +343,21 @@ def build_trainer(
     had_events = tb_dir.is_dir() and any(tb_dir.glob("events.out.tfevents.*"))
 
     tokenizer = load_tokenizer(cfg.model_name_or_path)
-    train_ds, train_note_ids = load_split(data, "train")
+    recorded = data.card.get("chat_template_sha256")
+    if recorded and recorded != chat_template_fingerprint(tokenizer):
+        logger.warning(
+            "the data was length-budgeted with another chat template (%s, data card) than %s's: token counts may "
+            "differ; every example is re-checked against max_seq_length=%d after tokenization",
+            data.card.get("tokenizer_name_or_path"),
+            cfg.model_name_or_path,
+            data.max_seq_length,
+        )
+    cache_dir = out / DATASETS_CACHE_DIR
+    train_ds, train_note_ids = load_split(data, "train", cache_dir=cache_dir)
     eval_ds: Dataset | None = None
     eval_note_ids: list[str] = []
     if cfg.eval_steps:
-        eval_ds, eval_note_ids = load_split(data, "validation", limit=cfg.max_eval_samples)
+        eval_ds, eval_note_ids = load_split(data, "validation", cache_dir=cache_dir, limit=cfg.max_eval_samples)
     args = _trl_args(cfg, plan, data)
     if model is None:
         model = load_model_for_training(cfg, plan)

@@ -227,3 +227,16 @@ def test_model_card_summarises_without_text(dataset_dir: Path, tiny_model_dir: P
         assert expected in card
     first_note = pq.read_table(dataset_dir / "train.parquet").column("note")[0].as_py()
     assert first_note[:40] not in card
+
+
+def test_output_dir_guards(dataset_dir: Path, tiny_model_dir: Path, tmp_path: Path) -> None:
+    from dischargesum.training.sft import _check_output_dir
+
+    out = tmp_path / "run"
+    _check_output_dir(_cfg(dataset_dir, tiny_model_dir, out))  # empty / missing is fine
+    (out / "checkpoint-2").mkdir(parents=True)
+    with pytest.raises(ConfigError, match=r"resume_from_checkpoint` = none.*checkpoint-2"):
+        _check_output_dir(_cfg(dataset_dir, tiny_model_dir, out, resume_from_checkpoint="none"))
+    _check_output_dir(_cfg(dataset_dir, tiny_model_dir, out))  # auto resumes instead
+    with pytest.raises(ConfigError, match="holds a `prepare_data` artifact"):
+        _check_output_dir(_cfg(dataset_dir, tiny_model_dir, dataset_dir))
