@@ -312,6 +312,11 @@ class SFTConfig(BaseConfig):
         "for small cards at some speed. GPU only.",
         default=False,
     )
+    compile_layers: bool = _help(
+        "torch.compile each decoder layer of the language model (GPU only). The first steps include the "
+        "compilation (a minute or more); shapes that vary between batches are recompiled once as dynamic.",
+        default=False,
+    )
     packing: bool = _help(
         "Pack several examples into each `max_seq_length` row (best-fit decreasing, padding-free); attention never "
         "crosses example boundaries.",

@@ -253,6 +253,11 @@ def preflight(cfg: SFTConfig, model: ModelInfo, hw: Hardware) -> TrainingPlan:
             raise ConfigError(
                 "`use_liger_kernel: true` needs liger-kernel: `pip install 'dischargesum[gpu]'` (or liger-kernel)."
             )
+    if cfg.compile_layers and hw.device != "cuda":
+        raise ConfigError(
+            "`compile_layers: true` compiles GPU kernels for each decoder layer; there is no GPU here. Set "
+            "`compile_layers: false`."
+        )
     if cfg.activation_offloading and hw.device != "cuda":
         raise ConfigError(
             "`activation_offloading: true` moves activations between a GPU and pinned CPU memory; there is no GPU "
@@ -437,7 +442,24 @@ def load_model_for_training(cfg: SFTConfig, plan: TrainingPlan) -> PreTrainedMod
     model.config.use_cache = False
     model.config.get_text_config().use_cache = False
     model.requires_grad_(False)
+    if cfg.compile_layers:
+        n = compile_decoder_layers(model)
+        logger.info("torch.compile: %d decoder layers compile at their first call", n)
     return model
+
+
+def compile_decoder_layers(model: Any) -> int:
+    """``torch.compile`` every language-model decoder layer in place (``nn.Module.compile``); returns how many.
+
+    Compilation is lazy (first call), so the adapters PEFT injects afterwards are part of the compiled code, and
+    gradient checkpointing stays outside it (transformers' checkpointing wrapper calls the compiled layer). Per
+    layer rather than the whole model: the loss, the LM head and the vision tower stay eager, and one graph serves
+    every layer of the same attention type (parameters are graph inputs).
+    """
+    layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
+    for layer in layers:
+        layer.compile()
+    return len(layers)
 
 
 def lora_target_modules(targets: Sequence[str], *, is_vlm: bool) -> list[str] | str:

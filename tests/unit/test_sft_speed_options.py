@@ -90,3 +90,17 @@ def test_whole_sequence_loss_labels_every_token(
         assert 0 < masked < prompt  # the prompt is masked, the summary is not
     else:
         assert masked == 0  # every token carries loss, as in the seed prototype
+
+
+def test_compile_layers_is_gpu_only_and_compiles_every_decoder_layer(
+    dataset_dir: Path, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    from dischargesum.modeling import compile_decoder_layers, load_base_model, preflight, read_model_info
+
+    cfg = _cfg(dataset_dir, tiny_model_dir, tmp_path, compile_layers=True)
+    with pytest.raises(ConfigError, match="compile_layers: false"):
+        preflight(cfg, read_model_info(str(tiny_model_dir)), _cpu())
+    model = load_base_model(str(tiny_model_dir), dtype="float32")
+    assert compile_decoder_layers(model) == 2  # the tiny model's sliding and full layer; nothing else
+    layers = [m for m in model.modules() if type(m).__name__ == "Gemma3DecoderLayer"]
+    assert len(layers) == 2 and all(layer._compiled_call_impl is not None for layer in layers)
