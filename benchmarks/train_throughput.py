@@ -5,9 +5,13 @@ On the GPU machine, from the repository root (one H100: ``--set core``, about 8 
 ``--gpus 0,1,2,3`` runs one variant per GPU at a time and the default set becomes ``all``, about 8 minutes)::
 
     python benchmarks/train_throughput.py --out $OUT [--gpus 0,1,2,3] [--set core|ablation|all]
-    # then, in a separate process whose PYTHONPATH holds the Unsloth bundle (same --out and --work_dir: it reuses
-    # the model and data, merges its rows into the same JSON and adds `vs_unsloth`):
-    python benchmarks/train_throughput.py --unsloth --out $OUT
+    # Unsloth, in its own process whose PYTHONPATH holds the Unsloth bundle (it reuses the model and data in
+    # --work_dir when they are still there, keeps the main run's rows from --merge_with and adds `vs_unsloth`):
+    python benchmarks/train_throughput.py --unsloth --merge_with benchmarks/results/<main run>.json --out $OUT
+
+Sets: ``core`` = seed and recipe on both profiles, the 8 GB recipe (physionet), the recipe with every lever off
+(the check's reference); ``ablation`` = the seed plus one lever at a time; ``all`` = both plus lever combinations
+on the recipe and the 8 GB recipe with offloading. ``--variants`` picks rows by name or glob.
 
 CPU check of the harness itself (tiny model, numbers meaningless; exercised by tests/integration)::
 
@@ -113,6 +117,7 @@ PLAIN_FIELDS: dict[str, Any] = {
     "gradient_checkpointing": True,
     "selective_checkpointing": False,
     "activation_offloading": False,
+    "compile_layers": False,
     "max_seq_length": None,
 }
 # Smoke runs check the harness, not NF4: bitsandbytes' CPU 4-bit path is slow (sft's own tests cover it).
@@ -120,6 +125,7 @@ SMOKE_FIELDS: dict[str, Any] = {"load_in_4bit": False}
 # Settings that cannot run on a CPU; smoke runs turn them off in recipe-based rows.
 CPU_SAFE_FIELDS: dict[str, Any] = {
     "use_liger_kernel": False,
+    "compile_layers": False,
     "optim": "adamw_torch",
     "activation_offloading": False,
     "attn_implementation": "auto",
@@ -140,7 +146,13 @@ class Variant:
 
 # In priority order: with a time budget, the first rows run first.
 VARIANTS: tuple[Variant, ...] = (
-    Variant("seed", "seed", "seed configuration", profiles=("kaggle", "physionet"), sets=("core", "all", "smoke")),
+    Variant(
+        "seed",
+        "seed",
+        "seed configuration",
+        profiles=("kaggle", "physionet"),
+        sets=("core", "ablation", "all", "smoke"),
+    ),
     Variant("recipe", "recipe", "our default recipe", profiles=("kaggle", "physionet"), sets=("core", "all", "smoke")),
     Variant(
         "recipe_8gb",
@@ -161,6 +173,14 @@ VARIANTS: tuple[Variant, ...] = (
         needs_cuda=True,
     ),
     Variant("recipe+packing", "recipe", "recipe + packing", {"packing": True}, sets=("all",)),
+    Variant(
+        "recipe+packing+liger+compile",
+        "recipe",
+        "recipe + packing + Liger + torch.compile per layer",
+        {"packing": True, "use_liger_kernel": True, "compile_layers": True},
+        sets=("all",),
+        needs_cuda=True,
+    ),
     Variant(
         "recipe+packing+liger+flex",
         "recipe",
@@ -192,6 +212,7 @@ VARIANTS: tuple[Variant, ...] = (
         needs_cuda=True,
     ),
     Variant("seed+no_ckpt", "seed", "no gradient checkpointing", {"gradient_checkpointing": False}),
+    Variant("seed+compile", "seed", "torch.compile of each decoder layer", {"compile_layers": True}, needs_cuda=True),
     Variant(
         "seed+packing+flex",
         "seed",
@@ -743,6 +764,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model_dir", default=None, help="smoke only: an existing tiny model directory")
     p.add_argument("--cpu_slots", type=int, default=2, help="parallel variants without GPUs (smoke)")
     p.add_argument("--unsloth", action="store_true", help="run only the Unsloth rows (its own environment)")
+    p.add_argument(
+        "--merge_with",
+        default=None,
+        help="an earlier train_throughput.json whose rows of the other kind (main / Unsloth) are kept",
+    )
     p.add_argument("--unsloth_batch", type=int, default=8)
     p.add_argument("--unsloth_grad_accum", type=int, default=1)
     p.add_argument("--unsloth_lora_r", type=int, default=32)
@@ -867,16 +893,27 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     payload["inputs"] = {k: v for k, v in prep.items() if k != "gpus"}
 
-    # 2. rows: merge with an earlier invocation's rows in the same --out (the Unsloth run adds its rows)
-    previous = _common._read_json(out_dir / RESULT_NAME) if args.unsloth else None
+    # 2. rows: the main run and the Unsloth run (separate processes, often separate device commands) complete each
+    # other: rows of the other kind are kept from --merge_with (or an earlier result in --out), so `vs_unsloth`
+    # is filled whichever ran first.
+    merge_path = Path(args.merge_with) if args.merge_with else out_dir / RESULT_NAME
+    previous = _common._read_json(merge_path) if (args.merge_with or not args.smoke) else None
     rows: list[dict[str, Any]] = []
     earlier_logs = ""
     if previous and previous.get("variants"):
-        rows = [r for r in previous["variants"] if r.get("name") != "unsloth"]
-        for key in ("date", "command", "versions", "settings"):
-            payload[f"main_run_{key}"] = previous.get(key)
-        if (out_dir / LOG_NAME).is_file():
-            earlier_logs = (out_dir / LOG_NAME).read_text(encoding="utf-8").replace("no failed rows\n", "")
+        rows = [r for r in previous["variants"] if (r.get("name") == "unsloth") != bool(args.unsloth)]
+        if rows:
+            other = "main" if args.unsloth else "unsloth"
+            for key in ("date", "command", "versions", "settings", "device"):
+                payload[f"{other}_run_{key}"] = previous.get(key)
+            if previous.get("device") not in (None, payload.get("device")):
+                payload["warning"] = (
+                    f"rows merged from another GPU ({previous.get('device')} vs {payload.get('device')}): ratios "
+                    "between them are not comparable"
+                )
+        log_path = merge_path.with_name(LOG_NAME)
+        if rows and log_path.is_file():
+            earlier_logs = log_path.read_text(encoding="utf-8").replace("no failed rows\n", "")
     spec_dir = work / "specs"
     spec_dir.mkdir(parents=True, exist_ok=True)
     jobs: list[_common.Job] = []
