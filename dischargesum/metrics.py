@@ -766,6 +766,10 @@ class TextScoringJob:
             self._futures.append(future)
         return self
 
+    def done(self) -> bool:
+        """True when no work is pending in worker processes (always true in-process, where results() does it)."""
+        return all(future.done() for future in self._futures)
+
     def _make_progress_callback(self, n: int) -> Callable[[Future], None]:
         def update(_future: Future) -> None:
             self._bar.update(n)
@@ -928,7 +932,7 @@ class BertScorer:
 
     # ---- embeddings -------------------------------------------------------------------------------------------
 
-    def _embed(self, id_lists: list[list[int]]) -> list[tuple[Any, Any]]:
+    def _embed(self, id_lists: list[list[int]], progress: Callable[[int], Any] | None = None) -> list[tuple[Any, Any]]:
         """Per text: (embeddings [L, d] float32, weights [L]) with specials framing the kept content tokens."""
         import torch
 
@@ -954,6 +958,8 @@ class BertScorer:
                     input_ids[row, : len(sequence)] = torch.tensor(sequence, dtype=torch.long)
                     mask[row, : len(sequence)] = 1
                 hidden = self.model(input_ids.to(self.device), attention_mask=mask.to(self.device))[0].float()
+                if progress is not None:
+                    progress(len(batch))
                 for row, (text_index, window_index, ids, keep_from, keep_to) in enumerate(batch):
                     h = hidden[row]
                     pieces[(text_index, window_index)] = (
@@ -983,6 +989,7 @@ class BertScorer:
         progress: bool = True,
         block_pairs: int = 256,
         max_matrix_elements: int = 1 << 27,
+        after_batch: Callable[[], Any] | None = None,
     ) -> BertScoreOutput:
         """BERTScore P/R/F1 of each prediction against its reference, with windows and truncation per sample.
 
@@ -1010,18 +1017,29 @@ class BertScorer:
         # Empty texts score 0 (bert_score's convention) and are not embedded.
         order = [i for i in range(n) if pred_ids[i] and ref_ids[i]]
         order.sort(key=lambda i: max(len(pred_ids[i]), len(ref_ids[i])))
-        with tqdm(total=len(order), desc="BERTScore", unit="pair", disable=not progress) as bar:
-            for block_start in range(0, len(order), block_pairs):
-                block = order[block_start : block_start + block_pairs]
-                texts: dict[tuple[int, ...], int] = {}
-                id_lists: list[list[int]] = []
-                for i in block:
-                    for ids in (pred_ids[i], ref_ids[i]):
-                        key = tuple(ids)
-                        if key not in texts:
-                            texts[key] = len(id_lists)
-                            id_lists.append(ids)
-                embedded = self._embed(id_lists)
+        # Unique texts per block of pairs (a text embedded once per block); the bar counts encoder windows.
+        blocks = []
+        for block_start in range(0, len(order), block_pairs):
+            block = order[block_start : block_start + block_pairs]
+            texts: dict[tuple[int, ...], int] = {}
+            id_lists: list[list[int]] = []
+            for i in block:
+                for ids in (pred_ids[i], ref_ids[i]):
+                    key = tuple(ids)
+                    if key not in texts:
+                        texts[key] = len(id_lists)
+                        id_lists.append(ids)
+            blocks.append((block, texts, id_lists))
+        total_windows = sum(len(self.windows(len(ids))) for _b, _t, id_lists in blocks for ids in id_lists)
+        with tqdm(total=total_windows, desc="BERTScore", unit="window", disable=not progress) as bar:
+            for block, texts, id_lists in blocks:
+
+                def advance(windows: int) -> None:
+                    bar.update(windows)
+                    if after_batch is not None:
+                        after_batch()
+
+                embedded = self._embed(id_lists, advance)
                 position = 0
                 while position < len(block):
                     # As many pairs as fit the similarity-matrix budget (B x longest prediction x longest reference).
@@ -1045,11 +1063,8 @@ class BertScorer:
                     hyp_mask = _length_mask([e.shape[0] for e, _ in hyp], hyp_emb.device)
                     ref_mask = _length_mask([e.shape[0] for e, _ in ref], ref_emb.device)
                     p, r, f = greedy_cos_idf(ref_emb, ref_mask, ref_idf, hyp_emb, hyp_mask, hyp_idf)
-                    for index, i in enumerate(pairs):
-                        precision[i] = float(p[index])
-                        recall[i] = float(r[index])
-                        f1[i] = float(f[index])
-                    bar.update(len(pairs))
+                    for i, p_i, r_i, f_i in zip(pairs, p.tolist(), r.tolist(), f.tolist()):
+                        precision[i], recall[i], f1[i] = p_i, r_i, f_i
                     position = end
         return BertScoreOutput(
             precision,
@@ -1309,11 +1324,22 @@ def evaluate(inputs: EvalInputs, cfg: EvalConfig, *, progress: bool | None = Non
         threads = torch.get_num_threads()
         if scorer.device.type == "cpu" and job.workers:
             # The workers hold job.workers CPUs: more torch threads than the CPUs left only spin and wait (measured
-            # here: a tiny linear layer 80x slower with 2 threads on 2 busy CPUs than with 1).
+            # here: a tiny linear layer 80x slower with 2 threads on 2 busy CPUs than with 1). Once the workers are
+            # done, the encoder gets every thread back.
             torch.set_num_threads(max(1, available_cpus() - job.workers))
+
+        def restore_threads_when_workers_finish() -> None:
+            if torch.get_num_threads() != threads and job.done():
+                torch.set_num_threads(threads)
+
         bert_started = time.perf_counter()
         try:
-            bert = scorer.score([s.prediction for s in samples], [s.reference or "" for s in samples], progress=show)
+            bert = scorer.score(
+                [s.prediction for s in samples],
+                [s.reference or "" for s in samples],
+                progress=show,
+                after_batch=restore_threads_when_workers_finish,
+            )
         finally:
             torch.set_num_threads(threads)
         timing["bertscore_s"] = time.perf_counter() - bert_started

@@ -277,3 +277,13 @@ def test_output_file_names_match_the_writing_stages() -> None:
     # compress's record fields (its module docstring is the contract: ``summary``, ``stage1_summary``).
     for column in DEFAULT_PREDICTION_COLUMNS["stage2"].values():
         assert f"``{column}``" in compress.__doc__
+
+
+@pytest.mark.gpu
+def test_bertscore_on_cuda_matches_cpu(tiny_bert_dir: Path, scorer: BertScorer) -> None:
+    texts = [OUTPUT, SOURCE * 6, "  "]
+    refs = [REFERENCE, REFERENCE, REFERENCE]
+    cuda = BertScorer(str(tiny_bert_dir), 2, device="cuda", chunk_overlap=32).score(texts, refs, progress=False)
+    cpu = scorer.score(texts, refs, progress=False)
+    assert cuda.f1 == pytest.approx(cpu.f1, abs=1e-4)
+    assert cuda.prediction_windows == cpu.prediction_windows

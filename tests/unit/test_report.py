@@ -123,3 +123,32 @@ def test_tensorboard_event_files_are_readable(full) -> None:
     assert value == pytest.approx(result.metrics["overall"]["bertscore"]["f1"]["mean"], abs=1e-6)
     assert "eval_hist/bertscore_f1" in acc.Tags()["histograms"]
     assert not acc.Tags().get("tensors")  # no text summaries
+
+
+@pytest.mark.parametrize("keep", ["summary", "note"])
+def test_report_renders_with_only_a_reference_or_only_a_source(tmp_path: Path, keep: str) -> None:
+    refs = tmp_path / "refs.jsonl"
+    refs.write_text(
+        "".join(json.dumps({"note_id": i, keep: s if keep == "summary" else n}) + "\n" for i, n, s in ROWS)
+    )
+    preds = tmp_path / "preds.jsonl"
+    preds.write_text("".join(json.dumps({"note_id": i, "summary": s}) + "\n" for i, _n, s in ROWS))
+    cfg = EvalConfig(
+        output_dir=str(tmp_path / "out"),
+        predictions=str(preds),
+        references=str(refs),
+        metrics=["rouge", "entities", "numbers", "compression"],
+        num_workers=0,
+        tensorboard=False,
+    )
+    result = evaluate(load_eval_inputs(cfg), cfg, progress=False)
+    outputs = write_report(result, cfg)
+    assert "report.md" in outputs and "metrics.json" in outputs
+    overall = result.metrics["overall"]
+    if keep == "summary":  # no source: nothing "vs source" is computed, nothing is faked
+        assert "hallucination" not in overall and "vs_source" not in overall["entities"]
+        assert overall["rouge"]["rougeL"]["f1"]["mean"] == pytest.approx(1.0)
+    else:  # no reference: no ROUGE / BERTScore, entity support vs the note only
+        assert "rouge" not in overall and result.metrics["not_computed"] == ["rouge"]
+        assert overall["hallucination"]["rate_micro"] == 0.0
+    assert MARKER in (tmp_path / "out" / "report.md").read_text()
