@@ -49,14 +49,16 @@ COMPONENT_DEPENDENCIES = {
     "bertscore": ("torch", "transformers", "bert_score"),
     "rouge": ("rouge_score",),
     "entities": ("spacy",),
-    "report": ("matplotlib", "tensorboard", "pandas", "pyarrow"),
+    "plots": ("matplotlib",),
+    "tensorboard": ("tensorboard",),
 }
 GOAL_SECONDS = 60.0
 
 
 def missing_dependencies(components: list[str]) -> dict[str, list[str]]:
     missing = {}
-    for component in [*components, "report"]:
+    # torch / transformers are needed whatever the components (the script builds the encoder).
+    for component in dict.fromkeys(["bertscore", *components]):
         absent = [m for m in COMPONENT_DEPENDENCIES.get(component, ()) if importlib.util.find_spec(m) is None]
         if absent:
             missing[component] = absent
@@ -149,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num_workers", default="none", help="entity/ROUGE processes: none (all CPUs) or a count")
     parser.add_argument("--components", default="bertscore,rouge,entities", help="subset of bertscore,rouge,entities")
     parser.add_argument("--profile", default="kaggle", choices=["kaggle", "physionet", "tiny"])
+    parser.add_argument("--no_plots", action="store_true", help="skip the PNG plots (no matplotlib needed)")
+    parser.add_argument("--no_tensorboard", action="store_true", help="skip TensorBoard (no tensorboard needed)")
     parser.add_argument("--workdir", default=None, help="where data, encoder and outputs go (default: a temp dir)")
     parser.add_argument("--out", default=None, help="result JSON (default: benchmarks/results/eval_throughput_*.json)")
     args = parser.parse_args(argv)
@@ -158,13 +162,14 @@ def main(argv: list[str] | None = None) -> int:
     if unknown or not components:
         print(f"error: --components {args.components!r}: use a subset of bertscore,rouge,entities", file=sys.stderr)
         return 2
-    missing = missing_dependencies(components)
+    report_parts = [p for p, off in (("plots", args.no_plots), ("tensorboard", args.no_tensorboard)) if not off]
+    missing = missing_dependencies(components + report_parts)
     if missing:
         for component, modules in missing.items():
             print(f"error: {component} needs {', '.join(modules)}, which is not importable here", file=sys.stderr)
         print(
             "install (or carry) those wheels, or drop the component, e.g. --components bertscore,rouge "
-            "(the entity extractor needs spaCy; scispaCy is optional)",
+            "(the entity extractor needs spaCy; scispaCy is optional), --no_plots, --no_tensorboard",
             file=sys.stderr,
         )
         return 2
@@ -226,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
         device=args.device,
         num_workers=num_workers,
         length_buckets=[1500, 3000, 6000, 12000],
+        plots=not args.no_plots,
+        tensorboard=not args.no_tensorboard,
     )
     load_before = os.getloadavg()
     cpu_before = _cpu_seconds()
@@ -275,6 +282,8 @@ def main(argv: list[str] | None = None) -> int:
             "bertscore_batch_size": args.batch_size,
             "num_workers": num_workers,
             "components": components,
+            "plots": not args.no_plots,
+            "tensorboard": not args.no_tensorboard,
             "window_tokens": m.get("bertscore_settings", {}).get("window_tokens"),
             "long_text": cfg.bertscore_long_text,
         },

@@ -865,6 +865,17 @@ class EvalConfig(BaseConfig):
         for name in ("report_examples", "report_max_chars"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"eval: `{name}` is {getattr(self, name)}; it must be >= 0.")
+        # eval writes its own manifest: sharing a directory with its inputs would overwrite theirs.
+        out = Path(self.output_dir).absolute()
+        for name, directory in (
+            ("predictions", Path(self.predictions).parent),
+            ("dataset_dir", Path(self.dataset_dir)),
+        ):
+            if (name == "predictions" or self.dataset_dir) and out == directory.absolute():
+                raise ConfigError(
+                    f"eval: `output_dir` = {self.output_dir!r} is the directory of `{name}`; eval would overwrite its "
+                    "manifest. Use a separate directory, e.g. <run>/eval."
+                )
 
 
 @dataclass

@@ -260,6 +260,8 @@ def test_bertscore_rejects_too_many_layers(tiny_bert_dir: Path) -> None:
         (["--predictions", "p.jsonl", "--device", "gpu"], "`device`"),
         (["--predictions", "p.jsonl", "--bertscore_model", "scibert-scivocab-uncased"], "wget"),
         ([], "`predictions` is empty"),
+        (["--predictions", "o/stage1.jsonl"], "directory of `predictions`"),
+        (["--predictions", "p.jsonl", "--dataset_dir", "o/"], "directory of `dataset_dir`"),
     ],
 )
 def test_eval_config_cross_field_checks(args: list[str], message: str) -> None:
