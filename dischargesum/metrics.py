@@ -387,6 +387,8 @@ def load_eval_inputs(cfg: EvalConfig) -> EvalInputs:
         extra: dict[str, Any] = {}
         if note_id in ref_index and "note_shortened" in ref_index[note_id]:
             extra["note_shortened"] = bool(ref_index[note_id]["note_shortened"])
+        if mode == "stage2" and isinstance(row.get("fallback"), bool):
+            extra["fallback"] = row["fallback"]  # compress kept the stage-1 summary (no accepted compression)
         samples.append(EvalSample(note_id, texts["prediction"] or "", texts["reference"], texts["source"], extra))
 
     without = len(set(ref_index) - seen) if ref_rows is not None else None
@@ -1388,7 +1390,12 @@ def evaluate(inputs: EvalInputs, cfg: EvalConfig, *, progress: bool | None = Non
             "skipped_fraction": len(inputs.skipped) / inputs.prediction_rows,
             "empty_predictions_scored": sum(1 for s in samples if not s.prediction.strip()),
             "references_without_prediction": inputs.references_without_prediction,
-            "notes_shortened": sum(1 for s in samples if s.extra.get("note_shortened")) if samples else 0,
+            "notes_shortened": sum(1 for s in samples if s.extra.get("note_shortened")),
+            "compression_fallbacks": (
+                sum(1 for s in samples if s.extra.get("fallback"))
+                if any("fallback" in s.extra for s in samples)
+                else None
+            ),
         },
         "not_computed": not_computed,
         "length_buckets": {"basis": f"{basis} characters", "bounds": list(cfg.length_buckets)},

@@ -352,6 +352,11 @@ def render_report_md(result: EvalResult, cfg: EvalConfig, plot_names: Sequence[s
     ]
     if counts.get("references_without_prediction"):
         lines.append(f"- references without a prediction: {counts['references_without_prediction']}")
+    if counts.get("compression_fallbacks") is not None:
+        lines.append(
+            f"- compression fallbacks (compress kept the stage-1 summary: no attempt kept enough entities): "
+            f"{counts['compression_fallbacks']}"
+        )
     if counts.get("notes_shortened"):
         lines.append(
             f"- notes shortened by prepare_data to fit the token budget: {counts['notes_shortened']} (facts of a "

@@ -199,12 +199,16 @@ def test_stage2_mode_and_foreign_csv(tmp_path: Path) -> None:
     ids = list(NOTES)
     stage2 = write_jsonl(
         tmp_path / "stage2.jsonl",
-        [{"note_id": k, "summary": NOTES[k][1][:40], "stage1_summary": NOTES[k][1]} for k in ids],
+        [
+            {"note_id": k, "summary": NOTES[k][1][:40], "stage1_summary": NOTES[k][1], "fallback": k == ids[0]}
+            for k in ids
+        ],
     )
     inputs = load_eval_inputs(cfg(tmp_path, predictions=str(stage2), dataset_dir=str(data)))
     assert inputs.mode == "stage2"
     assert inputs.columns["reference"] == "predictions:stage1_summary" and inputs.columns["source"] == "dataset:note"
     result = evaluate(inputs, cfg(tmp_path, predictions=str(stage2), dataset_dir=str(data)), progress=False)
+    assert result.metrics["counts"]["compression_fallbacks"] == 1 and result.rows[0]["fallback"] is True
     comp = result.metrics["overall"]["compression"]["vs_reference"]["chars"]
     assert comp["ratio_of_totals"] == pytest.approx(
         sum(len(v[1][:40]) for v in NOTES.values()) / sum(len(v[1]) for v in NOTES.values())
