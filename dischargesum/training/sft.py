@@ -500,6 +500,12 @@ def write_final(trainer: Any, cfg: SFTConfig, data: DataInputs, base_path: str, 
     the run's manifest. All ranks call it (saving is collective under DeepSpeed/FSDP); the main process writes."""
     out = Path(cfg.output_dir)
     final = out / FINAL_DIR
+    if is_main_process():
+        # Mark final/ incomplete before rewriting it (a longer run over a finished one): a crash mid-write then
+        # leaves a directory that generate refuses, never a complete-looking mix of old and new files.
+        final.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(final / MANIFEST_NAME, {**(read_manifest(out) or {}), "status": "running"})
+    trainer.accelerator.wait_for_everyone()
     trainer.save_model(str(final))
     trainer.accelerator.wait_for_everyone()
     if not is_main_process():
@@ -514,8 +520,6 @@ def write_final(trainer: Any, cfg: SFTConfig, data: DataInputs, base_path: str, 
         },
     )
     atomic_write_text(final / MODEL_CARD_FILE, model_card(cfg, data, base_path, summary))
-    running = read_manifest(out) or {}
-    atomic_write_json(final / MANIFEST_NAME, {**running, "status": "running"})
     outputs = {
         p.name: fingerprint_file(p, final) for p in sorted(final.iterdir()) if p.is_file() and p.name != MANIFEST_NAME
     }
