@@ -102,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", default="/tmp/dischargesum-bench")
     parser.add_argument("--seed_sample", type=int, default=2000)
     parser.add_argument("--out", default=None, help="result JSON (default: print only)")
+    parser.add_argument("--extrapolate_to", type=int, default=270_000, help="rows to extrapolate timings to")
     args = parser.parse_args(argv)
 
     from dischargesum.data.synthetic import write_synthetic
@@ -148,10 +149,9 @@ def main(argv: list[str] | None = None) -> int:
         return proc.returncode
     card = json.loads((out_dir / "data_card.json").read_text())
     seed = _time_seed_sample(csv_path, args.seed_sample)
-    seed["extrapolated_seconds_for_all_rows_one_process"] = round(args.rows / seed["rows_per_second_one_process"], 0)
-    seed["extrapolated_seconds_for_all_rows_two_workers"] = round(
-        args.rows / seed["rows_per_second_one_process"] / 2, 0
-    )
+    target = args.extrapolate_to
+    seed[f"extrapolated_seconds_{target}_rows_one_process"] = round(target / seed["rows_per_second_one_process"])
+    seed[f"extrapolated_seconds_{target}_rows_two_workers"] = round(target / seed["rows_per_second_one_process"] / 2)
     result = {
         "benchmark": "prepare_data_throughput",
         "date": _dt.date.today().isoformat(),
@@ -175,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         "clinical": {
             "wall_seconds": round(wall, 1),
             "rows_per_second": round(args.rows / wall, 1),
+            f"extrapolated_seconds_{args.extrapolate_to}_rows": round(args.extrapolate_to / (args.rows / wall)),
             "peak_rss_tree_gib": round(memory.get("peak_rss_tree_bytes", 0) / 2**30, 3),
             "peak_rss_main_gib": round(memory.get("peak_rss_main_bytes", 0) / 2**30, 3),
             "num_workers": args.num_workers,
