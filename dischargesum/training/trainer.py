@@ -196,6 +196,15 @@ class DischargeSFTTrainer(CheckpointingTrainerMixin, SFTTrainer):
         if self._signature_columns is not None and EXAMPLE_INDEX not in self._signature_columns:
             self._signature_columns = [*self._signature_columns, EXAMPLE_INDEX]
 
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        super().save_model(output_dir, _internal_call)
+        if self.is_fsdp_enabled and "FULL_STATE_DICT" not in str(self.accelerator.state.fsdp_plugin.state_dict_type):
+            # Under SHARDED_STATE_DICT transformers' save_model writes nothing (huggingface/transformers#30491): no
+            # adapter, tokenizer or config in checkpoints and final/ (the resumable DCP shards come with the
+            # optimizer). Do what it does for FULL_STATE_DICT: gather the full state dict (collective; rank 0 keeps
+            # it, on the CPU) and let PEFT's save_pretrained write the adapter from it.
+            self._save(output_dir, state_dict=self.accelerator.get_state_dict(self.model))
+
     def _save(self, output_dir: str | None = None, state_dict: Any = None) -> None:
         super()._save(output_dir, state_dict)
         # The resolved config (incl. the base model) goes into every checkpoint, before its manifest is written.
