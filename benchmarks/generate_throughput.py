@@ -376,8 +376,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         except Exception as exc:  # a variant that fails is recorded, the others still run
             rows.append({"variant": name, "error": f"{type(exc).__name__}: {exc}"[:600]})
             release()
+        # Write after every variant: a run stopped by an outer time limit keeps what it measured.
+        summarise(args, env, inputs, rows, engine_load_seconds, t0, final=False)
     if engine is not None:
         engine.close()
+    return summarise(args, env, inputs, rows, engine_load_seconds, t0, final=True)
+
+
+def summarise(
+    args: argparse.Namespace,
+    env: dict[str, Any],
+    inputs: dict[str, Any],
+    rows: list[dict[str, Any]],
+    engine_load_seconds: float | None,
+    t0: float,
+    *,
+    final: bool,
+) -> dict[str, Any]:
+    """Compute speedups, write the result JSON and (when ``final``) print the table."""
     seed_rate = next((r.get("new_tokens_per_s") for r in rows if r["variant"] == "seed"), None)
     engine_rows = [r for r in rows if r["variant"].startswith("engine") and r.get("new_tokens_per_s")]
     for r in rows:
@@ -400,9 +416,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "goal_new_tokens_per_s": GOAL_TOKENS_PER_SECOND,
         "meets_goal": None if best is None or args.smoke else best["new_tokens_per_s"] >= GOAL_TOKENS_PER_SECOND,
         "total_seconds": round(time.perf_counter() - t0, 1),
+        "complete": final,
     }
     slug = "smoke" if args.smoke else re.sub(r"[^a-z0-9]+", "-", env["device"].lower()).strip("-")
     path = _common.write_json(Path(args.out) / f"generate_throughput_{slug}.json", result)
+    if not final:
+        return result
     columns = [
         ("variant", "variant"), ("batch_size", "batch"), ("new_tokens_per_s", "new tok/s"),
         ("summaries_per_s", "summaries/s"), ("speedup", "vs seed"), ("peak_gib", "peak GiB"),
