@@ -284,3 +284,29 @@ def test_merge_adapter_matches_the_adapted_model(tiny_model_dir: Path, tmp_path:
 def test_resolve_adapter_base_errors(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"adapter_config\.json"):
         resolve_adapter_base(tmp_path)
+
+
+def test_cpu_4bit_layout_is_kept_through_evaluation(tiny_model_dir: Path) -> None:
+    """bitsandbytes repacks 4-bit weights for its CPU inference kernel on AVX512-BF16 CPUs (rounding the scales to
+    bf16) the first time a layer runs in eval mode without grad; training must keep one layout, and the base digest
+    (which covers the quantisation state) must see such a change."""
+    import torch
+    from bitsandbytes.nn.modules import has_avx512bf16
+
+    from dischargesum.modeling import keep_cpu_4bit_layout
+
+    ids = torch.tensor([[2, 10, 11, 12, 13]])
+    kept = load_base_model(str(tiny_model_dir), dtype="float32", load_in_4bit=True)
+    assert keep_cpu_4bit_layout(kept) == 14  # 2 layers x 7 projections
+    before = base_weights_digest(kept)
+    kept.eval()
+    with torch.no_grad():
+        kept(input_ids=ids)
+    assert base_weights_digest(kept) == before
+    if not has_avx512bf16():
+        pytest.skip("this CPU has no AVX512-BF16: bitsandbytes never repacks here")
+    repacked = load_base_model(str(tiny_model_dir), dtype="float32", load_in_4bit=True).eval()
+    assert base_weights_digest(repacked) == before
+    with torch.no_grad():
+        repacked(input_ids=ids)
+    assert base_weights_digest(repacked) != before, "the repack rounds the 4-bit scales: the digest must notice"
