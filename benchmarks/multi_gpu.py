@@ -211,7 +211,7 @@ def parse_args(argv: list[str] | None) -> Settings:
     p.add_argument("--gen_notes", type=int, default=None, help="test notes generated (2 batches per rank at N)")
     p.add_argument("--gen_max_new_tokens", type=int, default=None, help="new tokens per note (64; smoke 8)")
     p.add_argument("--gen_max_batch_size", type=int, default=None, help="notes per batch (8; smoke 2)")
-    p.add_argument("--launch_timeout", type=float, default=None, help="s per launch (300; smoke 240)")
+    p.add_argument("--launch_timeout", type=float, default=None, help="s per launch (180; smoke 240)")
     p.add_argument("--no_note_ids", action="store_true", help="do not log and compare note_ids per step")
     p.add_argument("extra", nargs="*", help="extra `--field value` pairs for sft_qlora, after `--`")
     a = p.parse_args(argv)
@@ -268,7 +268,7 @@ def parse_args(argv: list[str] | None) -> Settings:
         gen_notes=a.gen_notes or gen_batch * 2 * max(sizes),
         gen_max_new_tokens=a.gen_max_new_tokens or (8 if smoke else 64),
         gen_max_batch_size=gen_batch,
-        launch_timeout=a.launch_timeout or (240.0 if smoke else 300.0),
+        launch_timeout=a.launch_timeout or (240.0 if smoke else 180.0),
         log_note_ids=log_note_ids,
         extra_train_args=list(a.extra),
     )
@@ -347,9 +347,13 @@ class KillPlan:
 
 
 def _rank_process(seen: dict[int, Any], root_pid: int, plan: KillPlan) -> Any | None:
-    """The process running ``plan.script`` as rank ``plan.rank`` (torchrun sets RANK; a 1-process launch does not)."""
+    """The process running ``plan.script`` as rank ``plan.rank`` (torchrun sets RANK; a 1-process launch does not).
+
+    A forked helper of that rank has the same command line and environment: the oldest match is the rank itself.
+    """
     import psutil
 
+    matches = []
     for pid, proc in seen.items():
         if pid == root_pid:
             continue
@@ -357,11 +361,11 @@ def _rank_process(seen: dict[int, Any], root_pid: int, plan: KillPlan) -> Any | 
             if not any(plan.script in part for part in proc.cmdline()):
                 continue
             rank = proc.environ().get("RANK")
+            if (rank is None and plan.world == 1) or rank == str(plan.rank):
+                matches.append((proc.create_time(), pid, proc))
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
-        if (rank is None and plan.world == 1) or rank == str(plan.rank):
-            return proc
-    return None
+    return min(matches)[2] if matches else None
 
 
 def _ready_to_kill(plan: KillPlan) -> bool:
@@ -652,6 +656,7 @@ class Bench:
         self.background_jobs: dict[str, Future] = {}
         self._background_procs: dict[str, subprocess.Popen] = {}
         self._lock = threading.Lock()
+        self.partial: dict[str, Any] = {}
 
     # -- time ----------------------------------------------------------------------------------------------------
     def remaining(self) -> float:
@@ -779,6 +784,7 @@ class Bench:
         config = s.accelerate_config(mode)
         cmd = launch_command(config, world, "sft_qlora.py", self.train_args(run_dir, world))
         res: dict[str, Any] = {
+            "run_dir": str(run_dir),
             "accelerate_config": config,
             "world_size": world,
             "per_device_batch": s.per_device,
@@ -786,6 +792,7 @@ class Bench:
             "global_batch": s.global_batch,
             "launches": [],
         }
+        self.partial = res  # what a failure record keeps
         kill_this = mode != "single" or s.kill_single
         segments: list[tuple[list[dict[str, Any]], int]] = []
         if kill_this:
@@ -952,6 +959,7 @@ class Bench:
             "max_batch_size": s.gen_max_batch_size,
             "runs": {},
         }
+        self.partial = res
         reference: list[dict[str, Any]] | None = None
         base_rate = None
         for n in generation_sizes(s.num_gpus):
@@ -1032,13 +1040,17 @@ class Bench:
                 continue
             self.say(f"{mode}: start")
             t0 = time.monotonic()
+            self.partial = {}
             try:
                 res = self.run_generation() if mode == "generate" else self.run_training_mode(mode)
                 res["status"] = "ok"
-            except LaunchFailed as exc:
-                res = {"status": "failed", "error": str(exc), "launch": exc.record}
-            except Exception as exc:  # recorded; the next mode runs
-                res = {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
+            except Exception as exc:  # recorded with what was measured so far; the next mode runs
+                res = {**self.partial, "status": "failed", "error": f"{type(exc).__name__}: {exc}"}
+                if isinstance(exc, LaunchFailed) and exc.record not in res.get("launches", []):
+                    res["failed_launch"] = exc.record
+                res["error_line"] = error_line(res)
+                if res.get("run_dir"):
+                    res["losses_so_far"] = {str(r["step"]): r["loss"] for r in training_rows(Path(res["run_dir"]))}
             res["seconds"] = round(time.monotonic() - t0, 1)
             self.result["modes"][mode] = res
             self.save()
@@ -1080,6 +1092,34 @@ def summarize(result: dict[str, Any], s: Settings) -> dict[str, Any]:
     return summary
 
 
+# Lines the launchers add on top of the real error (torchrun / accelerate re-raising a child's failure).
+_LAUNCHER_NOISE = (
+    "CalledProcessError",
+    "ChildFailedError",
+    "torch.distributed.elastic",
+    "raise ",
+    "accelerate/commands",
+)
+
+
+def error_line(res: dict[str, Any]) -> str | None:
+    """The root error of the failed launch, from its log: the last ``...Error: ...`` / ``: error:`` line that is
+    not a launcher re-raising a child's failure (for the table; the JSON keeps the log tail)."""
+    launches = [*res.get("launches", []), res.get("failed_launch") or {}]
+    for rec in reversed(launches):
+        if rec.get("ok") or "kill" in rec or not rec.get("log"):
+            continue
+        text = tail(Path(rec["log"]), 200_000) or str(rec.get("log_tail") or "")
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        hits = [
+            ln for ln in lines
+            if ("Error" in ln or "error:" in ln or "Exception" in ln) and not any(n in ln for n in _LAUNCHER_NOISE)
+        ]  # fmt: skip
+        if hits or lines:
+            return (hits or lines)[-1][:200]
+    return None
+
+
 def _fmt(v: Any, spec: str = "") -> str:
     if v is None:
         return "-"
@@ -1103,7 +1143,9 @@ def format_table(result: dict[str, Any], s: Settings) -> str:
             continue
         if r.get("status") != "ok":
             reason = r.get("reason") or r.get("error") or ""
-            lines.append(f"{mode:<8} {'':>4} {r.get('status', '?'):<8} {reason[:80]}")
+            lines.append(f"{mode:<8} {'':>4} {r.get('status', '?'):<8} {reason[:100]}")
+            if r.get("error_line"):
+                lines.append(f"{'':<8} {'':>4} {'':<8} {r['error_line'][:100]}")
             continue
         v = r.get("vs_single") or {}
         ids = v.get("note_ids")

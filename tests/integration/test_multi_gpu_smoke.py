@@ -146,3 +146,18 @@ def test_generation_throughput_is_over_the_slowest_rank_without_first_batches(tm
     assert agg["new_tokens"] == 80
     assert agg["new_tokens_per_second"] == pytest.approx(80 / 6.0, abs=0.1)  # rank 0: 6 s in all
     assert agg["steady_new_tokens_per_second"] == pytest.approx(40 / 2.0, abs=0.1)  # rank 1's second batch: 2 s
+
+
+def test_error_line_names_the_root_error_not_the_launcher(tmp_path: Path) -> None:
+    bench = _bench_module()
+    log = tmp_path / "ddp_1_killed.log"
+    log.write_text(
+        "loading...\n"
+        "sft_qlora.py: error: sft_qlora: `lora_r` is 0; it must be >= 1.\n"
+        "torch.distributed.elastic.multiprocessing.errors.ChildFailedError:\n"
+        "subprocess.CalledProcessError: Command '[...]' returned non-zero exit status 1.\n"
+    )
+    failed = {"launches": [{"name": "ddp_killed", "ok": False, "log": str(log), "returncode": 1}]}
+    assert bench.error_line(failed) == "sft_qlora.py: error: sft_qlora: `lora_r` is 0; it must be >= 1."
+    killed = {"launches": [{"name": "ddp_killed", "ok": False, "log": str(log), "kill": {"rank": 1}}]}
+    assert bench.error_line(killed) is None  # a planned kill is not an error
