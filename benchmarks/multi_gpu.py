@@ -2,7 +2,7 @@
 
 One invocation per machine size, from the repository root (GPUs: all visible ones unless ``--num_gpus``)::
 
-    python3 benchmarks/multi_gpu.py --out $OUT                       # everything, ~8 min on 2 or 4 H100s
+    python3 benchmarks/multi_gpu.py --out $OUT                       # everything, capped at --max-minutes 8.5
     python3 benchmarks/multi_gpu.py --out $OUT --modes single,ddp,generate --max-minutes 5
     python3 benchmarks/multi_gpu.py --smoke --out /tmp/multi_gpu     # the harness on CPU (tiny model, gloo)
 
@@ -15,26 +15,28 @@ recipes/medgemma-4b/generate.yaml``, on a random-initialised model of the Gemma-
 
 * **Training modes** ``single`` (single_gpu.yaml, 1 GPU: the reference), ``ddp`` (ddp.yaml), ``zero2``
   (deepspeed_zero2.yaml), ``zero3`` (deepspeed_zero3.yaml), ``fsdp`` (fsdp_qlora.yaml) on N GPUs, all for the SAME
-  global batch (per-device batch x gradient accumulation x world size; the accumulation is divided by N). Per mode:
-  per-step losses and grad norms vs the single-GPU run (tolerance: :data:`LOSS_RTOL` / :data:`GRAD_NORM_RTOL`
-  relative in bf16 on GPU, :data:`LOSS_RTOL_FP32` in fp32 on CPU), the note_ids of every optimizer step vs the
-  single-GPU run (the same examples per step), tokens/s per GPU (median over steady steps: the first step of each
-  process and steps right after a checkpoint save are left out), scaling efficiency vs one GPU (goal >= 90 % for
-  DDP at 4 GPUs) and peak ``torch.cuda.max_memory_allocated`` per rank (logged by the stage on every rank).
-* **Kill and resume** (every multi-GPU mode; ``--kill-single`` adds the 1-GPU run): once step
-  ``--kill_after_step`` is logged and checkpoint ``--save_steps`` is committed, SIGKILL goes to the process group of
-  the highest rank (torchrun gives every rank its own), as when a GPU or its process dies. torchrun then tears the
-  job down; ranks blocked in an NCCL collective do not notice a dead peer, so after ``--teardown_grace`` seconds
-  every remaining process of the job is SIGKILLed (recorded as ``teardown_forced``). The identical command is then
-  rerun with the same world size: it must resume from the last valid checkpoint and finish ``--max_steps``.
-* **Checkpoints of ZeRO-3 / FSDP** (on CPU: of DDP) are checked in a background CPU process while the GPUs go on:
-  checksums (:func:`validate_checkpoint`), the generate stage's adapter checks and loader (one short greedy
-  completion on CPU), :func:`dischargesum.modeling.merge_adapter`, and that the merged weights equal base + scale x
-  B @ A of the adapter.
-* **Generation** through ``scripts/generate.py`` on 1, 2, 4 ... N GPUs with the adapter of the zero3 run (else
-  fsdp, ddp, zero2, single; else the base model): greedy outputs must be identical to one GPU's; new tokens/s is
-  the total new tokens over the slowest rank's generation time (from each rank's part file), also without each
-  rank's first batch (``steady_*``: CUDA warm-up), which the scaling efficiency uses.
+  global batch (per-device batch x gradient accumulation x world size; default: the recipe's per-device batch x N, i.e.
+  accumulation N on one GPU and 1 on N GPUs), 7 steps with a checkpoint every 3. Run order: single, ddp, zero3, fsdp,
+  generate, zero2 (the DeepSpeed ZeRO-2 path also runs in the CPU tests, so a short budget drops it first). Per mode:
+  per-step losses and grad norms vs the single-GPU run (tolerance: :data:`LOSS_RTOL` / :data:`GRAD_NORM_RTOL` relative
+  in bf16 on GPU, :data:`LOSS_RTOL_FP32` in fp32 on CPU), the note_ids of every optimizer step vs the single-GPU run
+  (the same examples per step), tokens/s per GPU (median over steady steps: the first step of each process and steps
+  right after a checkpoint save are left out), scaling efficiency vs one GPU (goal >= 90 % for DDP at 4 GPUs) and peak
+  ``torch.cuda.max_memory_allocated`` per rank (logged by the stage on every rank).
+* **Kill and resume** (every multi-GPU mode; ``--kill-single`` adds the 1-GPU run): once step ``--kill_after_step`` is
+  logged and checkpoint ``--save_steps`` is committed, SIGKILL goes to the process group of the highest rank (torchrun
+  gives every rank its own), as when a GPU or its process dies. torchrun then tears the job down; ranks blocked in an
+  NCCL collective do not notice a dead peer, so after ``--teardown_grace`` seconds every remaining process of the job
+  is SIGKILLed (recorded as ``teardown_forced``). The identical command is then rerun with the same world size: it must
+  resume from the last valid checkpoint and finish ``--max_steps``.
+* **Checkpoints of ZeRO-3 / FSDP** (on CPU: ZeRO-3's, else DDP's) are checked in a background CPU process while the
+  GPUs go on: checksums (:func:`validate_checkpoint`), the generate stage's adapter checks and loader (one short greedy
+  completion on CPU), :func:`dischargesum.modeling.merge_adapter`, and that the merged weights equal base + scale x B @
+  A of the adapter.
+* **Generation** through ``scripts/generate.py`` on 1, 2, 4 ... N GPUs with the adapter of the zero3 run (else fsdp,
+  ddp, zero2, single; else the base model): greedy outputs must be identical to one GPU's; new tokens/s is the total
+  new tokens over the slowest rank's generation time (from each rank's part file), also without each rank's first batch
+  (``steady_*``: CUDA warm-up), which the scaling efficiency uses.
 
 Results: ``<out>/multi_gpu_<N>gpu.json`` (``multi_gpu_smoke_cpu.json`` with ``--smoke``): GPU name and count, date,
 library versions, the command, every launch's command line, exit code, wall time and log tail on failure, and the
