@@ -28,3 +28,11 @@ def test_ruff_check_is_clean() -> None:
 def test_ruff_format_is_clean() -> None:
     proc = subprocess.run([*_ruff(), "format", "--check", "."], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_mypy_is_clean() -> None:
+    exe = shutil.which("mypy") or str(Path(sys.executable).parent / "mypy")
+    if not Path(exe).exists():
+        pytest.skip("mypy is not installed (pip install -e '.[dev]')")
+    proc = subprocess.run([exe], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
