@@ -14,13 +14,20 @@ does not wait for the optimizer step, so the SIGTERM latency does not depend on 
    34 layers, 8 heads / 4 KV heads, head_dim 256, vocab 262,208, sliding window 1024 with 5 local : 1 global) with
    :func:`dischargesum.tiny_models.build_random_gemma3_4b` — the FLOPs and bytes of MedGemma's language model
    without its weights — and synthetic notes prepared with its tokenizer;
-2. trains ``--max_steps`` steps uninterrupted (the reference losses);
+2. trains ``--max_steps`` steps uninterrupted (the reference losses), then once more in a fresh process (how far
+   two uninterrupted runs drift apart on this GPU: the noise floor a resume is judged against);
 3. trains the same command in a second directory and sends SIGTERM to its process group (as a spot VM / SLURM
    / torchrun would) once step ``--signal_at_step`` is logged; measures the time until the checkpoint directory
    is committed (goal < 25 s: torchrun SIGKILLs 30 s after SIGTERM) and until the process exits (code 143), and
    reads the checkpoint's size and write/commit times from its manifest;
 4. reruns the command (it resumes from that checkpoint) and compares its per-step losses with the reference
    (goal: within 1e-4 relative; the steps before the signal measure run-to-run noise on the same GPU).
+
+``--deterministic`` trains with ``torch.use_deterministic_algorithms(True, warn_only=True)`` (through a
+``sitecustomize`` in the work dir) and lists the ops torch reports as nondeterministic — to attribute a drift to
+GPU kernels rather than to the resume. First H200 run (gradient accumulation 8, before the noise-floor run existed):
+SIGTERM -> commit 5.5 s (mid-step stop), 716 MB checkpoint in 2.9 s, exit 143, resumed losses within 6.9e-5
+relative, steps before the signal bit-identical run to run (benchmarks/results/preemption_gpu_h200.json).
 
 The training runs ``python scripts/sft_qlora.py`` directly (one process, one GPU): the single-process launcher
 of ``accelerate launch`` does not forward SIGTERM to its child nor report its exit code; the code path inside
@@ -53,9 +60,25 @@ SIGTERM_BUDGET_S = 25.0
 REL_TOLERANCE = 1e-4
 
 
-def _env() -> dict[str, str]:
+# Written into the work dir and put first on PYTHONPATH of the training runs with --deterministic: Python imports
+# `sitecustomize` at start-up, so every training process runs with deterministic kernels where torch has them and
+# logs a warning naming each op that has none (warn_only) — which tells where a remaining difference comes from.
+SITECUSTOMIZE = """\
+import os
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+import torch
+torch.use_deterministic_algorithms(True, warn_only=True)
+"""
+DETERMINISM_DIR: Path | None = None
+
+
+def _env(training: bool = False) -> dict[str, str]:
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    paths = [str(REPO_ROOT), env.get("PYTHONPATH", "")]
+    if training and DETERMINISM_DIR is not None:
+        paths.insert(0, str(DETERMINISM_DIR))
+        env["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
+    env["PYTHONPATH"] = os.pathsep.join(paths).rstrip(os.pathsep)
     env.update(
         {
             "HF_HUB_OFFLINE": "1",
@@ -82,10 +105,12 @@ class StepFailed(RuntimeError):
         self.what, self.log, self.rc = what, log, rc
 
 
-def _run(cmd: list[str], log: Path, what: str, timeout: float) -> float:
+def _run(cmd: list[str], log: Path, what: str, timeout: float, training: bool = True) -> float:
     t0 = time.perf_counter()
     with open(log, "w", encoding="utf-8") as fh:
-        proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=_env(), timeout=timeout)
+        proc = subprocess.run(
+            cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=_env(training), timeout=timeout
+        )
     if proc.returncode != 0:
         raise StepFailed(what, log, proc.returncode)
     return time.perf_counter() - t0
@@ -176,7 +201,7 @@ def benchmark(args: argparse.Namespace, result: dict[str, Any]) -> None:
             "--test_fraction": "0.1",
         }
         cmd = [py, "scripts/prepare_data.py", *(x for kv in flags.items() for x in kv)]
-        seconds = _run(cmd, logs / "prepare_data.log", "prepare_data", args.timeout)
+        seconds = _run(cmd, logs / "prepare_data.log", "prepare_data", args.timeout, training=False)
         result["timings_s"]["prepare_data"] = round(seconds, 1)
 
     def train_cmd(out: Path) -> list[str]:
@@ -207,6 +232,17 @@ def benchmark(args: argparse.Namespace, result: dict[str, Any]) -> None:
     )
     reference = _losses(ref_dir)
     result["losses_uninterrupted"] = {str(k): v for k, v in sorted(reference.items())}
+    repeat: dict[int, float] = {}
+    if args.noise_floor:
+        # The same command again in a fresh process: how far two uninterrupted runs drift apart on this GPU. A
+        # resume that differs by no more than this adds nothing of its own.
+        rep_dir = work / "uninterrupted_repeat"
+        shutil.rmtree(rep_dir, ignore_errors=True)
+        result["timings_s"]["uninterrupted_repeat_run"] = round(
+            _run(train_cmd(rep_dir), logs / "uninterrupted_repeat.log", "repeated uninterrupted run", args.timeout), 1
+        )
+        repeat = _losses(rep_dir)
+        result["losses_uninterrupted_repeat"] = {str(k): v for k, v in sorted(repeat.items())}
 
     # 3. SIGTERM mid-run -----------------------------------------------------------------------------------------
     run_dir = work / "preempted"
@@ -214,7 +250,12 @@ def benchmark(args: argparse.Namespace, result: dict[str, Any]) -> None:
     log = logs / "preempted.log"
     with open(log, "w", encoding="utf-8") as fh:
         proc = subprocess.Popen(
-            train_cmd(run_dir), stdout=fh, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=_env(), start_new_session=True
+            train_cmd(run_dir),
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            cwd=REPO_ROOT,
+            env=_env(training=True),
+            start_new_session=True,
         )
         try:
             t_step = _wait_for_step(run_dir, args.signal_at_step, proc, args.timeout)
@@ -269,6 +310,18 @@ def benchmark(args: argparse.Namespace, result: dict[str, Any]) -> None:
         "bit_identical_after_resume": all(resumed.get(s) == reference[s] for s in after),
         "final_step_reached": max(resumed) if resumed else None,
     }
+    if repeat:
+        noise = _rel_diffs(reference, repeat, sorted(reference))
+        noise_after = [noise[s] for s in after if s in noise]
+        result["run_to_run"] = {
+            "rel_diff_two_uninterrupted_runs": {str(k): v for k, v in noise.items()},
+            "max_rel_diff_same_steps_as_resume": max(noise_after) if noise_after else None,
+            "bit_identical": all(repeat.get(s) == reference[s] for s in reference),
+        }
+    if DETERMINISM_DIR is not None:
+        texts = "\n".join(_tail(p, 400000) for p in sorted(logs.glob("*.log")) if p.name != "prepare_data.log")
+        found = re.findall(r"UserWarning: (\S[^\n]*?) does not have a deterministic implementation", texts)
+        result["nondeterministic_ops_reported"] = sorted(set(found))
     result["goals"] = {
         f"sigterm_to_commit_under_{SIGTERM_BUDGET_S:g}s": result["preemption"]["sigterm_to_commit_s"]
         < SIGTERM_BUDGET_S,
@@ -297,6 +350,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, default=96, help="synthetic rows for prepare_data")
     parser.add_argument("--max_seq_length", type=int, default=2048)
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds allowed per command")
+    parser.add_argument(
+        "--no_noise_floor", dest="noise_floor", action="store_false",
+        help="skip the second uninterrupted run (it measures how far two fresh runs drift apart on this GPU)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--deterministic", action="store_true",
+        help="train with torch.use_deterministic_algorithms(True, warn_only=True) and CUBLAS_WORKSPACE_CONFIG, and "
+        "record which ops have no deterministic implementation (writes preemption_gpu_deterministic.json)",
+    )  # fmt: skip
     parser.add_argument("--tiny", action="store_true", help="CPU dry run of the harness (tiny model, demo recipe)")
     parser.add_argument("extra", nargs="*", help="extra `--field value` overrides for sft_qlora (after --)")
     args = parser.parse_args(argv)
@@ -311,7 +373,13 @@ def main(argv: list[str] | None = None) -> int:
         )
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    out_file = out_dir / ("preemption_tiny_cpu.json" if args.tiny else "preemption_gpu.json")
+    name = "preemption_tiny_cpu" if args.tiny else "preemption_gpu"
+    out_file = out_dir / f"{name}{'_deterministic' if args.deterministic else ''}.json"
+    if args.deterministic:
+        global DETERMINISM_DIR
+        DETERMINISM_DIR = Path(args.work_dir) / "determinism"
+        DETERMINISM_DIR.mkdir(parents=True, exist_ok=True)
+        (DETERMINISM_DIR / "sitecustomize.py").write_text(SITECUSTOMIZE, encoding="utf-8")
 
     result: dict[str, Any] = {
         "benchmark": "preemption_gpu",
@@ -344,7 +412,8 @@ def main(argv: list[str] | None = None) -> int:
         status = 1
     result["timings_s"]["total"] = round(time.perf_counter() - t0, 1)
     out_file.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    print(json.dumps({k: result.get(k) for k in ("device", "preemption", "resume", "goals", "error")}, indent=2))
+    keys = ("device", "preemption", "resume", "run_to_run", "nondeterministic_ops_reported", "goals", "error")
+    print(json.dumps({k: result[k] for k in keys if k in result}, indent=2))
     print(f"wrote {out_file}")
     return status
 
