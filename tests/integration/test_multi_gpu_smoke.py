@@ -78,7 +78,7 @@ def test_smoke_run_kills_resumes_generates_and_checks_the_checkpoint(tmp_path: P
 
     check = result["adapter_checks"]["ddp"]
     assert check["ok"] and check["checkpoint_valid"] and check["lora_B_all_zero"] == 0
-    assert check["merge_probe"]["cosine"] > 0.9 and check["generate_probe"]["new_tokens"] > 0
+    assert check["merge_probe"]["agree_on_changed"] >= 0.98 and check["generate_probe"]["new_tokens"] > 0
     assert not (work / "smoke" / "checks" / "ddp-merged").exists()  # the merged copy is removed after the check
 
     lines = proc.stdout.strip().splitlines()
