@@ -19,8 +19,13 @@ rotation can delete the last good checkpoint while keeping a broken one. Here:
 * **Rotation** (:func:`rotate_checkpoints`): runs only after a newer checkpoint is committed, keeps the last K
   valid ones by step, removes invalid leftovers and stale staging directories, and never deletes the last valid one.
 * **Preemption** (:class:`PreemptionCallback`, :mod:`dischargesum.training.preemption`): SIGTERM / SIGUSR1 set a
-  flag; at the next step boundary (or prediction step of an evaluation) the ranks agree, commit a full checkpoint
-  and stop; the entry point exits with :data:`PREEMPTED_EXIT_CODE` (143).
+  flag; at the next micro-batch, step end or prediction step of an evaluation the ranks agree (all-reduce MAX),
+  commit a full checkpoint and stop; the entry point exits with :data:`PREEMPTED_EXIT_CODE` (143). Between
+  micro-batches the partial accumulation is dropped and the last completed step is saved (with the RNG state it
+  left), so the stop does not wait for a long optimizer step.
+* **Exact resume**: weights, optimizer, scheduler, per-rank RNG and data position continue exactly; nothing runs
+  between a preemption checkpoint and the exit (no epoch-end evaluation, no second save) and a resume at or past
+  ``max_steps`` trains nothing (HF would train one extra step), so a resumed run equals an uninterrupted one.
 
 Test-only fault injection: ``DISCHARGESUM_FAULT_AFTER_FILE=N`` SIGKILLs the committing process at the N-th event of
 a checkpoint save (each file appearing in the staging directory, then ``manifest``, ``commit`` and each rotation
@@ -766,6 +771,12 @@ class CheckpointingTrainerMixin:
         )
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
+        """HF's ``train`` after checking that every rank resumes from the same checkpoint (``True``: the newest
+        valid one in ``output_dir``).
+
+        Raises:
+            CheckpointError: ``True`` but no valid checkpoint, or the ranks chose different checkpoints.
+        """
         self._checkpointing_callback()
         if resume_from_checkpoint is True:
             found = find_latest_valid_checkpoint(self.args.output_dir)
