@@ -588,6 +588,21 @@ def finite(values: dict[int, float]) -> bool:
     return bool(values) and all(math.isfinite(v) for v in values.values())
 
 
+def compare_generations(reference: list[dict[str, Any]], records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Whether ``records`` (stage1.jsonl of an N-process run) hold exactly the 1-process run's notes and summaries."""
+    ref_by_id = {x["note_id"]: x for x in reference}
+    differing = [
+        x["note_id"] for x in records
+        if x["note_id"] not in ref_by_id or x["summary"] != ref_by_id[x["note_id"]]["summary"]
+    ]  # fmt: skip
+    missing = sorted(set(ref_by_id) - {x["note_id"] for x in records})
+    return {
+        "identical_to_1": not differing and not missing and len(records) == len(reference),
+        "differing_note_ids": differing[:10],
+        "missing_note_ids": missing[:10],
+    }
+
+
 def rank_generation_stats(part: Path) -> dict[str, Any]:
     """One rank's generation from its part file (records in batch order; ``seconds`` = batch time / batch size).
 
@@ -994,22 +1009,18 @@ class Bench:
             records = read_jsonl(out / "stage1.jsonl")
             per_rank = [rank_generation_stats(out / "parts" / f"stage1.rank{r:03d}.jsonl") for r in range(n)]
             run.update({"status": "ok", "notes": len(records), "per_rank": per_rank, **aggregate_generation(per_rank)})
-            if reference is None:
+            if n == 1:
                 reference = records
                 base_rate = run["steady_new_tokens_per_second"]
+            elif reference is None:
+                run["identical_to_1"] = None  # the 1-GPU run failed or was skipped: nothing to compare with
             else:
-                ref_by_id = {x["note_id"]: x for x in reference}
-                differing = [
-                    x["note_id"] for x in records
-                    if x["note_id"] not in ref_by_id or x["summary"] != ref_by_id[x["note_id"]]["summary"]
-                ]  # fmt: skip
-                run["identical_to_1"] = not differing and len(records) == len(reference)
-                run["differing_note_ids"] = differing[:10]
+                run.update(compare_generations(reference, records))
                 if base_rate and run["steady_new_tokens_per_second"]:
                     run["speedup_vs_1"] = round(run["steady_new_tokens_per_second"] / base_rate, 2)
                     run["scaling_efficiency"] = round(run["speedup_vs_1"] / n, 3)
-        ran = [r for r in res["runs"].values() if r.get("status") == "ok"]
-        res["passed"] = len(ran) >= 2 and all(r.get("identical_to_1", True) for r in ran)
+        ran = {n: r for n, r in res["runs"].items() if r.get("status") == "ok"}
+        res["passed"] = "1" in ran and len(ran) >= 2 and all(r.get("identical_to_1", True) for r in ran.values())
         return res
 
     # -- driver --------------------------------------------------------------------------------------------------

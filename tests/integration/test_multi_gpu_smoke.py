@@ -1,11 +1,12 @@
 """``benchmarks/multi_gpu.py --smoke``: the multi-GPU harness end to end on the CPU (tiny model, 2 gloo processes).
 
-The GPU run (lent 2-4 H100 machine) must work the first time, so every path it takes that a CPU can take runs here:
+The GPU run (lent 2-4 GPU machine) must work the first time, so the paths it takes that a CPU can take run here:
 ``accelerate launch`` of sft_qlora with ``ddp.yaml`` on 2 processes, SIGKILL of rank 1's process group after a
-checkpoint, teardown, resume from that checkpoint, the result JSON, generation through ``scripts/generate.py`` on
-1 and 2 processes with identical greedy outputs, the background merge + generate-loader check of the checkpoint,
-and the table printed last. The comparison helpers (losses, grad norms, note_ids vs the single-GPU run, steady-state
-throughput) are checked on made-up rows below, so the smoke run itself can skip the single-process reference.
+checkpoint, teardown, resume from that checkpoint, the result JSON, the background merge + generate-loader check of
+the checkpoint, and the table printed last. To stay within the CI time budget the smoke run here leaves out the
+single-process reference and the generation mode (both ran on GPUs; ``python benchmarks/multi_gpu.py --smoke --out
+DIR`` runs every CPU-capable mode, ~5 min); their comparison helpers (losses, grad norms, note_ids vs the
+single-GPU run, steady-state throughput, generation identity and rates) are checked on made-up rows below.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def _bench_module():
     return module
 
 
-def test_smoke_run_kills_resumes_generates_and_checks_the_checkpoint(tmp_path: Path, tiny_model_dir: Path) -> None:
+def test_smoke_run_kills_resumes_and_checks_the_checkpoint(tmp_path: Path, tiny_model_dir: Path) -> None:
     work = tmp_path / "work"
     # The harness builds these itself when missing; the session's tiny model and a prepared dataset save two
     # interpreter start-ups here.
@@ -44,7 +45,7 @@ def test_smoke_run_kills_resumes_generates_and_checks_the_checkpoint(tmp_path: P
     proc = subprocess.run(
         [
             sys.executable, "benchmarks/multi_gpu.py", "--smoke", "--out", str(out), "--work_dir", str(work),
-            "--modes", "ddp,generate", "--max-minutes", "14",
+            "--modes", "ddp", "--max-minutes", "14",
         ],
         cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=900,
     )  # fmt: skip
@@ -67,14 +68,6 @@ def test_smoke_run_kills_resumes_generates_and_checks_the_checkpoint(tmp_path: P
     ids = [n for step in sorted(ddp["note_ids"], key=int) for n in ddp["note_ids"][step]]
     assert all(len(v) == 4 for v in ddp["note_ids"].values()) and len(set(ids)) == len(ids)
     assert ddp["throughput"]["tokens_per_second_per_gpu"] > 0
-
-    gen = result["modes"]["generate"]
-    assert gen["status"] == "ok" and gen["passed"], gen
-    assert gen["adapter_from_mode"] == "ddp" and gen["adapter"].endswith("checkpoint-6")
-    one, two = gen["runs"]["1"], gen["runs"]["2"]
-    assert one["notes"] == two["notes"] >= 4  # the fixture's test split holds fewer than the 8 asked for
-    assert two["identical_to_1"] is True
-    assert [r["notes"] > 0 for r in two["per_rank"]] == [True, True]  # both ranks generated a share
 
     check = result["adapter_checks"]["ddp"]
     assert check["ok"] and check["checkpoint_valid"] and check["lora_B_all_zero"] == 0
@@ -161,3 +154,13 @@ def test_error_line_names_the_root_error_not_the_launcher(tmp_path: Path) -> Non
     assert bench.error_line(failed) == "sft_qlora.py: error: sft_qlora: `lora_r` is 0; it must be >= 1."
     killed = {"launches": [{"name": "ddp_killed", "ok": False, "log": str(log), "kill": {"rank": 1}}]}
     assert bench.error_line(killed) is None  # a planned kill is not an error
+
+
+def test_generation_identity_against_the_one_process_run() -> None:
+    bench = _bench_module()
+    ref = [{"note_id": "a", "summary": "x"}, {"note_id": "b", "summary": "y"}]
+    assert bench.compare_generations(ref, list(reversed(ref)))["identical_to_1"] is True
+    changed = bench.compare_generations(ref, [{"note_id": "a", "summary": "x"}, {"note_id": "b", "summary": "z"}])
+    assert changed["identical_to_1"] is False and changed["differing_note_ids"] == ["b"]
+    lost = bench.compare_generations(ref, ref[:1])
+    assert lost["identical_to_1"] is False and lost["missing_note_ids"] == ["b"]
