@@ -67,44 +67,21 @@ def missing_dependencies(components: list[str]) -> dict[str, list[str]]:
 
 def build_bert_base_random(out: Path, corpus: list[str], seed: int = 0) -> Path:
     """BERT-base with random weights and a WordPiece tokenizer trained on ``corpus`` (Bio_ClinicalBERT's shape)."""
-    import torch
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import BertConfig, BertModel, BertTokenizerFast
+    from dischargesum.tiny_models import build_random_bert
 
-    out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=False)  # Bio_ClinicalBERT is cased
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.decoder = decoders.WordPiece()
-    tok.train_from_iterator(corpus, trainers.WordPieceTrainer(vocab_size=28996, special_tokens=specials))
-    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]",
-        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
-    )
-    tokenizer = BertTokenizerFast(
-        tokenizer_object=tok,
-        unk_token="[UNK]",
-        pad_token="[PAD]",
-        cls_token="[CLS]",
-        sep_token="[SEP]",
-        mask_token="[MASK]",
-        model_max_length=512,
-    )
-    config = BertConfig(
-        vocab_size=28996,
+    return build_random_bert(
+        out,
+        seed=seed,
+        corpus=corpus,
+        tokenizer_vocab_size=28996,
+        lowercase=False,  # Bio_ClinicalBERT is cased
         hidden_size=768,
         num_hidden_layers=12,
         num_attention_heads=12,
         intermediate_size=3072,
-        max_position_embeddings=512,
+        max_length=512,
+        model_vocab_size=28996,
     )
-    BertModel(config).save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    return out
 
 
 def perturb(summary: str, index: int) -> str:

@@ -202,6 +202,39 @@ def build_tiny_gemma3(
 
 def build_tiny_bert(output_dir: str | Path, *, seed: int = 0, corpus: Iterable[str] | None = None) -> Path:
     """Write a tiny BERT encoder (2 layers, hidden 32) with a WordPiece tokenizer; for BERTScore tests."""
+    return build_random_bert(
+        output_dir,
+        seed=seed,
+        corpus=corpus if corpus is not None else _default_corpus(seed, n_rows=200),
+        tokenizer_vocab_size=800,
+        lowercase=True,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_length=128,
+    )
+
+
+def build_random_bert(
+    output_dir: str | Path,
+    *,
+    seed: int,
+    corpus: Iterable[str],
+    tokenizer_vocab_size: int,
+    lowercase: bool,
+    hidden_size: int,
+    num_hidden_layers: int,
+    num_attention_heads: int,
+    intermediate_size: int,
+    max_length: int,
+    model_vocab_size: int | None = None,
+) -> Path:
+    """Write a random-initialised BERT encoder with a WordPiece tokenizer trained on ``corpus``.
+
+    ``model_vocab_size`` sizes the embedding table (default: the trained tokenizer's size), so a benchmark can
+    match a real model's shape (Bio_ClinicalBERT: 28,996) even when the corpus yields fewer word pieces.
+    """
     import torch
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import BertConfig, BertModel, BertTokenizerFast  # type: ignore[attr-defined]
@@ -211,12 +244,12 @@ def build_tiny_bert(output_dir: str | Path, *, seed: int = 0, corpus: Iterable[s
     torch.manual_seed(seed)
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.normalizer = normalizers.BertNormalizer(lowercase=lowercase)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece()
     tok.train_from_iterator(
-        corpus if corpus is not None else _default_corpus(seed, n_rows=200),
-        trainers.WordPieceTrainer(vocab_size=800, special_tokens=specials, show_progress=False),
+        corpus,
+        trainers.WordPieceTrainer(vocab_size=tokenizer_vocab_size, special_tokens=specials, show_progress=False),
     )
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
@@ -231,20 +264,20 @@ def build_tiny_bert(output_dir: str | Path, *, seed: int = 0, corpus: Iterable[s
         cls_token="[CLS]",
         sep_token="[SEP]",
         mask_token="[MASK]",
-        model_max_length=128,
+        model_max_length=max_length,
     )
     config = BertConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=128,
+        vocab_size=max(model_vocab_size or 0, len(tokenizer)),
+        hidden_size=hidden_size,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=num_attention_heads,
+        intermediate_size=intermediate_size,
+        max_position_embeddings=max_length,
     )
     model = BertModel(config)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
-    logger.info("wrote tiny BERT encoder (%d parameters) to %s", model.num_parameters(), out)
+    logger.info("wrote random BERT encoder (%d parameters) to %s", model.num_parameters(), out)
     return out
 
 
