@@ -228,8 +228,10 @@ NEGATION_CUES: tuple[str, ...] = (
     "absence of",
 )
 
+# In the order MIMIC-IV discharge notes use (the synthetic generator writes sections in this order).
 SECTION_HEADERS: tuple[str, ...] = (
     "Chief Complaint",
+    "Major Surgical or Invasive Procedure",
     "History of Present Illness",
     "Past Medical History",
     "Social History",
@@ -242,7 +244,6 @@ SECTION_HEADERS: tuple[str, ...] = (
     "Discharge Diagnosis",
     "Discharge Condition",
     "Discharge Instructions",
-    "Major Surgical or Invasive Procedure",
     "Followup Instructions",
 )
 

@@ -770,23 +770,8 @@ def _render_target(case: _Case, budget: int) -> tuple[str, list[dict[str, Any]]]
 # ---------------------------------------------------------------------------------------------------------
 # Note: every fact of the case, in sections, plus filler until the input budget is reached.
 
-_SECTION_ORDER = (
-    "Chief Complaint",
-    "Major Surgical or Invasive Procedure",
-    "History of Present Illness",
-    "Past Medical History",
-    "Social History",
-    "Family History",
-    "Physical Exam",
-    "Pertinent Results",
-    "Medications on Admission",
-    "Discharge Medications",
-    "Discharge Disposition",
-    "Discharge Diagnosis",
-    "Discharge Condition",
-    "Discharge Instructions",
-    "Followup Instructions",
-)
+# MIMIC-IV discharge-note section order (the lexicon keeps the headers in that order).
+_SECTION_ORDER = lexicon.SECTION_HEADERS
 _OPTIONAL_SECTIONS = frozenset(
     (
         "Major Surgical or Invasive Procedure",
