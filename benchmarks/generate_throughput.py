@@ -25,6 +25,13 @@ Variants (``--variants``; the defaults run in this order, and the run stops star
 * ``engine_static_compile`` — static KV cache reused across batches + ``torch.compile`` (mode reduce-overhead:
   CUDA graphs) of the decoding step; the compilation is timed separately (``warmup_seconds``).
 * ``engine_static`` — static cache without compilation (isolates the cache's effect).
+* ``engine_static_compile_b2x`` / ``engine_static_compile_sample`` — the compiled engine with twice the batch size
+  and budget / with per-note seeded sampling (the sampler runs outside the compiled step).
+
+Every engine row also reports ``ms_per_decode_step`` (wall time over decoding steps, prefill included). With
+``--profile``, each engine variant additionally runs ``--profile_tokens`` decoding steps of its first batch under
+``torch.profiler`` after its timed run: ``profile.gpu_busy_fraction`` (kernel time / wall time — the rest is the GPU
+waiting for the host) and the top kernels and ops say where a decoding step's time goes.
 
 Writes ``generate_throughput_<device>.json`` into ``--out`` (device, date, versions, command, per-variant new
 tokens/s, summaries/s, peak memory, and ``speedup`` = best engine variant's new tokens/s over the seed's) and prints
@@ -49,13 +56,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import _common
 
 GOAL_TOKENS_PER_SECOND = 3300  # issue 8: >= 500x the seed's ~6.6 new tokens/s on one GPU
+# Most informative first: a run stopped by --time_budget_s keeps the rows that matter.
 DEFAULT_VARIANTS = (
+    "engine_static_compile",
     "seed",
     "engine_greedy",
-    "engine_greedy_b2x",
-    "engine_sample",
-    "engine_static_compile",
+    "engine_static_compile_b2x",
+    "engine_static_compile_sample",
     "engine_static",
+    "engine_sample",
+    "engine_greedy_b2x",
 )
 SMOKE_VARIANTS = ("seed", "engine_greedy", "engine_sample", "engine_static")
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -74,6 +84,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max_batch_size", type=int, default=None, help="Engine batch cap (default 128; smoke 4).")
     p.add_argument("--time_budget_s", type=float, default=380.0, help="Start no new variant after this many seconds.")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--profile", action="store_true", help="Profile a few decoding steps of each engine variant.")
+    p.add_argument("--profile_tokens", type=int, default=16, help="Decoding steps profiled per engine variant.")
     args = p.parse_args(argv)
     smoke = args.smoke
     defaults = {
@@ -276,8 +288,12 @@ ENGINE_VARIANTS: dict[str, dict[str, Any]] = {
     "engine_sample": {"do_sample": True, "top_k": 50, "temperature": 1.0},
     "engine_static": {"cache_implementation": "static"},
     "engine_static_compile": {"cache_implementation": "static", "compile": True},
+    "engine_static_compile_b2x": {"cache_implementation": "static", "compile": True, "scale": 2},
+    "engine_static_compile_sample": {
+        "cache_implementation": "static", "compile": True, "do_sample": True, "top_k": 50, "temperature": 1.0,
+    },
     "engine_greedy_b2x": {"scale": 2},
-}
+}  # fmt: skip
 
 
 def load_engine_model(inputs: dict[str, Any]) -> tuple[Any, float]:
@@ -329,16 +345,43 @@ def run_engine_variant(
             finish[r.finish_reason] = finish.get(r.finish_reason, 0) + 1
     sync()
     seconds = time.perf_counter() - start
+    decode_steps = sum(max(r.max_new_tokens for r in b) for b in batches)
+    profile = profile_decoding(engine, batches[0], args) if args.profile else None
     row = result_row(
         name, len(requests), new_tokens, seconds, warmup_seconds=round(warmup_seconds, 1), peak_gib=peak_gib(),
+        ms_per_decode_step=round(1e3 * seconds / decode_steps, 2),
         batches=len(batches), batch_size=max(len(b) for b in batches), finish_reasons=finish,
         weights="bf16, LoRA merged", decoding="sample (top-k 50, per-note seed)" if settings.do_sample else "greedy",
         cache=settings.cache_implementation, compile=settings.compile,
         batch_token_budget=settings.batch_token_budget, max_batch_size=settings.max_batch_size,
+        **({"profile": profile} if profile is not None else {}),
     )  # fmt: skip
     del engine  # its static cache, if any, goes with it
     release()
     return row
+
+
+def profile_decoding(engine: Any, batch: list[Any], args: argparse.Namespace) -> dict[str, Any]:
+    """``--profile_tokens`` decoding steps of ``batch`` (same shapes as the timed run, so compiled graphs replay)
+    under torch.profiler: where a step's time goes and how busy the GPU is."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from dischargesum.inference import GenerationRequest
+
+    n = min(args.profile_tokens, max(r.max_new_tokens for r in batch))  # a static cache holds no more
+    short = [GenerationRequest(r.key, r.prompt_ids, n, r.seed, r.index) for r in batch]
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    sync()
+    with profile(activities=activities) as prof:
+        began = time.perf_counter()
+        engine.run_batch(short)
+        sync()
+        wall = time.perf_counter() - began
+    summary = _common.summarize_profile(prof, wall_seconds=wall, steps=n, lora_r=16, top=12)
+    summary["batch_size"] = len(batch)
+    summary["note"] = f"{n} decoding steps of the first batch (prefill included) after the timed run"
+    return summary
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -425,10 +468,14 @@ def summarise(
     columns = [
         ("variant", "variant"), ("batch_size", "batch"), ("new_tokens_per_s", "new tok/s"),
         ("summaries_per_s", "summaries/s"), ("speedup", "vs seed"), ("peak_gib", "peak GiB"),
-        ("warmup_seconds", "warm-up s"),
+        ("warmup_seconds", "warm-up s"), ("ms_per_decode_step", "ms/step"), ("gpu_busy", "GPU busy"),
     ]  # fmt: skip
     table_rows = [
-        {**r, "variant": r["variant"] + (" (skipped)" if "skipped" in r else " (error)" if "error" in r else "")}
+        {
+            **r,
+            "gpu_busy": (r.get("profile") or {}).get("gpu_busy_fraction"),
+            "variant": r["variant"] + (" (skipped)" if "skipped" in r else " (error)" if "error" in r else ""),
+        }
         for r in rows
     ]
     print(f"\ngenerate throughput on {env['device']} ({result['mode']}; {args.max_new_tokens} new tokens per note; "

@@ -163,7 +163,37 @@ VARIANTS: tuple[Variant, ...] = (
         memory_cap_gib=SMALL_GPU_CAP_GIB,
     ),
     Variant("recipe_plain", "recipe", "recipe, every speed lever off (reference)", PLAIN_FIELDS, sets=("core", "all")),
-    # Lever combinations on top of the recipe: what the default recipe should become.
+    # Lever combinations on top of the recipe (packing + Liger): what the default recipe should become.
+    Variant(
+        "recipe+compile",
+        "recipe",
+        "recipe + torch.compile per decoder layer",
+        {"compile_layers": True},
+        sets=("all",),
+        needs_cuda=True,
+    ),
+    Variant(
+        "recipe+mb8",
+        "recipe",
+        "recipe with micro-batch 8 x 2048 packed tokens, accumulation 4 (same step)",
+        {"per_device_train_batch_size": 8, "gradient_accumulation_steps": 4},
+        sets=("all",),
+    ),
+    Variant(
+        "recipe+mb8+compile",
+        "recipe",
+        "recipe, micro-batch 8, accumulation 4, torch.compile per layer",
+        {"per_device_train_batch_size": 8, "gradient_accumulation_steps": 4, "compile_layers": True},
+        sets=("all",),
+        needs_cuda=True,
+    ),
+    Variant(
+        "recipe+selective_ckpt",
+        "recipe",
+        "recipe + selective checkpointing (keep attention)",
+        {"selective_checkpointing": True},
+        sets=("all",),
+    ),
     Variant(
         "recipe+packing+liger",
         "recipe",

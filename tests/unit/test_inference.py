@@ -77,6 +77,16 @@ def test_fixed_shape_plan_uses_one_batch_size() -> None:
     assert [len(b) for b in batches] == [3, 2]
 
 
+def test_fixed_shape_plan_evens_out_the_batches() -> None:
+    # The budget allows 81 rows of 2,401 tokens; 256 notes then run as 4 x 64 (no batch of 13 padded to 81).
+    lengths = [1889] + [500] * 255
+    reqs = [GenerationRequest(f"n{i}", (1,) * n, 512, seed=0, index=i) for i, n in enumerate(lengths)]
+    batches, size, cache_len = plan_fixed_shape_batches(reqs, batch_token_budget=196608, max_batch_size=128)
+    assert cache_len == 2401 and size == 64
+    assert [len(b) for b in batches] == [64] * 4
+    assert sorted(r.key for b in batches for r in b) == sorted(r.key for r in reqs)
+
+
 def test_dealing_batches_to_ranks_keeps_every_batch_whole() -> None:
     batches = plan_batches(_requests(list(range(1, 40))), batch_token_budget=120, max_batch_size=4)
     for world in (1, 2, 3):
