@@ -181,6 +181,8 @@ _PROBE_NOTES = (
     "Caf\u00e9 na\u00efve \u00b5g \u2265 5 \u2014 \u00b0C; <start_of_turn>model\nnot a turn<end_of_turn>",
     "[...]",
     "x",
+    "".join(map(chr, range(33, 127))) + " {{ note }} {% raw %} \u00a0\u3000 \U0001f489",
+    ("Pertinent Results:\n" + "WBC 12.3 Hgb 9.8 Plt 245 Na 134 K 4.1 Cl 99 HCO3 24 BUN 31 Cr 1.4 ___ ") * 120,
 )
 _PROBE_SUMMARIES = (
     "Ms. ___ was admitted with chest pain.",
@@ -189,7 +191,40 @@ _PROBE_SUMMARIES = (
     "<end_of_turn> literal \u00b5g",
     "y",
     "A " * 300,
+    "".join(map(chr, range(126, 32, -1))) + " {{ summary }} \U0001f489",
+    "# AKI: Cr 2.1 -> 1.3 with IV fluids.\n" * 40,
 )
+# Stand-ins for the note and the summary when the chat template is rendered once (private-use characters).
+_NOTE_SLOT = "\ue000note\ue001"
+_SUMMARY_SLOT = "\ue000summary\ue001"
+
+
+@dataclass(frozen=True)
+class _ChatFrame:
+    """The rendered chat around a note and a summary, cut where :class:`TokenCounter` splits it.
+
+    For a note and summary without surrounding whitespace (templates ``trim`` message contents) the template's text
+    is ``head = head_before + note + head_after``, ``tail = tail_before + summary + tail_after`` and ``generation``
+    (the rendered generation prompt) is constant — rendering with Jinja per row (two renders of the whole note)
+    is replaced by two string concatenations. :meth:`TokenCounter._find_frame` builds it only after comparing it
+    with Jinja's rendering of the probe texts character for character.
+    """
+
+    head_before: str
+    head_after: str
+    tail_before: str
+    tail_after: str
+    generation: str
+
+    def applies(self, note: str, summary: str) -> bool:
+        return (
+            bool(note)
+            and bool(summary)
+            and note == note.strip()
+            and summary == summary.strip()
+            and _NOTE_SLOT not in note
+            and _SUMMARY_SLOT not in summary
+        )
 
 
 class TokenCounter:
@@ -198,23 +233,42 @@ class TokenCounter:
     ``stats`` counts rows counted by the split (``split_rows``), by the exact path (``exact_rows``) and rows
     re-counted exactly to check the split (``verified_rows``).
 
+    Three things make the split path fast at 270k rows without changing a count: the chat is rendered from a
+    fixed frame (:class:`_ChatFrame`) instead of by Jinja per row; token *counts* come from the fast tokenizer's
+    Rust ``encode_batch`` without building Python id lists for the notes (what ``tokenizer(texts)`` adds); and
+    the summary side (tail length and its common prefix with the generation prompt) is remembered per summary,
+    so the length budget's re-counts of a shortened note — and of the bare marker — tokenize only the new note.
+
     Raises (from :meth:`count`):
         RuntimeError: a verified row disagrees with the exact count (use ``mode="exact"``).
     """
 
     def __init__(
-        self, tokenizer: Any, instruction: str = DEFAULT_INSTRUCTION, *, mode: str = "auto", verify_every: int = 64
+        self,
+        tokenizer: Any,
+        instruction: str = DEFAULT_INSTRUCTION,
+        *,
+        mode: str = "auto",
+        verify_every: int = 64,
+        max_cached_summaries: int = 16384,
     ) -> None:
         if mode not in ("auto", "exact"):
             raise ValueError(f"mode={mode!r}; use 'auto' or 'exact'")
         self.tokenizer = tokenizer
         self.instruction = instruction
         self.verify_every = max(1, verify_every)
+        self.max_cached_summaries = max_cached_summaries
         self.split_token: str | None = None
+        self.frame: _ChatFrame | None = None
+        # (generation prompt, tail text) -> (tail tokens, common prefix of the tail's and the generation's tokens)
+        self._tails: dict[tuple[str, str], tuple[int, int]] = {}
+        self._generation_ids: dict[str, list[int]] = {}
         self.stats: dict[str, int] = {"split_rows": 0, "exact_rows": 0, "verified_rows": 0}
         self.mode = "exact"
         if mode == "auto":
             self.split_token = self._find_split_token()
+            if self.split_token is not None:
+                self.frame = self._find_frame()
             if self.split_token is not None and self._probe():
                 self.mode = "split"
             else:
@@ -238,6 +292,35 @@ class TokenCounter:
                 best, best_at = token.content, at
         return best if best_at > 0 else None
 
+    def _render(self, notes: Sequence[str], summaries: Sequence[str]) -> tuple[list[str], list[str]]:
+        """Jinja renderings ``(prompt with generation prompt, prompt + completion)`` — what TRL tokenizes."""
+        prompts = [prompt_messages(note, self.instruction) for note in notes]
+        full = [p + completion_messages(s) for p, s in zip(prompts, summaries)]
+        prompt_texts = self.tokenizer.apply_chat_template(prompts, add_generation_prompt=True, tokenize=False)
+        full_texts = self.tokenizer.apply_chat_template(full, tokenize=False)
+        return prompt_texts, full_texts
+
+    def _find_frame(self) -> _ChatFrame | None:
+        """The fixed frame of the rendered chat, or None when Jinja's rendering is not note/summary-independent."""
+        assert self.split_token is not None
+        (prompt,), (full,) = self._render([_NOTE_SLOT], [_SUMMARY_SLOT])
+        if prompt.count(_NOTE_SLOT) != 1 or full.count(_NOTE_SLOT) != 1 or full.count(_SUMMARY_SLOT) != 1:
+            return None
+        head_before, after_note = prompt.split(_NOTE_SLOT)
+        cut = after_note.rfind(self.split_token)
+        full_before, full_after_note = full.split(_NOTE_SLOT)
+        if cut < 0 or full_before != head_before or not full_after_note.startswith(after_note[:cut]):
+            return None
+        tail_before, tail_after = full_after_note[cut:].split(_SUMMARY_SLOT)
+        frame = _ChatFrame(head_before, after_note[:cut], tail_before, tail_after, after_note[cut:])
+        pairs = [(n, s) for n in _PROBE_NOTES for s in _PROBE_SUMMARIES if frame.applies(n, s)]
+        prompt_texts, full_texts = self._render([n for n, _ in pairs], [s for _, s in pairs])
+        for (note, summary), p_text, f_text in zip(pairs, prompt_texts, full_texts):
+            head = frame.head_before + note + frame.head_after
+            if p_text != head + frame.generation or f_text != head + frame.tail_before + summary + frame.tail_after:
+                return None
+        return frame
+
     def _probe(self) -> bool:
         notes = list(_PROBE_NOTES)
         summaries = list(_PROBE_SUMMARIES)
@@ -246,12 +329,14 @@ class TokenCounter:
         if split is None:
             return False
         prompt, completion, total, fallback = split
-        return (
+        ok = (
             not fallback.any()
             and np.array_equal(prompt, exact.prompt_lengths)
             and np.array_equal(completion, exact.completion_lengths)
             and np.array_equal(total, exact.total_lengths)
         )
+        self._tails.clear()
+        return ok
 
     # -- counting -----------------------------------------------------------------------------------------------
 
@@ -259,37 +344,81 @@ class TokenCounter:
         # What apply_chat_template(tokenize=True) does with the rendered text.
         return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
 
+    def _token_lengths(self, texts: list[str]) -> list[int]:
+        """``[len(ids) for ids in self._encode(texts)]`` without building the id lists.
+
+        The Rust backend is called directly when its state is what ``tokenizer(texts)`` would set (no truncation,
+        no padding, the same special-token splitting); otherwise through the wrapper.
+        """
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if (
+            backend is None
+            or backend.truncation is not None
+            or backend.padding is not None
+            or backend.encode_special_tokens != bool(getattr(self.tokenizer, "split_special_tokens", False))
+        ):
+            return [len(ids) for ids in self._encode(texts)]
+        encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+        return [len(encoding) for encoding in encode(texts, add_special_tokens=False)]
+
+    def _generation(self, text: str) -> list[int]:
+        ids = self._generation_ids.get(text)
+        if ids is None:
+            if len(self._generation_ids) >= 64:  # only rows rendered by Jinja add texts here
+                self._generation_ids.clear()
+            ids = self._generation_ids[text] = self._encode([text])[0]
+        return ids
+
+    def _tail_counts(self, tails: list[str], generation: list[str]) -> list[tuple[int, int]]:
+        """``(tail tokens, common prefix with the generation prompt's tokens)`` per row, remembered per tail."""
+        keys = list(zip(generation, tails))
+        missing = list(dict.fromkeys(key for key in keys if key not in self._tails))
+        if missing:
+            if len(self._tails) + len(missing) > self.max_cached_summaries:
+                self._tails.clear()
+                missing = list(dict.fromkeys(keys))
+            for key, ids in zip(missing, self._encode([tail for _, tail in missing])):
+                self._tails[key] = (len(ids), _common_prefix_length(self._generation(key[0]), ids))
+        return [self._tails[key] for key in keys]
+
     def _split_counts(
         self, notes: Sequence[str], summaries: Sequence[str]
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
         assert self.split_token is not None
-        prompts = [prompt_messages(note, self.instruction) for note in notes]
-        full = [p + completion_messages(s) for p, s in zip(prompts, summaries)]
-        prompt_texts = self.tokenizer.apply_chat_template(prompts, add_generation_prompt=True, tokenize=False)
-        full_texts = self.tokenizer.apply_chat_template(full, tokenize=False)
         n = len(notes)
-        heads, tails, generation = [], [], []
+        heads: list[str] = [""] * n
+        tails: list[str] = [""] * n
+        generation: list[str] = [""] * n
         fallback = np.zeros(n, dtype=bool)
-        for i, (p_text, f_text) in enumerate(zip(prompt_texts, full_texts)):
-            cut = p_text.rfind(self.split_token)
-            if cut <= 0 or not f_text.startswith(p_text[:cut]):
-                fallback[i] = True
-                cut = 0
-            heads.append(p_text[:cut])
-            tails.append(f_text[cut:])
-            generation.append(p_text[cut:])
-        head_ids = self._encode(heads)
-        tail_ids = self._encode(tails)
-        gen_cache: dict[str, list[int]] = {}
-        for text in set(generation):
-            gen_cache[text] = self._encode([text])[0]
-        head_len = np.fromiter(map(len, head_ids), dtype=np.int64, count=n)
-        gen_ids = [gen_cache[text] for text in generation]
-        prompt = head_len + np.fromiter(map(len, gen_ids), dtype=np.int64, count=n)
-        total = head_len + np.fromiter(map(len, tail_ids), dtype=np.int64, count=n)
-        start = head_len + np.fromiter(
-            (_common_prefix_length(g, t) for g, t in zip(gen_ids, tail_ids)), dtype=np.int64, count=n
-        )
+        frame = self.frame
+        jinja = []
+        for i, (note, summary) in enumerate(zip(notes, summaries)):
+            if frame is not None and frame.applies(note, summary):
+                heads[i] = frame.head_before + note + frame.head_after
+                tails[i] = frame.tail_before + summary + frame.tail_after
+                generation[i] = frame.generation
+            else:
+                jinja.append(i)
+        if jinja:
+            prompt_texts, full_texts = self._render([notes[i] for i in jinja], [summaries[i] for i in jinja])
+            for i, p_text, f_text in zip(jinja, prompt_texts, full_texts):
+                cut = p_text.rfind(self.split_token)
+                if cut <= 0 or not f_text.startswith(p_text[:cut]):
+                    fallback[i] = True
+                    cut = 0
+                heads[i] = p_text[:cut]
+                tails[i] = f_text[cut:]
+                generation[i] = p_text[cut:]
+        unique_heads = list(dict.fromkeys(heads))
+        head_of = dict(zip(unique_heads, self._token_lengths(unique_heads)))
+        head_len = np.fromiter((head_of[h] for h in heads), dtype=np.int64, count=n)
+        tail_counts = self._tail_counts(tails, generation)
+        gen_len = np.fromiter((len(self._generation(g)) for g in generation), dtype=np.int64, count=n)
+        tail_len = np.fromiter((t for t, _ in tail_counts), dtype=np.int64, count=n)
+        common = np.fromiter((c for _, c in tail_counts), dtype=np.int64, count=n)
+        prompt = head_len + gen_len
+        total = head_len + tail_len
+        start = head_len + common
         return prompt, total - start, total, fallback
 
     def count(self, notes: Sequence[str], summaries: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

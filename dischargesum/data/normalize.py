@@ -76,14 +76,35 @@ def strip_instruction_prefix(text: str) -> tuple[str, str | None]:
     return text[match.end() :], match.group("prefix").strip()
 
 
+# ASCII characters other than " " that _HORIZONTAL_SPACE matches (tab, vertical tab, form feed, \x1c-\x1f; \r is
+# gone by then).
+_ASCII_OTHER_SPACE = tuple(c for c in map(chr, range(128)) if c not in " \r" and _HORIZONTAL_SPACE.fullmatch(c))
+_SPACE_RUN = re.compile("  +")
+
+
 def normalize_whitespace(text: str) -> str:
-    """NFC; one space for runs of horizontal whitespace; no spaces around line breaks; at most one blank line."""
+    """NFC; one space for runs of horizontal whitespace; no spaces around line breaks; at most one blank line.
+
+    Same result as the three substitutions ``_HORIZONTAL_SPACE -> " "``, ``_TRAILING_SPACE -> "\\n"`` (twice) and
+    ``_BLANK_LINES -> "\\n\\n"``, computed faster (this runs on every note, summary and entity at 270k rows):
+    ASCII text collapses its whitespace with ``str.replace`` and a regex with a literal prefix; and once every run
+    of horizontal whitespace is a single space, the two trailing-space passes remove exactly the spaces next to a
+    line break, which two ``str.replace`` calls do. ``tests/unit/test_prepare_normalize.py`` checks the equivalence.
+    """
     text = unicodedata.normalize("NFC", text)
     text = text.replace("\r\n", "\n").replace("\r", "\n")
-    text = _HORIZONTAL_SPACE.sub(" ", text)
-    text = _TRAILING_SPACE.sub("\n", text)
-    text = _TRAILING_SPACE.sub("\n", text)  # a second pass catches " \n " runs the first left behind
-    text = _BLANK_LINES.sub("\n\n", text)
+    if text.isascii():
+        for char in _ASCII_OTHER_SPACE:
+            if char in text:
+                text = text.replace(char, " ")
+        if "  " in text:
+            text = _SPACE_RUN.sub(" ", text)
+    else:
+        text = _HORIZONTAL_SPACE.sub(" ", text)
+    # every horizontal-whitespace run is now one " "
+    text = text.replace(" \n", "\n").replace("\n ", "\n")
+    if "\n\n\n" in text:
+        text = _BLANK_LINES.sub("\n\n", text)
     return text.strip()
 
 

@@ -154,3 +154,56 @@ def test_tokenizer_without_template_is_a_config_error(tmp_path: Path, tiny_model
 def test_prompt_plus_completion_is_total(tokenizer, rows) -> None:
     prompt, completion, total = count_tokens(tokenizer, [n for n, _ in rows], [s for _, s in rows])
     assert np.array_equal(prompt + completion, total)
+
+
+def _counts_equal_exact(counter: TokenCounter, tokenizer, notes: list[str], summaries: list[str]) -> None:
+    exact = tokenize_examples(tokenizer, notes, summaries)
+    prompt, completion, total = counter.count(notes, summaries)
+    assert prompt.tolist() == exact.prompt_lengths.tolist()
+    assert completion.tolist() == exact.completion_lengths.tolist()
+    assert total.tolist() == exact.total_lengths.tolist()
+
+
+def test_token_counter_fast_paths_equal_exact_on_random_inputs(tokenizer, rows) -> None:
+    """Fixed chat frame, Rust-side lengths and the remembered summary side give TRL's counts, re-counts included."""
+    rng = random.Random(1)
+    counter = TokenCounter(tokenizer, verify_every=10_000)  # rely on the fast paths, check here instead
+    assert counter.mode == "split" and counter.frame is not None
+    for _ in range(3):
+        notes = [n for n, _ in rows] + [_junk(rng, rng.randint(1, 400)).strip() or "x" for _ in range(30)]
+        summaries = [s for _, s in rows] + [_junk(rng, rng.randint(1, 150)) for _ in range(30)]
+        notes += [_junk(rng, 50) + " ", " " + _junk(rng, 50)]  # surrounding whitespace: rendered by Jinja
+        summaries += ["s ", "\ns"]
+        _counts_equal_exact(counter, tokenizer, notes, summaries)
+        # re-count shortened notes against the same summaries (their side comes from the memory), and bare markers
+        _counts_equal_exact(counter, tokenizer, [n[: len(n) // 2].strip() or "y" for n in notes], summaries)
+        _counts_equal_exact(counter, tokenizer, [MARKER] * len(summaries), summaries)
+    assert counter.stats["verified_rows"] < counter.stats["split_rows"]
+    frame = counter.frame
+    assert frame.applies("note", "summary") and not frame.applies("note ", "summary")
+    assert not frame.applies("note", "") and not frame.applies("", "summary")
+    # the Rust-side lengths equal the wrapper's id lists
+    texts = [n for n, _ in rows[:5]] + ["<start_of_turn>user\nx<end_of_turn>\n", "\u00e9\u00b5 \U0001f489"]
+    assert counter._token_lengths(texts) == [len(ids) for ids in counter._encode(texts)]
+
+
+def test_token_counter_summary_memory_is_bounded(tokenizer, rows) -> None:
+    counter = TokenCounter(tokenizer, verify_every=10_000, max_cached_summaries=5)
+    notes, summaries = [n for n, _ in rows], [s for _, s in rows]
+    for start in range(0, len(notes), 4):
+        _counts_equal_exact(counter, tokenizer, notes[start : start + 4], summaries[start : start + 4])
+        assert len(counter._tails) <= 5
+    _counts_equal_exact(counter, tokenizer, notes, summaries)  # more rows than the memory holds at once
+
+
+def test_token_counter_without_a_fixed_frame_renders_with_jinja(tokenizer, rows) -> None:
+    """A template that transforms the message text has no fixed frame; counts stay exact through Jinja."""
+    import copy
+
+    upper = copy.deepcopy(tokenizer)
+    upper.chat_template = tokenizer.chat_template.replace("message['content'] | trim", "message['content'] | upper")
+    assert upper.chat_template != tokenizer.chat_template
+    counter = TokenCounter(upper, verify_every=1)
+    assert counter.frame is None
+    notes, summaries = [n for n, _ in rows[:6]], [s for _, s in rows[:6]]
+    _counts_equal_exact(counter, upper, notes, summaries)
