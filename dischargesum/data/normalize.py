@@ -91,6 +91,8 @@ def normalize_whitespace(text: str) -> str:
     of horizontal whitespace is a single space, the two trailing-space passes remove exactly the spaces next to a
     line break, which two ``str.replace`` calls do. ``tests/unit/test_prepare_normalize.py`` checks the equivalence.
     """
+    if text.isascii() and text.isprintable():  # one line of plain text (most entity texts): only spaces to fix
+        return (_SPACE_RUN.sub(" ", text) if "  " in text else text).strip()
     text = unicodedata.normalize("NFC", text)
     text = text.replace("\r\n", "\n").replace("\r", "\n")
     if text.isascii():

@@ -185,6 +185,7 @@ def test_token_counter_fast_paths_equal_exact_on_random_inputs(tokenizer, rows) 
     # the Rust-side lengths equal the wrapper's id lists
     texts = [n for n, _ in rows[:5]] + ["<start_of_turn>user\nx<end_of_turn>\n", "\u00e9\u00b5 \U0001f489"]
     assert counter._token_lengths(texts) == [len(ids) for ids in counter._encode(texts)]
+    assert counter._token_ids(texts) == counter._encode(texts)
 
 
 def test_token_counter_summary_memory_is_bounded(tokenizer, rows) -> None:
