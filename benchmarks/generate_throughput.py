@@ -27,6 +27,8 @@ Variants (``--variants``; the defaults run in this order, and the run stops star
 * ``engine_static`` — static cache without compilation (isolates the cache's effect).
 * ``engine_static_compile_b2x`` / ``engine_static_compile_sample`` — the compiled engine with twice the batch size
   and budget / with per-note seeded sampling (the sampler runs outside the compiled step).
+* ``engine_static_compile_sdpa`` — the compiled engine on transformers' own ``sdpa`` instead of our decoding attention
+  (``sdpa_gqa_fold``, dischargesum/attention.py, which every other engine row uses): the KV copy's cost.
 
 Every engine row also reports ``ms_per_decode_step`` (wall time over decoding steps, prefill included). With
 ``--profile``, each engine variant additionally runs ``--profile_tokens`` decoding steps of its first batch under
@@ -60,8 +62,9 @@ GOAL_TOKENS_PER_SECOND = 3300  # issue 8: >= 500x the seed's ~6.6 new tokens/s o
 DEFAULT_VARIANTS = (
     "engine_static_compile",
     "seed",
-    "engine_greedy",
     "engine_static_compile_b2x",
+    "engine_static_compile_sdpa",
+    "engine_greedy",
     "engine_static_compile_sample",
     "engine_static",
     "engine_sample",
@@ -292,6 +295,7 @@ ENGINE_VARIANTS: dict[str, dict[str, Any]] = {
     "engine_static_compile_sample": {
         "cache_implementation": "static", "compile": True, "do_sample": True, "top_k": 50, "temperature": 1.0,
     },
+    "engine_static_compile_sdpa": {"cache_implementation": "static", "compile": True, "attn": "sdpa"},
     "engine_greedy_b2x": {"scale": 2},
 }  # fmt: skip
 
@@ -312,10 +316,30 @@ def load_engine_model(inputs: dict[str, Any]) -> tuple[Any, float]:
 def run_engine_variant(
     name: str, base_engine: Any, args: argparse.Namespace, inputs: dict[str, Any]
 ) -> dict[str, Any]:
-    from dischargesum.inference import EngineSettings, GenerationRequest, InferenceEngine, note_seed
-
     spec = dict(ENGINE_VARIANTS[name])
     scale = spec.pop("scale", 1)
+    attn = spec.pop("attn", None)
+    if attn is not None:  # the ablation of our decoding attention: transformers' own sdpa (repeat_kv copies)
+        previous = base_engine.model.config._attn_implementation
+        base_engine.model.set_attn_implementation(attn)
+        try:
+            return run_engine_variant_inner(name, base_engine, args, inputs, spec, scale, attn)
+        finally:
+            base_engine.model.set_attn_implementation(previous)
+    return run_engine_variant_inner(name, base_engine, args, inputs, spec, scale, None)
+
+
+def run_engine_variant_inner(
+    name: str,
+    base_engine: Any,
+    args: argparse.Namespace,
+    inputs: dict[str, Any],
+    spec: dict[str, Any],
+    scale: int,
+    attn: str | None,
+) -> dict[str, Any]:
+    from dischargesum.inference import EngineSettings, GenerationRequest, InferenceEngine, note_seed
+
     settings = EngineSettings(
         batch_token_budget=args.batch_token_budget * scale,
         max_batch_size=args.max_batch_size * scale,
@@ -353,6 +377,7 @@ def run_engine_variant(
         batches=len(batches), batch_size=max(len(b) for b in batches), finish_reasons=finish,
         weights="bf16, LoRA merged", decoding="sample (top-k 50, per-note seed)" if settings.do_sample else "greedy",
         cache=settings.cache_implementation, compile=settings.compile,
+        attention=base_engine.model.config._attn_implementation,
         batch_token_budget=settings.batch_token_budget, max_batch_size=settings.max_batch_size,
         **({"profile": profile} if profile is not None else {}),
     )  # fmt: skip
@@ -361,27 +386,63 @@ def run_engine_variant(
     return row
 
 
+def _kernel_ms(prof: Any) -> dict[str, float]:
+    """Device time per CUDA kernel name (ms); CPU self time per op without a GPU (smoke runs)."""
+    from torch.autograd import DeviceType
+
+    averages = list(prof.key_averages())
+    has_cuda = any(getattr(e, "device_type", None) == DeviceType.CUDA for e in averages)
+    out: dict[str, float] = {}
+    for evt in averages:
+        if has_cuda and getattr(evt, "device_type", None) == DeviceType.CUDA and evt.self_device_time_total > 0:
+            out[evt.key] = out.get(evt.key, 0.0) + evt.self_device_time_total / 1e3
+        elif not has_cuda and evt.self_cpu_time_total > 0:
+            out[evt.key] = out.get(evt.key, 0.0) + evt.self_cpu_time_total / 1e3
+    return out
+
+
 def profile_decoding(engine: Any, batch: list[Any], args: argparse.Namespace) -> dict[str, Any]:
-    """``--profile_tokens`` decoding steps of ``batch`` (same shapes as the timed run, so compiled graphs replay)
-    under torch.profiler: where a step's time goes and how busy the GPU is."""
+    """Where one decoding step's time goes: ``batch`` (same shapes as the timed run, so compiled graphs replay) is
+    profiled twice — 1 new token (prefill + 1 step) and 1 + ``--profile_tokens`` — and the difference, divided by
+    ``--profile_tokens``, is a decoding step without the prefill: wall ms, kernel ms, GPU busy fraction (kernel / wall;
+    the rest is the GPU waiting for the host), and the top kernels."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
     from dischargesum.inference import GenerationRequest
 
-    n = min(args.profile_tokens, max(r.max_new_tokens for r in batch))  # a static cache holds no more
-    short = [GenerationRequest(r.key, r.prompt_ids, n, r.seed, r.index) for r in batch]
+    cap = max(r.max_new_tokens for r in batch)  # a static cache holds no more
+    steps = max(1, min(args.profile_tokens, cap - 1))
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-    sync()
-    with profile(activities=activities) as prof:
-        began = time.perf_counter()
-        engine.run_batch(short)
+    runs = []
+    for n in (1, 1 + steps):
+        short = [GenerationRequest(r.key, r.prompt_ids, n, r.seed, r.index) for r in batch]
         sync()
-        wall = time.perf_counter() - began
-    summary = _common.summarize_profile(prof, wall_seconds=wall, steps=n, lora_r=16, top=12)
-    summary["batch_size"] = len(batch)
-    summary["note"] = f"{n} decoding steps of the first batch (prefill included) after the timed run"
-    return summary
+        with profile(activities=activities) as prof:
+            began = time.perf_counter()
+            engine.run_batch(short)
+            sync()
+            wall = time.perf_counter() - began
+        runs.append((wall, _kernel_ms(prof)))
+    (wall1, k1), (wall2, k2) = runs
+    per_kernel = {name: (k2.get(name, 0.0) - k1.get(name, 0.0)) / steps for name in set(k1) | set(k2)}
+    kernel_ms = sum(per_kernel.values())
+    wall_ms = 1e3 * (wall2 - wall1) / steps
+    by_category: dict[str, float] = {}
+    for name, ms in per_kernel.items():
+        cat = _common.kernel_category(name)
+        by_category[cat] = by_category.get(cat, 0.0) + ms
+    top = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:12]
+    return {
+        "basis": "difference of two profiled runs (1 and 1 + steps new tokens) over steps: decoding only",
+        "steps": steps,
+        "batch_size": len(batch),
+        "wall_ms_per_step": round(wall_ms, 2),
+        "kernel_ms_per_step": round(kernel_ms, 2),
+        "gpu_busy_fraction": round(kernel_ms / wall_ms, 3) if wall_ms > 0 else None,
+        "by_category_ms_per_step": {k: round(v, 3) for k, v in sorted(by_category.items(), key=lambda kv: -kv[1])},
+        "top_kernels_ms_per_step": [{"kernel": name[:160], "ms": round(ms, 3)} for name, ms in top],
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------------

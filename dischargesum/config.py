@@ -481,7 +481,10 @@ class InferenceConfig(BaseConfig):
         default=None,
     )
     attn_implementation: Literal["auto", "eager", "sdpa", "flash_attention_2", "flash_attention_3"] = _help(
-        "Attention kernel (`auto` = sdpa).", default="auto"
+        "Attention kernel. `auto` = sdpa, with decoding steps of grouped-query models through "
+        "`sdpa_gqa_fold` (same results, no copy of the KV cache per step: dischargesum/attention.py); `sdpa` = "
+        "transformers' own.",
+        default="auto",
     )
     cache_implementation: Literal["dynamic", "static"] = _help(
         "KV cache. `static`: one preallocated cache reused by every batch (fixed shapes: batches are padded to one "

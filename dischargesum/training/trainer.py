@@ -202,8 +202,61 @@ class DischargeSFTTrainer(CheckpointingTrainerMixin, SFTTrainer):
             # Under SHARDED_STATE_DICT transformers' save_model writes nothing (huggingface/transformers#30491): no
             # adapter, tokenizer or config in checkpoints and final/ (the resumable DCP shards come with the
             # optimizer). Do what it does for FULL_STATE_DICT: gather the full state dict (collective; rank 0 keeps
-            # it, on the CPU) and let PEFT's save_pretrained write the adapter from it.
-            self._save(output_dir, state_dict=self.accelerator.get_state_dict(self.model))
+            # it, on the CPU) and let PEFT's save_pretrained write the adapter from it. Only the main process
+            # writes: the other ranks' dicts are empty (rank0_only), and an empty adapter written by rank 1 over
+            # rank 0's was what FSDP checkpoints held (0 LoRA tensors, measured on 2 H100s).
+            state_dict = self.accelerator.get_state_dict(self.model)
+            if self.args.should_save:
+                self._save(output_dir, state_dict=state_dict)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if self.is_fsdp_enabled:
+            self._reload_adapter_under_fsdp(Path(resume_from_checkpoint), model if model is not None else self.model)
+
+    def _reload_adapter_under_fsdp(self, checkpoint: Path, model: Any) -> None:
+        """Put the checkpoint's adapter (the full tensors PEFT wrote, see ``save_model``) into the FSDP-wrapped model.
+
+        Why: transformers resumes FSDP runs through accelerate's ``load_fsdp_model(adapter_only=True)``, which restored
+        nothing for our FSDP-QLoRA runs (the loss after resuming was the untrained model's: measured on 2 H100s;
+        accelerate#4206 fixes a related FSDP2 case). Every rank reads the adapter file and FSDP shards the full
+        tensors itself (FULL_STATE_DICT, rank0_only off); a LoRA tensor that does not load is an error.
+        """
+        from safetensors.torch import load_file
+        from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        path = checkpoint / "adapter_model.safetensors"
+        if not path.is_file():
+            raise UserError(
+                f"FSDP checkpoint {checkpoint} has no adapter_model.safetensors to resume the adapter from"
+            )
+        saved = load_file(str(path), device="cpu")
+        if not saved:
+            raise UserError(f"{path} holds no tensors: the checkpoint's adapter was not saved; resume from another")
+        adapter = "default"
+        unwrapped = self.accelerator.unwrap_model(model)
+        if hasattr(unwrapped, "active_adapter"):
+            adapter = unwrapped.active_adapter
+        full = FullStateDictConfig(offload_to_cpu=True, rank0_only=False)
+        with FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT, full):
+            current = model.state_dict()
+            renamed: dict[str, torch.Tensor] = {}
+            for key, tensor in saved.items():
+                # PEFT stores "...lora_A.weight"; the live model names it "...lora_A.<adapter>.weight"
+                for part in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B"):
+                    key = key.replace(f".{part}.weight", f".{part}.{adapter}.weight")
+                matches = [k for k in current if k == key or k.endswith("." + key) or key.endswith("." + k)]
+                if len(matches) != 1:
+                    raise UserError(
+                        f"cannot place adapter tensor {key} of {path} in the FSDP model ({len(matches)} matches)"
+                    )
+                renamed[matches[0]] = tensor.to(current[matches[0]].dtype)
+            result = model.load_state_dict(renamed, strict=False)
+        bad = [k for k in result.unexpected_keys if "lora_" in k]
+        if bad:
+            raise UserError(f"FSDP resume: adapter tensors not loaded from {path}: {bad[:3]}")
+        logger.info("FSDP resume: %d adapter tensors loaded from %s", len(renamed), path)
 
     def _save(self, output_dir: str | None = None, state_dict: Any = None) -> None:
         super()._save(output_dir, state_dict)

@@ -1,0 +1,85 @@
+"""The engine's static KV cache on the tiny Gemma-3 (CPU): same greedy tokens as the dynamic cache on prompts longer
+than the sliding window, and compiled decoding compiles once — no recompilation per step (transformers' own sliding
+static layer recompiles every step and then silently runs eagerly; see ``compile_friendly_static_cache``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dischargesum.inference import (
+    EngineSettings,
+    GenerationRequest,
+    InferenceEngine,
+    compile_friendly_static_cache,
+    load_engine,
+    resolve_model_source,
+)
+
+
+@pytest.fixture(scope="module")
+def dynamic_engine(tiny_model_dir: Path) -> InferenceEngine:
+    source = resolve_model_source(str(tiny_model_dir), None)
+    return load_engine(
+        source, EngineSettings(max_batch_size=4, batch_token_budget=4096), precision="fp32", load_in_4bit=False,
+        merge_adapter=False, attn_implementation="auto", device="cpu",
+    )  # fmt: skip
+
+
+def _requests(window: int, n: int = 6, max_new: int = 20) -> list[GenerationRequest]:
+    # prompts from below to well above the sliding window, so decoding crosses it in some rows and not others
+    lengths = [window // 2 + 23 * i for i in range(n)]
+    return [
+        GenerationRequest(f"n{i}", tuple(3 + (7 * i + 5 * j) % 900 for j in range(n_tok)), max_new, seed=i, index=i)
+        for i, n_tok in enumerate(lengths)
+    ]
+
+
+def test_sliding_layers_become_full_length_static_layers(dynamic_engine: InferenceEngine) -> None:
+    from transformers.cache_utils import StaticLayer, StaticSlidingWindowLayer
+
+    config = dynamic_engine.model.config.get_text_config(decoder=True)
+    cache = compile_friendly_static_cache(config, 300)
+    assert len(cache.layers) == config.num_hidden_layers
+    assert all(type(layer) is StaticLayer for layer in cache.layers)
+    assert not any(isinstance(layer, StaticSlidingWindowLayer) for layer in cache.layers)
+    assert cache.is_compileable and "sliding_attention" in config.layer_types
+
+
+def test_static_cache_gives_the_dynamic_cache_tokens_beyond_the_window(dynamic_engine: InferenceEngine) -> None:
+    window = dynamic_engine.model.config.get_text_config(decoder=True).sliding_window
+    requests = _requests(window)
+    assert max(len(r.prompt_ids) for r in requests) + 20 > 2 * window
+    reference = [r.token_ids for r in dynamic_engine.generate_all(requests)]
+    static = InferenceEngine(
+        dynamic_engine.model,
+        dynamic_engine.tokenizer,
+        EngineSettings(max_batch_size=4, batch_token_budget=4096, cache_implementation="static"),
+    )
+    got = [r.token_ids for r in static.generate_all(requests)]
+    assert got == reference
+
+
+def test_compiled_decoding_does_not_recompile_per_step(
+    dynamic_engine: InferenceEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    # Any recompilation (a guard failing between decoding steps or batches of the same shape) raises.
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    window = dynamic_engine.model.config.get_text_config(decoder=True).sliding_window
+    requests = _requests(window, n=8, max_new=12)
+    compiled = InferenceEngine(
+        dynamic_engine.model,
+        dynamic_engine.tokenizer,
+        EngineSettings(max_batch_size=4, batch_token_budget=4096, cache_implementation="static", compile=True),
+    )
+    results = compiled.generate_all(requests)  # two batches of 4: prefill eager, 11 compiled steps each
+    assert [r.new_tokens for r in results if r.finish_reason == "length"] == [12] * sum(
+        r.finish_reason == "length" for r in results
+    )
+    reference = [r.token_ids for r in dynamic_engine.generate_all(requests)]
+    assert [r.token_ids for r in results] == reference
+    torch._dynamo.reset()
