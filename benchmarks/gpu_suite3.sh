@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Third device call on a 4-GPU host (< 10 minutes), side by side:
+# Single-GPU benchmarks + 2-GPU modes on a 4-GPU host in one device call (< 10 minutes), side by side:
 #   GPU 0     generate_throughput --profile (static cache + CUDA graphs first; ms per decoding step, GPU busy fraction)
 #   GPU 1     profile_train_step on the default recipe, then train_throughput's lever rows on top of the recipe
-#   GPUs 2,3  multi_gpu.py on 2 GPUs: single (reference), FSDP-QLoRA, ZeRO-2, ZeRO-3 (losses, kill + resume, merge)
+#   GPUs 2,3  multi_gpu.py on 2 GPUs: single (reference) + MULTI_MODES (losses, kill + resume, merge)
+# Knobs: LIMIT (s, default 560), PROFILE_S, TRAIN_VARIANTS, MULTI_MODES.
 # Needs .gpu/site.tgz carried; results are tarred into $OUT/results3.tgz.
 set -u
 mkdir -p /tmp/site && tar xzf .gpu/site.tgz -C /tmp/site || exit 1
@@ -15,11 +16,11 @@ LIMIT=${LIMIT:-560}
 nvidia-smi --query-gpu=index,name,memory.total --format=csv > "$R/gpus.csv"
 (CUDA_VISIBLE_DEVICES=0 timeout $((LIMIT-15)) python3 benchmarks/generate_throughput.py --profile --out "$R/gen" --time_budget_s $((LIMIT-140)) > "$R/gen.log" 2>&1; echo "gen rc=$? t=$(( $(date +%s)-START ))" >> "$R/status") &
 (
-  timeout 200 python3 benchmarks/profile_train_step.py --gpus 1 --configs recipe --warmup_steps 1 --steps 1 --out "$R/profile" > "$R/profile.log" 2>&1; echo "profile rc=$? t=$(( $(date +%s)-START ))" >> "$R/status"
+  timeout ${PROFILE_S:-330} python3 benchmarks/profile_train_step.py --gpus 1 --configs recipe --warmup_steps 1 --steps 1 --out "$R/profile" > "$R/profile.log" 2>&1; echo "profile rc=$? t=$(( $(date +%s)-START ))" >> "$R/status"
   left=$(( LIMIT - 10 - ($(date +%s)-START) ))
-  [ $left -gt 90 ] && timeout $left python3 benchmarks/train_throughput.py --gpus 1 --profiles kaggle --variants recipe,recipe+compile,recipe+mb8,seed,recipe+mb8+compile,recipe+selective_ckpt --budget_s $((left-10)) --variant_timeout_s 200 --out "$R/train" > "$R/train.log" 2>&1; echo "train rc=$? t=$(( $(date +%s)-START ))" >> "$R/status"
+  [ $left -gt 90 ] && timeout $left python3 benchmarks/train_throughput.py --gpus 1 --profiles kaggle --variants ${TRAIN_VARIANTS:-recipe,recipe+mb8,recipe+selective_ckpt} --budget_s $((left-10)) --variant_timeout_s 200 --out "$R/train" > "$R/train.log" 2>&1; echo "train rc=$? t=$(( $(date +%s)-START ))" >> "$R/status"
 ) &
-(CUDA_VISIBLE_DEVICES=2,3 timeout $((LIMIT-5)) python3 benchmarks/multi_gpu.py --num_gpus 2 --modes single,fsdp,zero2,zero3 --out "$R/multi" --max-minutes $(awk "BEGIN{print ($LIMIT-25)/60}") > "$R/multi.log" 2>&1; echo "multi rc=$? t=$(( $(date +%s)-START ))" >> "$R/status") &
+(CUDA_VISIBLE_DEVICES=2,3 timeout $((LIMIT-5)) python3 benchmarks/multi_gpu.py --num_gpus 2 --modes ${MULTI_MODES:-single,fsdp,zero3} --out "$R/multi" --max-minutes $(awk "BEGIN{print ($LIMIT-25)/60}") > "$R/multi.log" 2>&1; echo "multi rc=$? t=$(( $(date +%s)-START ))" >> "$R/status") &
 wait
 cat "$R/status"
 tar czf "$OUT/results3.tgz" -C "$OUT" r3
