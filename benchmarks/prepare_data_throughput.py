@@ -7,7 +7,8 @@ Steps (the timed run is a subprocess, exactly as a user runs the stage, so its p
 
 1. write the synthetic CSV once (``--workdir``; reused when it exists with the same row count),
 2. ``python scripts/prepare_data.py --source <csv> ...`` — wall time, peak RSS of the process tree (main process +
-   worker processes, sampled every 0.2 s with psutil) and rows/s,
+   worker processes, sampled every 0.2 s with psutil), rows/s and the CPU seconds of the tree (on a shared machine
+   the load averages before/after and the CPU time tell how much of the wall time was waiting for a core),
 3. the seed-style NLTK cleaning (``normalization: seed``, the seed prototype's pipeline) timed on a sample of
    ``--seed_sample`` rows in this process and extrapolated linearly to ``--rows`` (it is per-row work; the
    corpus-level rare-word filter adds a counting pass that is cheap by comparison).
@@ -26,6 +27,7 @@ import datetime as _dt
 import json
 import os
 import platform
+import resource
 import subprocess
 import sys
 import threading
@@ -103,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed_sample", type=int, default=2000)
     parser.add_argument("--out", default=None, help="result JSON (default: print only)")
     parser.add_argument("--extrapolate_to", type=int, default=270_000, help="rows to extrapolate timings to")
+    parser.add_argument("--note", default=None, help="free text stored in the result (e.g. what else ran meanwhile)")
     args = parser.parse_args(argv)
 
     from dischargesum.data.synthetic import write_synthetic
@@ -134,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     env.pop("TOKENIZERS_PARALLELISM", None)  # let the fast tokenizer use every core, as a user's run does
     load_before = os.getloadavg()
+    cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     began = time.perf_counter()
     proc = subprocess.Popen(command, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
     stop, memory = threading.Event(), {}
@@ -144,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     stop.set()
     sampler.join()
     load_after = os.getloadavg()
+    cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)  # the stage and its workers (all waited for)
+    cpu_seconds = (cpu_after.ru_utime - cpu_before.ru_utime) + (cpu_after.ru_stime - cpu_before.ru_stime)
     if proc.returncode != 0:
         sys.stderr.write(stderr[-5000:])
         return proc.returncode
@@ -175,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
         "clinical": {
             "wall_seconds": round(wall, 1),
             "rows_per_second": round(args.rows / wall, 1),
+            "cpu_seconds_tree": round(cpu_seconds, 1),
+            "cpu_milliseconds_per_row": round(1000 * cpu_seconds / args.rows, 2),
             f"extrapolated_seconds_{args.extrapolate_to}_rows": round(args.extrapolate_to / (args.rows / wall)),
             "peak_rss_tree_gib": round(memory.get("peak_rss_tree_bytes", 0) / 2**30, 3),
             "peak_rss_main_gib": round(memory.get("peak_rss_main_bytes", 0) / 2**30, 3),
@@ -189,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
         "seed_style_nltk_sample": seed,
         "goal": {"wall_seconds_max": 600, "peak_rss_gib_max": 4},
     }
+    if args.note:
+        result["note"] = args.note
     text = json.dumps(result, indent=2) + "\n"
     sys.stdout.write(text)
     if args.out:
