@@ -29,6 +29,8 @@ Variants (``--variants``; the defaults run in this order, and the run stops star
   and budget / with per-note seeded sampling (the sampler runs outside the compiled step).
 * ``engine_static_compile_sdpa`` — the compiled engine on transformers' own ``sdpa`` instead of our decoding attention
   (``sdpa_gqa_fold``, dischargesum/attention.py, which every other engine row uses): the KV copy's cost.
+* ``engine_static_compile_matmul`` — our decoding attention with its ``matmul`` kernel (two batched matmuls) instead
+  of PyTorch's SDPA choice (cuDNN on H100).
 
 Every engine row also reports ``ms_per_decode_step`` (wall time over decoding steps, prefill included). With
 ``--profile``, each engine variant additionally runs ``--profile_tokens`` decoding steps of its first batch under
@@ -64,6 +66,7 @@ DEFAULT_VARIANTS = (
     "seed",
     "engine_static_compile_b2x",
     "engine_static_compile_sdpa",
+    "engine_static_compile_matmul",
     "engine_greedy",
     "engine_static_compile_sample",
     "engine_static",
@@ -296,6 +299,7 @@ ENGINE_VARIANTS: dict[str, dict[str, Any]] = {
         "cache_implementation": "static", "compile": True, "do_sample": True, "top_k": 50, "temperature": 1.0,
     },
     "engine_static_compile_sdpa": {"cache_implementation": "static", "compile": True, "attn": "sdpa"},
+    "engine_static_compile_matmul": {"cache_implementation": "static", "compile": True, "decode_kernel": "matmul"},
     "engine_greedy_b2x": {"scale": 2},
 }  # fmt: skip
 
@@ -319,6 +323,16 @@ def run_engine_variant(
     spec = dict(ENGINE_VARIANTS[name])
     scale = spec.pop("scale", 1)
     attn = spec.pop("attn", None)
+    kernel = spec.pop("decode_kernel", None)
+    if kernel is not None:  # our decoding attention's other kernel (dischargesum.attention.decode_kernel)
+        from dischargesum import attention
+
+        previous_kernel = attention.decode_kernel
+        attention.decode_kernel = kernel
+        try:
+            return run_engine_variant_inner(name, base_engine, args, inputs, spec, scale, None)
+        finally:
+            attention.decode_kernel = previous_kernel
     if attn is not None:  # the ablation of our decoding attention: transformers' own sdpa (repeat_kv copies)
         previous = base_engine.model.config._attn_implementation
         base_engine.model.set_attn_implementation(attn)
@@ -378,6 +392,7 @@ def run_engine_variant_inner(
         weights="bf16, LoRA merged", decoding="sample (top-k 50, per-note seed)" if settings.do_sample else "greedy",
         cache=settings.cache_implementation, compile=settings.compile,
         attention=base_engine.model.config._attn_implementation,
+        decode_kernel=__import__("dischargesum.attention").attention.decode_kernel,
         batch_token_budget=settings.batch_token_budget, max_batch_size=settings.max_batch_size,
         **({"profile": profile} if profile is not None else {}),
     )  # fmt: skip

@@ -28,6 +28,22 @@ import torch
 logger = logging.getLogger(__name__)
 
 NAME = "sdpa_gqa_fold"
+# Kernel for the folded decoding step: "sdpa" (PyTorch picks: cuDNN / efficient / math) or "matmul" (two batched
+# matmuls and a float32 softmax — transformers' eager attention math, without its repeat_kv copy). Read at call time;
+# benchmarks/generate_throughput.py measures both.
+DECODE_KERNELS = ("sdpa", "matmul")
+decode_kernel = "sdpa"
+
+
+def _matmul_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, scale: float | None
+) -> torch.Tensor:
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    scores = torch.matmul(query, key.transpose(-1, -2))
+    scores = scores.to(torch.promote_types(scores.dtype, torch.float32)) * scale  # softmax in >= float32
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    return torch.matmul(scores.softmax(dim=-1).to(value.dtype), value)
 
 
 def sdpa_gqa_fold_forward(
@@ -56,9 +72,12 @@ def sdpa_gqa_fold_forward(
     mask = attention_mask
     if mask is not None and mask.ndim == 4:
         mask = mask[:, :, :, : key.shape[-2]]
-    out = torch.nn.functional.scaled_dot_product_attention(
-        folded, key, value, attn_mask=mask, dropout_p=0.0, scale=scaling, is_causal=False
-    )
+    if decode_kernel == "matmul":
+        out = _matmul_attention(folded, key, value, mask, scaling)
+    else:
+        out = torch.nn.functional.scaled_dot_product_attention(
+            folded, key, value, attn_mask=mask, dropout_p=0.0, scale=scaling, is_causal=False
+        )
     return out.reshape(batch, heads, 1, head_dim).transpose(1, 2).contiguous(), None
 
 

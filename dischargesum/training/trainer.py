@@ -115,6 +115,72 @@ def gemma3_vlm_needs_token_type_ids() -> bool:
     return fn is not None and "is_training" in inspect.signature(fn).parameters
 
 
+def _lora_name(name: str) -> str | None:
+    """The PEFT-model name of a LoRA parameter seen through FSDP wrappers (None: not a LoRA parameter)."""
+    if "lora_" not in name:
+        return None
+    return name.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", "")
+
+
+def gather_fsdp_adapter(fsdp_model: Any, peft_model: Any) -> dict[str, torch.Tensor]:
+    """Full LoRA tensors of an FSDP-wrapped PEFT model, on the CPU of the main process (empty dict elsewhere).
+
+    Collective (every rank must call it): ``summon_full_params`` unshards each FSDP unit in turn, rank 0 copies the
+    LoRA parameters out. Keys are the PEFT model's own names (``...lora_A.default.weight``), what
+    ``PeftModel.save_pretrained(state_dict=...)`` expects.
+    """
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    main = not dist.is_initialized() or dist.get_rank() == 0
+    sharded = dist.is_initialized() and dist.get_world_size() > 1  # FSDP refuses CPU offload with one process
+    out: dict[str, torch.Tensor] = {}
+    with FSDP.summon_full_params(fsdp_model, writeback=False, rank0_only=True, offload_to_cpu=sharded):
+        if main:
+            for name, param in peft_model.named_parameters():
+                key = _lora_name(name)
+                if key is not None:
+                    out[key] = param.detach().to("cpu", copy=True)
+    return out
+
+
+def load_fsdp_adapter(fsdp_model: Any, peft_model: Any, checkpoint: Path) -> int:
+    """Copy ``checkpoint/adapter_model.safetensors`` into the LoRA parameters of an FSDP-wrapped PEFT model on every
+    rank (collective); returns how many tensors were loaded.
+
+    Raises:
+        UserError: no adapter file, an empty one, or a LoRA parameter the file does not have (shape mismatches too).
+    """
+    from safetensors.torch import load_file
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    path = checkpoint / "adapter_model.safetensors"
+    if not path.is_file():
+        raise UserError(f"FSDP checkpoint {checkpoint} has no adapter_model.safetensors to resume the adapter from")
+    saved = load_file(str(path), device="cpu")
+    if not saved:
+        raise UserError(f"{path} holds no tensors: the checkpoint's adapter was not saved; resume from another")
+    adapter = getattr(peft_model, "active_adapter", "default")
+    loaded = 0
+    with torch.no_grad(), FSDP.summon_full_params(fsdp_model, writeback=True, rank0_only=False):
+        for name, param in peft_model.named_parameters():
+            key = _lora_name(name)
+            if key is None:
+                continue
+            file_key = key.replace(f".{adapter}.", ".")  # PEFT saves without the adapter name
+            tensor = saved.get(file_key)
+            if tensor is None or tuple(tensor.shape) != tuple(param.shape):
+                raise UserError(
+                    f"FSDP resume: {path} has no tensor {file_key} of shape {tuple(param.shape)} "
+                    f"(found {None if tensor is None else tuple(tensor.shape)})"
+                )
+            param.copy_(tensor.to(param.device, param.dtype))
+            loaded += 1
+    if loaded == 0:
+        raise UserError(f"FSDP resume: the model has no LoRA parameters to load {path} into")
+    return loaded
+
+
 @dataclasses.dataclass
 class BatchExtrasCollator:
     """Wraps TRL's collator: carries ``example_index`` into the batch (the trainer pops it before the forward) and,
@@ -197,66 +263,28 @@ class DischargeSFTTrainer(CheckpointingTrainerMixin, SFTTrainer):
             self._signature_columns = [*self._signature_columns, EXAMPLE_INDEX]
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        super().save_model(output_dir, _internal_call)
-        if self.is_fsdp_enabled and "FULL_STATE_DICT" not in str(self.accelerator.state.fsdp_plugin.state_dict_type):
-            # Under SHARDED_STATE_DICT transformers' save_model writes nothing (huggingface/transformers#30491): no
-            # adapter, tokenizer or config in checkpoints and final/ (the resumable DCP shards come with the
-            # optimizer). Do what it does for FULL_STATE_DICT: gather the full state dict (collective; rank 0 keeps
-            # it, on the CPU) and let PEFT's save_pretrained write the adapter from it. Only the main process
-            # writes: the other ranks' dicts are empty (rank0_only), and an empty adapter written by rank 1 over
-            # rank 0's was what FSDP checkpoints held (0 LoRA tensors, measured on 2 H100s).
-            state_dict = self.accelerator.get_state_dict(self.model)
-            if self.args.should_save:
-                self._save(output_dir, state_dict=state_dict)
+        if not self.is_fsdp_enabled:
+            super().save_model(output_dir, _internal_call)
+            return
+        # FSDP: our own adapter gathering instead of transformers' (which writes nothing under SHARDED_STATE_DICT,
+        # transformers#30491) and accelerate's get_state_dict (its adapter held 0 LoRA tensors in our FSDP-QLoRA
+        # checkpoints on 2 H100s). Collective: every rank enters; the main process gets the full LoRA tensors and
+        # writes them through PEFT. The resumable sharded model/optimizer state is saved by the checkpoint code.
+        adapter = gather_fsdp_adapter(self.model_wrapped, self.accelerator.unwrap_model(self.model_wrapped))
+        if self.args.should_save:
+            if not adapter:
+                raise UserError("FSDP: gathering the adapter gave no LoRA tensors; the checkpoint would be unusable")
+            self._save(output_dir, state_dict=adapter)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         if self.is_fsdp_enabled:
-            self._reload_adapter_under_fsdp(Path(resume_from_checkpoint), model if model is not None else self.model)
-
-    def _reload_adapter_under_fsdp(self, checkpoint: Path, model: Any) -> None:
-        """Put the checkpoint's adapter (the full tensors PEFT wrote, see ``save_model``) into the FSDP-wrapped model.
-
-        Why: transformers resumes FSDP runs through accelerate's ``load_fsdp_model(adapter_only=True)``, which restored
-        nothing for our FSDP-QLoRA runs (the loss after resuming was the untrained model's: measured on 2 H100s;
-        accelerate#4206 fixes a related FSDP2 case). Every rank reads the adapter file and FSDP shards the full
-        tensors itself (FULL_STATE_DICT, rank0_only off); a LoRA tensor that does not load is an error.
-        """
-        from safetensors.torch import load_file
-        from torch.distributed.fsdp import FullStateDictConfig, StateDictType
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-        path = checkpoint / "adapter_model.safetensors"
-        if not path.is_file():
-            raise UserError(
-                f"FSDP checkpoint {checkpoint} has no adapter_model.safetensors to resume the adapter from"
-            )
-        saved = load_file(str(path), device="cpu")
-        if not saved:
-            raise UserError(f"{path} holds no tensors: the checkpoint's adapter was not saved; resume from another")
-        adapter = "default"
-        unwrapped = self.accelerator.unwrap_model(model)
-        if hasattr(unwrapped, "active_adapter"):
-            adapter = unwrapped.active_adapter
-        full = FullStateDictConfig(offload_to_cpu=True, rank0_only=False)
-        with FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT, full):
-            current = model.state_dict()
-            renamed: dict[str, torch.Tensor] = {}
-            for key, tensor in saved.items():
-                # PEFT stores "...lora_A.weight"; the live model names it "...lora_A.<adapter>.weight"
-                for part in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B"):
-                    key = key.replace(f".{part}.weight", f".{part}.{adapter}.weight")
-                matches = [k for k in current if k == key or k.endswith("." + key) or key.endswith("." + k)]
-                if len(matches) != 1:
-                    raise UserError(
-                        f"cannot place adapter tensor {key} of {path} in the FSDP model ({len(matches)} matches)"
-                    )
-                renamed[matches[0]] = tensor.to(current[matches[0]].dtype)
-            result = model.load_state_dict(renamed, strict=False)
-        bad = [k for k in result.unexpected_keys if "lora_" in k]
-        if bad:
-            raise UserError(f"FSDP resume: adapter tensors not loaded from {path}: {bad[:3]}")
-        logger.info("FSDP resume: %d adapter tensors loaded from %s", len(renamed), path)
+            # accelerate's load_fsdp_model(adapter_only=True), which transformers uses, restored nothing for our
+            # FSDP-QLoRA runs (the loss after resuming was the untrained model's, 2 H100s; accelerate#4206 fixes a
+            # related FSDP2 case): put the checkpoint's adapter file back ourselves.
+            wrapped = model if model is not None else self.model_wrapped
+            n = load_fsdp_adapter(wrapped, self.accelerator.unwrap_model(wrapped), Path(resume_from_checkpoint))
+            logger.info("FSDP resume: %d adapter tensors loaded from %s", n, resume_from_checkpoint)
 
     def _save(self, output_dir: str | None = None, state_dict: Any = None) -> None:
         super()._save(output_dir, state_dict)

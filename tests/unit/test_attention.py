@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from dischargesum import attention
 from dischargesum.attention import NAME, sdpa_gqa_fold_forward, use_gqa_fold
 
 
@@ -18,7 +19,9 @@ class _Module(torch.nn.Module):
 
 
 @pytest.mark.parametrize("n_rep", [2, 4])
-def test_folded_decoding_attention_equals_sdpa_with_a_padding_mask(n_rep: int) -> None:
+def test_folded_decoding_attention_equals_sdpa_with_a_padding_mask(
+    n_rep: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     torch.manual_seed(0)
@@ -31,9 +34,11 @@ def test_folded_decoding_attention_equals_sdpa_with_a_padding_mask(n_rep: int) -
     mask[2, ..., :20] = False  # and a sliding window's cut
     module = _Module(n_rep)
     expected, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.25)
-    got, _ = sdpa_gqa_fold_forward(module, query, key, value, mask, scaling=0.25)
-    assert got.shape == expected.shape == (batch, 1, kv_heads * n_rep, dim)
-    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    for kernel in attention.DECODE_KERNELS:
+        monkeypatch.setattr(attention, "decode_kernel", kernel)
+        got, _ = sdpa_gqa_fold_forward(module, query, key, value, mask, scaling=0.25)
+        assert got.shape == expected.shape == (batch, 1, kv_heads * n_rep, dim)
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
 
 
 def test_prefill_goes_to_sdpa_unchanged() -> None:
@@ -47,7 +52,9 @@ def test_prefill_goes_to_sdpa_unchanged() -> None:
     assert torch.equal(got, expected)
 
 
-def test_model_generates_the_same_tokens_with_the_folded_attention(tiny_model_dir: Path) -> None:
+def test_model_generates_the_same_tokens_with_the_folded_attention(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa").eval()
@@ -66,3 +73,7 @@ def test_model_generates_the_same_tokens_with_the_folded_attention(tiny_model_di
     for a, b in zip(after.logits, before.logits):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     assert not use_gqa_fold(model)  # already switched: no-op
+    monkeypatch.setattr(attention, "decode_kernel", "matmul")
+    with torch.inference_mode():
+        matmul = model.generate(input_ids=ids, attention_mask=mask, return_dict_in_generate=True, **kwargs)
+    assert torch.equal(matmul.sequences, before.sequences)
