@@ -144,6 +144,31 @@ def gather_fsdp_adapter(fsdp_model: Any, peft_model: Any) -> dict[str, torch.Ten
     return out
 
 
+def save_fsdp_adapter(peft_model: Any, adapter: dict[str, torch.Tensor], output_dir: Path) -> Path:
+    """Write ``adapter`` (from :func:`gather_fsdp_adapter`) as PEFT's ``adapter_model.safetensors`` +
+    ``adapter_config.json``, loadable by ``PeftModel.from_pretrained``.
+
+    Why not ``PeftModel.save_pretrained(state_dict=...)``: PEFT (0.21) selects the adapter's keys from the model's
+    module names and strips only a *leading* ``_fsdp_wrapped_module.``; with FSDP's nested wrapping (every decoder
+    layer and LoRA linear is a unit) no name matches and it writes an adapter with 0 tensors — what our FSDP-QLoRA
+    checkpoints held on 2 H100s.
+    """
+    import copy
+
+    from safetensors.torch import save_file
+
+    name = getattr(peft_model, "active_adapter", "default")
+    # PEFT's file format has no adapter name: "...lora_A.default.weight" -> "...lora_A.weight"
+    tensors = {key.replace(f".{name}.", ".", 1): t.contiguous() for key, t in adapter.items()}
+    output_dir.mkdir(parents=True, exist_ok=True)
+    path = output_dir / "adapter_model.safetensors"
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    config = copy.deepcopy(peft_model.peft_config[name])
+    config.inference_mode = True
+    config.save_pretrained(str(output_dir))
+    return path
+
+
 def load_fsdp_adapter(fsdp_model: Any, peft_model: Any, checkpoint: Path) -> int:
     """Copy ``checkpoint/adapter_model.safetensors`` into the LoRA parameters of an FSDP-wrapped PEFT model on every
     rank (collective); returns how many tensors were loaded.
@@ -266,15 +291,22 @@ class DischargeSFTTrainer(CheckpointingTrainerMixin, SFTTrainer):
         if not self.is_fsdp_enabled:
             super().save_model(output_dir, _internal_call)
             return
-        # FSDP: our own adapter gathering instead of transformers' (which writes nothing under SHARDED_STATE_DICT,
-        # transformers#30491) and accelerate's get_state_dict (its adapter held 0 LoRA tensors in our FSDP-QLoRA
-        # checkpoints on 2 H100s). Collective: every rank enters; the main process gets the full LoRA tensors and
-        # writes them through PEFT. The resumable sharded model/optimizer state is saved by the checkpoint code.
-        adapter = gather_fsdp_adapter(self.model_wrapped, self.accelerator.unwrap_model(self.model_wrapped))
+        # FSDP: our own adapter gathering and writing instead of transformers' (which writes nothing under
+        # SHARDED_STATE_DICT, transformers#30491, and goes through PEFT's save, which drops every tensor of a nested
+        # FSDP model: see save_fsdp_adapter). Collective: every rank enters; the main process gets the full LoRA
+        # tensors and writes them. The resumable sharded model/optimizer state is saved by the checkpoint code.
+        peft_model = self.accelerator.unwrap_model(self.model_wrapped)
+        adapter = gather_fsdp_adapter(self.model_wrapped, peft_model)
         if self.args.should_save:
             if not adapter:
                 raise UserError("FSDP: gathering the adapter gave no LoRA tensors; the checkpoint would be unusable")
-            self._save(output_dir, state_dict=adapter)
+            out = Path(output_dir or self.args.output_dir)
+            save_fsdp_adapter(peft_model, adapter, out)
+            # What Trainer._save writes besides the model (its PEFT call would drop every tensor, see above).
+            if self.processing_class is not None:
+                self.processing_class.save_pretrained(str(out))
+            torch.save(self.args, out / "training_args.bin")
+            atomic_write_text(out / RESOLVED_CONFIG_NAME, self._resolved_config_yaml)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)

@@ -38,7 +38,7 @@ def _worker(rank: int, world: int, port: int, model_dir: str, adapter_dir: str, 
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
     from transformers import AutoModelForCausalLM
 
-    from dischargesum.training.trainer import gather_fsdp_adapter, load_fsdp_adapter
+    from dischargesum.training.trainer import gather_fsdp_adapter, load_fsdp_adapter, save_fsdp_adapter
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -61,6 +61,8 @@ def _worker(rank: int, world: int, port: int, model_dir: str, adapter_dir: str, 
             assert gathered and all(float(v.abs().sum()) == 0 for v in gathered.values())  # what was zeroed
         loaded = load_fsdp_adapter(fsdp, model, Path(adapter_dir))
         state = gather_fsdp_adapter(fsdp, model)
+        if rank == 0:  # what a checkpoint gets: must load with PEFT as any adapter does
+            save_fsdp_adapter(model, state, Path(out) / "resaved")
         torch.save({"loaded": loaded, "state": state}, f"{out}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -91,6 +93,13 @@ def test_fsdp_resume_reloads_the_adapter(tmp_path: Path, tiny_model_dir: Path) -
     assert set(restored) == set(saved)
     for key, tensor in saved.items():
         assert torch.equal(restored[key], tensor), key
+    from peft import PeftModel
+
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path / "resaved")
+    again = {k: v for k, v in reloaded.state_dict().items() if "lora_" in k}
+    assert set(again) == set(saved)
+    for key, tensor in saved.items():
+        assert torch.equal(again[key], tensor), key
 
 
 if __name__ == "__main__":  # pragma: no cover
