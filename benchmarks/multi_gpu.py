@@ -935,6 +935,9 @@ class Bench:
             if rc != 0:
                 out["log_tail"] = tail(log)
             out["ok"] = rc == 0 and bool(out.get("merge_ok")) and bool(out.get("generate_load_ok"))
+            if rc is not None and rc < 0:  # killed (kill_background at the end of the run): no verdict
+                out["ok"] = None
+                out["error"] = f"not finished: killed by signal {-rc} when the run's --max-minutes ran out"
             self.result["adapter_checks"][mode] = out
             self.save()
             return out
@@ -1194,6 +1197,9 @@ def format_table(result: dict[str, Any], s: Settings) -> str:
                 parts.append(f"{n}: {rate} new tok/s{same}{eff}")
             lines.append(f"generate ({gen.get('adapter_from_mode') or 'base'} adapter): " + "; ".join(parts))
     for mode, c in result["adapter_checks"].items():
+        if c.get("ok") is None and c.get("error"):
+            lines.append(f"{mode} checkpoint: check {c['error']}")
+            continue
         lines.append(
             f"{mode} checkpoint: merge {'ok' if c.get('merge_ok') else 'FAILED'}, generate loader "
             f"{'ok' if c.get('generate_load_ok') else 'FAILED'}" + (f" ({c['error']})" if c.get("error") else "")

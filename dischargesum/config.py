@@ -542,6 +542,12 @@ class InferenceConfig(BaseConfig):
                 f"{stage}: `compile: true` needs `cache_implementation: static` (CUDA graphs need fixed shapes); "
                 f"it is `{self.cache_implementation}`."
             )
+        if self.compile and self.load_in_4bit:
+            raise ConfigError(
+                f"{stage}: `compile: true` with `load_in_4bit: true`: transformers does not compile 4-bit "
+                "(bitsandbytes) models and would silently decode uncompiled; set `compile: false` (and "
+                "`cache_implementation: dynamic`), or load in bf16 (`load_in_4bit: false`)."
+            )
         if self.load_in_4bit and self.merge_adapter:
             raise ConfigError(
                 f"{stage}: `merge_adapter: true` with `load_in_4bit: true` would re-quantise the merged weights and "

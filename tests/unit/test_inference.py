@@ -394,6 +394,7 @@ def test_output_dir_with_foreign_outputs_is_refused(tmp_path: Path) -> None:
     ("overrides", "message"),
     [
         ({"compile": True}, "cache_implementation: static"),
+        ({"compile": True, "cache_implementation": "static", "load_in_4bit": True}, "4-bit"),
         ({"temperature": 0.7}, "do_sample"),
         ({"do_sample": True, "temperature": 0.0}, "temperature"),
         ({"load_in_4bit": True, "merge_adapter": True}, "merge_adapter"),
