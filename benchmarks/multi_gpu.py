@@ -815,6 +815,7 @@ class Bench:
         self.partial = res  # what a failure record keeps
         kill_this = mode != "single" or s.kill_single
         segments: list[tuple[list[dict[str, Any]], int]] = []
+        resume_step = 0
         if kill_this:
             plan = KillPlan(
                 run_dir, s.kill_after_step, s.save_steps, rank=world - 1, world=world, script="sft_qlora.py",
@@ -828,14 +829,23 @@ class Bench:
             if "kill" not in rec:
                 rec.setdefault("log_tail", tail(Path(rec["log"])))
                 raise LaunchFailed(rec)
+            from dischargesum.training.checkpointing import find_latest_valid_checkpoint
+
             killed_rows = training_rows(run_dir)
+            # The SIGKILL lands when the process group gets it, not when it was planned: on a fast run more steps
+            # (and another checkpoint) may be committed in between. The resume must start from the last valid
+            # checkpoint at the time of death, whichever that is.
+            survivor = find_latest_valid_checkpoint(run_dir)
             res["kill"] = {
                 **rec["kill"],
+                "planned_after_checkpoint": rec["kill"]["last_valid_checkpoint"],
+                "last_valid_checkpoint": survivor.name if survivor else None,
                 "steps_logged_before_kill": max((int(r["step"]) for r in killed_rows), default=0),
                 "left_in_output_dir": sorted(p.name for p in run_dir.iterdir()) if run_dir.is_dir() else [],
                 "job_exit_code": rec["returncode"],
             }
-            segments.append(([r for r in killed_rows if int(r["step"]) <= s.kill_after_step], 1))
+            resume_step = int(survivor.name.rsplit("-", 1)[1]) if survivor else 0
+            segments.append(([r for r in killed_rows if int(r["step"]) <= max(resume_step, 1)], 1))
             if self.remaining() < self.min_seconds(mode) / 2:
                 raise TimeoutError("no time left to resume after the kill (--max-minutes)")
         rec = run_launch(
@@ -856,7 +866,7 @@ class Bench:
         resumed_from = (manifest.get("inputs") or {}).get("resume_from")
         losses = {int(r["step"]): float(r["loss"]) for r in rows}
         grads = {int(r["step"]): float(r["grad_norm"]) for r in rows if r.get("grad_norm") is not None}
-        first = s.save_steps + 1 if kill_this else 1
+        first = resume_step + 1 if kill_this else 1
         segments.append(([r for r in rows if int(r["step"]) >= first], first))
         latest = find_latest_valid_checkpoint(run_dir)
         res.update(
@@ -874,7 +884,7 @@ class Bench:
         if s.log_note_ids:
             res["note_ids"] = {str(k): v for k, v in sorted(note_ids_by_step(run_dir).items())}
         if kill_this:
-            expected = f"checkpoint-{s.save_steps}"
+            expected = res["kill"]["last_valid_checkpoint"]
             res["resume"] = {
                 "resumed_from": resumed_from,
                 "resumed_from_expected_checkpoint": bool(resumed_from) and Path(resumed_from).name == expected,
