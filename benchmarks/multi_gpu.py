@@ -76,6 +76,9 @@ from typing import Any
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _common  # noqa: E402  (benchmarks/ is not a package)
 
 ACCELERATE_CONFIGS = REPO_ROOT / "accelerate_configs"
 TRAIN_MODES = ("single", "ddp", "zero2", "zero3", "fsdp")
@@ -291,20 +294,8 @@ def generation_sizes(num_gpus: int) -> list[int]:
 
 
 def child_env(cpu_only: bool = False) -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    env.update(
-        {
-            "HF_HUB_OFFLINE": "1",
-            "TRANSFORMERS_OFFLINE": "1",
-            "HF_DATASETS_OFFLINE": "1",
-            "HF_HUB_DISABLE_TELEMETRY": "1",
-            "TOKENIZERS_PARALLELISM": "false",
-            "PYTHONUNBUFFERED": "1",
-            # NVLink SHARP (multicast) is disabled on the lent machines; NCCL must not try it.
-            "NCCL_NVLS_ENABLE": "0",
-        }
-    )
+    # NVLink SHARP (multicast) is disabled on the lent machines; NCCL must not try it.
+    env = _common.subprocess_env(NCCL_NVLS_ENABLE="0")
     if cpu_only:
         env["CUDA_VISIBLE_DEVICES"] = ""
     if "OMP_NUM_THREADS" not in env and cpu_only:

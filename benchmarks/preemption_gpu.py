@@ -55,6 +55,8 @@ from typing import Any
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common  # noqa: E402  (benchmarks/ is not a package)
 
 SIGTERM_BUDGET_S = 25.0
 REL_TOLERANCE = 1e-4
@@ -73,22 +75,10 @@ DETERMINISM_DIR: Path | None = None
 
 
 def _env(training: bool = False) -> dict[str, str]:
-    env = dict(os.environ)
-    paths = [str(REPO_ROOT), env.get("PYTHONPATH", "")]
+    env = _common.subprocess_env()
     if training and DETERMINISM_DIR is not None:
-        paths.insert(0, str(DETERMINISM_DIR))
+        env["PYTHONPATH"] = os.pathsep.join([str(DETERMINISM_DIR), env["PYTHONPATH"]])
         env["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
-    env["PYTHONPATH"] = os.pathsep.join(paths).rstrip(os.pathsep)
-    env.update(
-        {
-            "HF_HUB_OFFLINE": "1",
-            "TRANSFORMERS_OFFLINE": "1",
-            "HF_DATASETS_OFFLINE": "1",
-            "HF_HUB_DISABLE_TELEMETRY": "1",
-            "TOKENIZERS_PARALLELISM": "false",
-            "PYTHONUNBUFFERED": "1",
-        }
-    )
     return env
 
 

@@ -20,12 +20,13 @@ Tested against ``sdpa`` (logits and greedy tokens) in tests/unit/test_attention.
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import torch
 
-logger = logging.getLogger(__name__)
+from dischargesum.logging_utils import get_logger
+
+logger = get_logger(__name__)
 
 NAME = "sdpa_gqa_fold"
 # Kernel for the folded decoding step: "sdpa" (PyTorch picks: cuDNN / efficient / math) or "matmul" (two batched

@@ -122,6 +122,11 @@ def _lora_name(name: str) -> str | None:
     return name.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", "")
 
 
+def _peft_file_key(key: str, adapter: str) -> str:
+    """PEFT's adapter-file name of a live LoRA parameter: ``...lora_A.default.weight`` -> ``...lora_A.weight``."""
+    return key.replace(f".{adapter}.", ".", 1)
+
+
 def gather_fsdp_adapter(fsdp_model: Any, peft_model: Any) -> dict[str, torch.Tensor]:
     """Full LoRA tensors of an FSDP-wrapped PEFT model, on the CPU of the main process (empty dict elsewhere).
 
@@ -158,8 +163,7 @@ def save_fsdp_adapter(peft_model: Any, adapter: dict[str, torch.Tensor], output_
     from safetensors.torch import save_file
 
     name = getattr(peft_model, "active_adapter", "default")
-    # PEFT's file format has no adapter name: "...lora_A.default.weight" -> "...lora_A.weight"
-    tensors = {key.replace(f".{name}.", ".", 1): t.contiguous() for key, t in adapter.items()}
+    tensors = {_peft_file_key(key, name): t.contiguous() for key, t in adapter.items()}
     output_dir.mkdir(parents=True, exist_ok=True)
     path = output_dir / "adapter_model.safetensors"
     save_file(tensors, str(path), metadata={"format": "pt"})
@@ -192,7 +196,7 @@ def load_fsdp_adapter(fsdp_model: Any, peft_model: Any, checkpoint: Path) -> int
             key = _lora_name(name)
             if key is None:
                 continue
-            file_key = key.replace(f".{adapter}.", ".")  # PEFT saves without the adapter name
+            file_key = _peft_file_key(key, adapter)
             tensor = saved.get(file_key)
             if tensor is None or tuple(tensor.shape) != tuple(param.shape):
                 raise UserError(
@@ -306,25 +310,27 @@ class DischargeSFTTrainer(CheckpointingTrainerMixin, SFTTrainer):
             if self.processing_class is not None:
                 self.processing_class.save_pretrained(str(out))
             torch.save(self.args, out / "training_args.bin")
-            atomic_write_text(out / RESOLVED_CONFIG_NAME, self._resolved_config_yaml)
+            self._write_resolved_config(out)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         if self.is_fsdp_enabled:
-            # accelerate's load_fsdp_model(adapter_only=True), which transformers uses, restored nothing for our
-            # FSDP-QLoRA runs (the loss after resuming was the untrained model's, 2 H100s; accelerate#4206 fixes a
-            # related FSDP2 case): put the checkpoint's adapter file back ourselves.
+            # transformers resumes through accelerate's load_fsdp_model(adapter_only=True), which for FSDP1 goes
+            # through PEFT's adapter-key selection that drops every tensor of a nested FSDP model (see
+            # save_fsdp_adapter): our FSDP-QLoRA runs on 2 H100s resumed with an untrained adapter. Put the
+            # checkpoint's adapter file back ourselves.
             wrapped = model if model is not None else self.model_wrapped
             n = load_fsdp_adapter(wrapped, self.accelerator.unwrap_model(wrapped), Path(resume_from_checkpoint))
             logger.info("FSDP resume: %d adapter tensors loaded from %s", n, resume_from_checkpoint)
 
     def _save(self, output_dir: str | None = None, state_dict: Any = None) -> None:
         super()._save(output_dir, state_dict)
-        # The resolved config (incl. the base model) goes into every checkpoint, before its manifest is written.
         if self.args.should_save:
-            atomic_write_text(
-                Path(output_dir or self.args.output_dir) / RESOLVED_CONFIG_NAME, self._resolved_config_yaml
-            )
+            self._write_resolved_config(Path(output_dir or self.args.output_dir))
+
+    def _write_resolved_config(self, output_dir: Path) -> None:
+        # The resolved config (incl. the base model) goes into every checkpoint, before its manifest is written.
+        atomic_write_text(output_dir / RESOLVED_CONFIG_NAME, self._resolved_config_yaml)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[no-untyped-def]
         example_index = inputs.pop(EXAMPLE_INDEX, None)
