@@ -36,11 +36,14 @@ WORLD = 2
 PINNED_LOSSES_DDP = {1: 6.979796409606934, 2: 6.923309803009033, 3: 6.877753257751465, 4: 6.84628438949585}
 
 
-@pytest.fixture(scope="module")
-def ddp_run(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> dict:
-    data = make_prepared_dataset(tmp_path_factory.mktemp("sft-ddp-data"), tiny_model_dir)
-    out = tmp_path_factory.mktemp("sft-ddp") / "run"
-    kw = {"config_file": "cpu_ddp.yaml", "num_processes": WORLD}
+def two_process_run(
+    tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, *, config_file: str, tag: str
+) -> dict:
+    """QLoRA on WORLD CPU processes under ``config_file``: trained to step 4 (losses, note ids, checks), rerun
+    unchanged (must not retrain), rerun with ``--max_steps 6`` (must resume). Shared by the DDP and ZeRO-2 tests."""
+    data = make_prepared_dataset(tmp_path_factory.mktemp(f"{tag}-data"), tiny_model_dir)
+    out = tmp_path_factory.mktemp(tag) / "run"
+    kw = {"config_file": config_file, "num_processes": WORLD}
     args = sft_args(data, tiny_model_dir, out, load_in_4bit=True)
     first_proc = launch(args, **kw)
     first = {
@@ -53,6 +56,11 @@ def ddp_run(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> d
     check_rerun_does_nothing(args, out, **kw)
     resumed = launch(sft_args(data, tiny_model_dir, out, max_steps=6, load_in_4bit=True), **kw)
     return {"out": out, "first": first, "resumed": resumed}
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> dict:
+    return two_process_run(tmp_path_factory, tiny_model_dir, config_file="cpu_ddp.yaml", tag="sft-ddp")
 
 
 def test_two_ranks_train_qlora(ddp_run: dict) -> None:

@@ -12,19 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.distributed.test_sft_ddp import PINNED_LOSSES_DDP, WORLD
-from tests.fixtures_data import make_prepared_dataset
+from tests.distributed.test_sft_ddp import PINNED_LOSSES_DDP, WORLD, two_process_run
 from tests.integration.test_sft_train import (
-    ACCUMULATION,
-    PER_DEVICE_BATCH,
     check_completed_run,
-    check_note_ids,
-    check_rerun_does_nothing,
     check_resumed,
-    check_tensorboard,
-    launch,
-    sft_args,
-    train_losses,
 )
 
 pytestmark = pytest.mark.distributed
@@ -32,21 +23,7 @@ pytestmark = pytest.mark.distributed
 
 @pytest.fixture(scope="module")
 def zero2_run(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> dict:
-    data = make_prepared_dataset(tmp_path_factory.mktemp("sft-zero2-data"), tiny_model_dir)
-    out = tmp_path_factory.mktemp("sft-zero2") / "run"
-    kw = {"config_file": "deepspeed_zero2.yaml", "num_processes": WORLD}
-    args = sft_args(data, tiny_model_dir, out, load_in_4bit=True)
-    first_proc = launch(args, **kw)
-    first = {
-        "proc": first_proc,
-        "losses": train_losses(out),
-        "note_ids": check_note_ids(out, steps=4, per_step=WORLD * PER_DEVICE_BATCH * ACCUMULATION),
-        "training": check_completed_run(out, steps=4, world_size=WORLD, base_digest=None),
-    }
-    check_tensorboard(out, steps=4)
-    check_rerun_does_nothing(args, out, **kw)
-    resumed = launch(sft_args(data, tiny_model_dir, out, max_steps=6, load_in_4bit=True), **kw)
-    return {"out": out, "first": first, "resumed": resumed}
+    return two_process_run(tmp_path_factory, tiny_model_dir, config_file="deepspeed_zero2.yaml", tag="sft-zero2")
 
 
 def test_zero2_trains_qlora_on_two_ranks(zero2_run: dict) -> None:
