@@ -90,15 +90,10 @@ def subprocess_env(**extra: str) -> dict[str, str]:
 
 
 def library_versions(names: Iterable[str] = LIBRARIES) -> dict[str, str | None]:
-    from importlib import metadata
+    """The stage manifests' version record, over the benchmark libraries (Unsloth, Liger, ...) by default."""
+    from dischargesum.manifest import library_versions as versions_of
 
-    versions: dict[str, str | None] = {"python": platform.python_version()}
-    for name in names:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions
+    return versions_of(names)
 
 
 def gpu_facts() -> list[dict[str, Any]]:
