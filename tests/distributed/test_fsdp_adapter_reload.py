@@ -12,7 +12,6 @@ benchmarks/multi_gpu.py's ``fsdp`` mode (4-bit base, bf16 storage, kill + resume
 from __future__ import annotations
 
 import socket
-import sys
 from pathlib import Path
 
 import pytest
@@ -100,7 +99,3 @@ def test_fsdp_resume_reloads_the_adapter(tmp_path: Path, tiny_model_dir: Path) -
     assert set(again) == set(saved)
     for key, tensor in saved.items():
         assert torch.equal(again[key], tensor), key
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(pytest.main([__file__, "-q"]))
