@@ -104,6 +104,7 @@ SEED_FIELDS: dict[str, Any] = {
     "use_liger_kernel": False,
     "completion_only_loss": False,
     "max_seq_length": None,
+    "fused_lora": False,
 }
 # The recipe with every speed lever off (plain path, same loss and LoRA shape): the reference its check compares to.
 PLAIN_FIELDS: dict[str, Any] = {
@@ -118,8 +119,12 @@ PLAIN_FIELDS: dict[str, Any] = {
     "selective_checkpointing": False,
     "activation_offloading": False,
     "compile_layers": False,
+    "fused_lora": False,
     "max_seq_length": None,
 }
+# The medgemma recipe as it was before flex_attention and the fused LoRA node became its defaults (packing + Liger,
+# sdpa, PEFT's LoRA forward): the 0.41x-Unsloth row of issue 13, kept to show what each lever adds.
+PREVIOUS_RECIPE_FIELDS: dict[str, Any] = {"attn_implementation": "sdpa", "fused_lora": False}
 # Smoke runs check the harness, not NF4: bitsandbytes' CPU 4-bit path is slow (sft's own tests cover it).
 SMOKE_FIELDS: dict[str, Any] = {"load_in_4bit": False}
 # Settings that cannot run on a CPU; smoke runs turn them off in recipe-based rows.
@@ -158,6 +163,38 @@ VARIANTS: tuple[Variant, ...] = (
         "recipe_8gb",
         "recipe_8gb",
         f"8 GB recipe (capped at {SMALL_GPU_CAP_GIB} GiB)",
+        profiles=("physionet",),
+        sets=("core", "all"),
+        memory_cap_gib=SMALL_GPU_CAP_GIB,
+    ),
+    Variant(
+        "recipe_prev",
+        "recipe",
+        "the previous default recipe (packing + Liger, sdpa, PEFT LoRA forward)",
+        PREVIOUS_RECIPE_FIELDS,
+        profiles=("kaggle", "physionet"),
+        sets=("core", "all"),
+    ),
+    Variant(
+        "recipe_prev+flex",
+        "recipe",
+        "previous recipe + flex_attention (PEFT LoRA forward)",
+        {"attn_implementation": "flex_attention", "fused_lora": False},
+        sets=("core", "all"),
+        needs_cuda=True,
+    ),
+    Variant(
+        "recipe_prev+fused_lora",
+        "recipe",
+        "previous recipe + fused LoRA node (sdpa)",
+        {"attn_implementation": "sdpa", "fused_lora": True},
+        sets=("all",),
+    ),
+    Variant(
+        "recipe_8gb_prev",
+        "recipe_8gb",
+        f"previous 8 GB recipe (sdpa, PEFT LoRA forward; capped at {SMALL_GPU_CAP_GIB} GiB)",
+        PREVIOUS_RECIPE_FIELDS,
         profiles=("physionet",),
         sets=("core", "all"),
         memory_cap_gib=SMALL_GPU_CAP_GIB,
@@ -931,11 +968,18 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     earlier_logs = ""
     if previous and previous.get("variants"):
-        rows = [r for r in previous["variants"] if (r.get("name") == "unsloth") != bool(args.unsloth)]
+        # Rows of the other kind, and rows of this kind that this invocation does not re-run (a comparison split
+        # over several device commands on one warm machine: each command adds its rows to the same file).
+        rerun = {(v.name, profile) for v, profile, _ in selected}
+        rows = [
+            r
+            for r in previous["variants"]
+            if (r.get("name") == "unsloth") != bool(args.unsloth) or (r.get("name"), r.get("profile")) not in rerun
+        ]
         if rows:
-            other = "main" if args.unsloth else "unsloth"
-            for key in ("date", "command", "versions", "settings", "device"):
-                payload[f"{other}_run_{key}"] = previous.get(key)
+            # Every earlier invocation whose rows this file keeps: its own record plus the ones it had merged.
+            earlier = [{k: previous.get(k) for k in ("date", "command", "versions", "settings", "device", "host")}]
+            payload["merged_runs"] = [*previous.get("merged_runs", []), *earlier]
             if previous.get("device") not in (None, payload.get("device")):
                 payload["warning"] = (
                     f"rows merged from another GPU ({previous.get('device')} vs {payload.get('device')}): ratios "

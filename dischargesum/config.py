@@ -260,9 +260,12 @@ class SFTConfig(BaseConfig):
         default="auto",
     )
     attn_implementation: str = _help(
-        "Attention kernel: auto (= sdpa), eager, sdpa, flash_attention_2, flash_attention_3, flex_attention, or a "
-        "Hub kernel `org/repo`. With `packing`/`padding_free` only kernels known to keep packed examples apart are "
-        "accepted (sdpa/eager/flex get a block-diagonal mask from position_ids, flash uses varlen sequence lengths).",
+        "Attention kernel: auto, eager, sdpa, flash_attention_2, flash_attention_3, flex_attention, or a Hub kernel "
+        "`org/repo`. `auto`: flex_attention when `packing`/`padding_free` trains on a CUDA GPU (its block mask "
+        "skips the blocks that the document boundaries and Gemma 3's sliding window leave empty; sdpa computes one "
+        "dense mask over the whole packed row), sdpa otherwise. With `packing`/`padding_free` only kernels known "
+        "to keep packed examples apart are accepted (sdpa/eager/flex get a block-diagonal mask from position_ids, "
+        "flash uses varlen sequence lengths).",
         default="auto",
     )
     # --- LoRA ---------------------------------------------------------------------------------------------------
@@ -316,6 +319,14 @@ class SFTConfig(BaseConfig):
         "torch.compile each decoder layer of the language model (GPU only). The first steps include the "
         "compilation (a minute or more); shapes that vary between batches are recompiled once as dynamic.",
         default=False,
+    )
+    fused_lora: bool = _help(
+        "Compute each LoRA projection as one fused autograd node (base GEMM + LoRA GEMMs accumulating into one "
+        "output, hand-written backward; dischargesum/training/fast_lora.py) instead of PEFT's forward, which "
+        "copies, scales and adds the full output once more per projection. Same math (tested against PEFT). Off "
+        "automatically under FSDP and DeepSpeed ZeRO-3, and per layer wherever the fast path does not apply "
+        "(LoRA dropout > 0, DoRA, biases).",
+        default=True,
     )
     packing: bool = _help(
         "Pack several examples into each `max_seq_length` row (best-fit decreasing, padding-free); attention never "

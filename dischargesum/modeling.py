@@ -160,6 +160,8 @@ class TrainingPlan:
     device: Literal["cuda", "cpu"]
     distributed_type: str
     is_vlm: bool
+    # Route LoRA projections through dischargesum.training.fast_lora (False under FSDP / ZeRO-3).
+    fused_lora: bool = False
     # Shown to the user at INFO (the fp32 fallback, the FSDP quant storage...).
     notes: tuple[str, ...] = field(default_factory=tuple)
 
@@ -229,7 +231,15 @@ def preflight(cfg: SFTConfig, model: ModelInfo, hw: Hardware) -> TrainingPlan:
             "(set automatically)."
         )
 
-    attn = "sdpa" if cfg.attn_implementation == "auto" else cfg.attn_implementation
+    attn = cfg.attn_implementation
+    if attn == "auto":
+        attn = "flex_attention" if (cfg.packing or cfg.padding_free) and hw.device == "cuda" else "sdpa"
+        if attn == "flex_attention":
+            notes.append(
+                "attention: flex_attention for packed rows on the GPU (attn_implementation: auto); its block mask "
+                "skips the empty blocks of the per-example and sliding-window masks. Its kernels compile at the first "
+                "steps (tens of seconds, cached for reruns by torch's compile cache)."
+            )
     if attn in _FLASH_PACKAGES:
         if hw.device != "cuda":
             raise ConfigError(f"`attn_implementation` = {attn} needs a CUDA GPU; use `auto` (sdpa) on this machine.")
@@ -271,6 +281,12 @@ def preflight(cfg: SFTConfig, model: ModelInfo, hw: Hardware) -> TrainingPlan:
             "turn it off for this topology."
         )
 
+    fused_lora = cfg.fused_lora and not sharded
+    if cfg.fused_lora and sharded:
+        notes.append(
+            f"fused_lora: off under {hw.distributed_type} (it gathers each layer's weights in hooks around the "
+            "layer's own forward, which the fused path bypasses); PEFT's LoRA forward is used."
+        )
     if cfg.lora_dtype == "auto":
         # FSDP flattens each wrapped module's parameters into one tensor, so LoRA weights must share the base dtype.
         lora_dtype: Literal["float32", "bfloat16"] = (
@@ -287,6 +303,7 @@ def preflight(cfg: SFTConfig, model: ModelInfo, hw: Hardware) -> TrainingPlan:
         device=hw.device,
         distributed_type=hw.distributed_type,
         is_vlm=model.is_vlm,
+        fused_lora=fused_lora,
         notes=tuple(notes),
     )
 

@@ -377,6 +377,10 @@ def build_trainer(
     cast = cast_trainable_parameters(trainer.model, plan.lora_dtype)
     if cast:
         logger.info("LoRA weights kept in %s (%d tensors re-cast after TRL)", plan.lora_dtype, cast)
+    if plan.fused_lora:
+        from dischargesum.training.fast_lora import enable_fused_lora
+
+        logger.info("fused LoRA: %d projections use one fused autograd node", enable_fused_lora(trainer.model))
     trainer.data_collator = BatchExtrasCollator(
         trainer.data_collator, add_token_type_ids=plan.is_vlm and gemma3_vlm_needs_token_type_ids()
     )
