@@ -217,6 +217,14 @@ VARIANTS: tuple[Variant, ...] = (
         sets=("all",),
     ),
     Variant(
+        "recipe+mb8+offload",
+        "recipe",
+        "recipe, micro-batch 8 x 2048 packed tokens, accumulation 4, activation offloading (memory back to ~recipe)",
+        {"per_device_train_batch_size": 8, "gradient_accumulation_steps": 4, "activation_offloading": True},
+        sets=("all",),
+        needs_cuda=True,
+    ),
+    Variant(
         "recipe+mb8+compile",
         "recipe",
         "recipe, micro-batch 8, accumulation 4, torch.compile per layer",
