@@ -214,6 +214,7 @@ VARIANTS: tuple[Variant, ...] = (
         "recipe",
         "recipe with micro-batch 8 x 2048 packed tokens, accumulation 4 (same step)",
         {"per_device_train_batch_size": 8, "gradient_accumulation_steps": 4},
+        profiles=("kaggle", "physionet"),
         sets=("all",),
     ),
     Variant(
