@@ -325,8 +325,10 @@ class SFTConfig(BaseConfig):
         "output, hand-written backward; dischargesum/training/fast_lora.py) instead of PEFT's forward, which "
         "copies, scales and adds the full output once more per projection. Same math (tested against PEFT). Off "
         "automatically under FSDP and DeepSpeed ZeRO-3, and per layer wherever the fast path does not apply "
-        "(LoRA dropout > 0, DoRA, biases).",
-        default=True,
+        "(LoRA dropout > 0, DoRA, biases). Off by default: on one H200 at the medgemma recipe's micro-batch it "
+        "measured no faster than PEFT's forward (13,367 vs 14,008 tokens/s, within step-to-step noise; "
+        "benchmarks/results/train_throughput_h200_2026-12-06.json).",
+        default=False,
     )
     packing: bool = _help(
         "Pack several examples into each `max_seq_length` row (best-fit decreasing, padding-free); attention never "
