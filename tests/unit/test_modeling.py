@@ -310,3 +310,22 @@ def test_cpu_4bit_layout_is_kept_through_evaluation(tiny_model_dir: Path) -> Non
     with torch.no_grad():
         repacked(input_ids=ids)
     assert base_weights_digest(repacked) != before, "the repack rounds the 4-bit scales: the digest must notice"
+
+
+def test_auto_attention_is_flex_for_packed_rows_on_a_gpu_and_sdpa_elsewhere() -> None:
+    plan = preflight(_cfg(packing=True), GEMMA, _hw())
+    assert plan.attn_implementation == "flex_attention"
+    assert any("flex_attention" in note for note in plan.notes)
+    assert preflight(_cfg(padding_free=True), GEMMA, _hw()).attn_implementation == "flex_attention"
+    assert preflight(_cfg(packing=False), GEMMA, _hw()).attn_implementation == "sdpa"
+    assert preflight(_cfg(packing=True), GEMMA, _hw(device="cpu", bf16=False)).attn_implementation == "sdpa"
+    assert preflight(_cfg(packing=True, attn_implementation="sdpa"), GEMMA, _hw()).attn_implementation == "sdpa"
+
+
+def test_fused_lora_is_off_where_the_base_is_sharded() -> None:
+    assert preflight(_cfg(fused_lora=True), GEMMA, _hw()).fused_lora
+    assert not preflight(_cfg(fused_lora=False), GEMMA, _hw()).fused_lora
+    fsdp = preflight(_cfg(fused_lora=True), GEMMA, _hw(dist="FSDP"))
+    assert not fsdp.fused_lora and any("fused_lora: off under FSDP" in n for n in fsdp.notes)
+    zero3 = preflight(_cfg(fused_lora=True), GEMMA, _hw(dist="DEEPSPEED", stage=3))
+    assert not zero3.fused_lora
