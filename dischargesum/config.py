@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import sys
 import types
 import typing
@@ -987,13 +988,19 @@ def _coerce(name: str, tp: Any, value: Any, *, from_cli: bool, stage: str) -> An
         if isinstance(value, bool):
             raise fail("a number")
         if isinstance(value, int | float):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 raise fail("a number") from None
-        raise fail("a number")
+        else:
+            raise fail("a number")
+        # inf trained NaN for a whole run and ended "complete"; nan failed deep inside a library. No field means
+        # "unlimited" by inf: refuse both here, with the key.
+        if not math.isfinite(number):
+            raise fail("a finite number (inf and nan are not accepted)")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
