@@ -753,6 +753,12 @@ class EvalConfig(BaseConfig):
         "scores by about 1e-3. Similarities are always computed in float32.",
         default="float32",
     )
+    bertscore_allow_bin_weights: bool = _help(
+        "Load a BERTScore encoder that has only pickled `pytorch_model.bin` weights (unpickled with "
+        "weights_only=True). Off: such an encoder is refused; safetensors weights are always preferred. Remote code "
+        "(`auto_map`) is never run.",
+        default=False,
+    )
     device: str = _help(
         "Where the encoder runs: `auto` (the device accelerate gives this process), `cpu`, `cuda`, `cuda:N`.",
         default="auto",
