@@ -350,8 +350,15 @@ class SFTConfig(BaseConfig):
     )
     allow_resume_mismatch: bool = _help(
         "Resume even when the checkpoint was written with a different effective batch, data, base model, "
-        "quantisation, LoRA setup or max_seq_length (logged as a warning). Off: such a resume is refused.",
+        "quantisation, LoRA alpha/dropout or max_seq_length (logged as a warning). Off: such a resume is refused. "
+        "A different LoRA rank or target modules is always refused (the adapter tensors would not load).",
         default=False,
+    )
+    nonfinite_patience: int = _help(
+        "Optimizer steps in a row with a non-finite loss or gradient norm that are skipped (no update) before "
+        "training stops. 0: stop at the first one. On a stop the state after the last finite update is committed "
+        "as a checkpoint and sft_qlora exits with code 3, naming learning_rate and max_grad_norm.",
+        default=0,
     )
     # --- logging --------------------------------------------------------------------------------------------------
     logging_steps: int = _help(
@@ -407,6 +414,8 @@ class SFTConfig(BaseConfig):
             raise ConfigError(f"sft_qlora: `warmup_steps` is {self.warmup_steps}; it must be >= 0.")
         if self.max_grad_norm < 0 or self.weight_decay < 0:
             raise ConfigError("sft_qlora: `max_grad_norm` and `weight_decay` must be >= 0.")
+        if self.nonfinite_patience < 0:
+            raise ConfigError(f"sft_qlora: `nonfinite_patience` is {self.nonfinite_patience}; it must be >= 0.")
         if not self.lora_target_modules:
             raise ConfigError("sft_qlora: `lora_target_modules` is empty; list the projections to adapt, e.g. q_proj.")
         if self.resume_from_checkpoint.strip() == "":
