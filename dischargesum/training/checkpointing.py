@@ -232,20 +232,26 @@ def check_resume_guards(
             problems.append(f"`{name}` differs: the checkpoint recorded {was!r}, this run has {now!r} ({fix})")
     was_lora, now_lora = recorded.get("lora") or {}, current["lora"] or {}
     shape = [k for k in _SHAPE_LORA_KEYS if canonical_hash(was_lora.get(k)) != canonical_hash(now_lora.get(k))]
-    if shape:
-        raise CheckpointError(
-            f"refusing to resume from {checkpoint}: the LoRA "
-            + ", ".join(f"`{k}` differs (checkpoint {was_lora.get(k)!r}, this run {now_lora.get(k)!r})" for k in shape)
-            + ". These set the adapter's tensor shapes, so the checkpoint cannot be loaded even with "
-            "`--allow_resume_mismatch true`. Use the checkpoint's lora_r / lora_target_modules, or start a fresh "
-            "`output_dir` (or `--resume_from_checkpoint none` in a new directory)."
-        )
+    unloadable = (
+        "the LoRA "
+        + ", ".join(f"`{k}` ({was_lora.get(k)!r} -> {now_lora.get(k)!r})" for k in shape)
+        + " sets the adapter's tensor shapes, so this checkpoint cannot be loaded even with "
+        "`--allow_resume_mismatch true`: use the checkpoint's lora_r / lora_target_modules, or start a fresh "
+        "`output_dir`"
+    )
+    if shape and allow_resume_mismatch:
+        raise CheckpointError(f"refusing to resume from {checkpoint}: {unloadable}.")
     if problems and not allow_resume_mismatch:
         raise CheckpointError(
             f"refusing to resume from {checkpoint}: "
             + "; ".join(problems)
-            + ". Resuming would silently train a different run. Fix the setting, start a fresh `output_dir`, or "
-            "pass `--allow_resume_mismatch true` to resume anyway."
+            + ". Resuming would silently train a different run. "
+            + (
+                f"Note: {unloadable}."
+                if shape
+                else "Fix the setting, start a fresh `output_dir`, or pass `--allow_resume_mismatch true` to resume "
+                "anyway."
+            )
         )
     for problem in problems:
         logger.warning("resuming from %s although %s (allow_resume_mismatch is set)", checkpoint, problem)

@@ -191,6 +191,9 @@ def test_lora_shape_mismatch_is_refused_even_with_override(tmp_path: Path, lora:
     for setting in ("auto", str(ckpt)):
         with pytest.raises(CheckpointError, match=r"cannot be loaded even with `--allow_resume_mismatch true`"):
             resolve_resume_checkpoint(setting, tmp_path, _facts(lora=lora), allow_resume_mismatch=True)
+    # without the override the refusal must not suggest it
+    with pytest.raises(CheckpointError, match=r"`lora` differs.*cannot be loaded even with"):
+        resolve_resume_checkpoint("auto", tmp_path, _facts(lora=lora), allow_resume_mismatch=False)
 
 
 def test_same_effective_batch_on_other_world_size_resumes_with_warning(
