@@ -121,7 +121,8 @@ def _unreadable(path: Path, what: str, exc: BaseException) -> ConfigError:
     fix = "The file is truncated or corrupt (an interrupted download or copy?): fetch it again" + (
         f" and check it with `gzip -t {path}`." if compressed else "."
     )
-    return ConfigError(f"prepare_data: `source` = {path}: {what}: {exc.__class__.__name__}: {exc}. {fix}")
+    detail = str(exc).rstrip(". ")
+    return ConfigError(f"prepare_data: `source` = {path}: {what}: {exc.__class__.__name__}: {detail}. {fix}")
 
 
 def _text_stream(fh: io.BufferedIOBase) -> io.TextIOWrapper:
@@ -390,11 +391,11 @@ def _iter_jsonl(info: SourceInfo, cfg: PrepareDataConfig) -> Iterator[RawChunk]:
                 values[name].append(record.get(column) if record is not None else _MALFORMED)
             count += 1
             if count == cfg.chunk_rows:
-                yield _jsonl_chunk(start, values, count, malformed_rows)
+                yield _record_chunk(start, values, count, malformed_rows)
                 start += count
                 values, malformed_rows, count = _empty_values(wanted), {}, 0
     if count:
-        yield _jsonl_chunk(start, values, count, malformed_rows)
+        yield _record_chunk(start, values, count, malformed_rows)
 
 
 class _Malformed:
@@ -411,7 +412,7 @@ _MALFORMED = _Malformed()
 MALFORMED = _MALFORMED
 
 
-def _jsonl_chunk(start: int, values: dict[str, list[Any]], n: int, malformed: dict[int, str]) -> RawChunk:
+def _record_chunk(start: int, values: dict[str, list[Any]], n: int, malformed: dict[int, str]) -> RawChunk:
     chunk = RawChunk(start, _fill(values, n))
     if malformed:
         chunk.values["_malformed_detail"] = [malformed.get(i) for i in range(n)]
@@ -419,13 +420,21 @@ def _jsonl_chunk(start: int, values: dict[str, list[Any]], n: int, malformed: di
 
 
 def _iter_parquet(info: SourceInfo, cfg: PrepareDataConfig) -> Iterator[RawChunk]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     assert info.path is not None
     wanted = _wanted(info)
     columns = sorted(set(wanted.values()))
     start = 0
-    for batch in pq.ParquetFile(info.path).iter_batches(batch_size=cfg.chunk_rows, columns=columns):
+    batches = pq.ParquetFile(info.path).iter_batches(batch_size=cfg.chunk_rows, columns=columns)
+    while True:
+        try:
+            batch = next(batches, None)
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise _unreadable(info.path, f"reading stopped after {start} data rows", exc) from None
+        if batch is None:
+            break
         values = _empty_values(wanted)
         for name, column in wanted.items():
             values[name] = batch.column(column).to_pylist()
@@ -465,7 +474,7 @@ def _iter_csv(info: SourceInfo, cfg: PrepareDataConfig) -> Iterator[RawChunk]:
                         values[name].append(record[i])
                 count += 1
                 if count == cfg.chunk_rows:
-                    yield _jsonl_chunk(start, values, count, malformed_rows)
+                    yield _record_chunk(start, values, count, malformed_rows)
                     start += count
                     values, malformed_rows, count = _empty_values(wanted), {}, 0
         except _READ_ERRORS as exc:
@@ -473,4 +482,4 @@ def _iter_csv(info: SourceInfo, cfg: PrepareDataConfig) -> Iterator[RawChunk]:
                 info.path, f"reading stopped after {start + count} data rows (line {reader.line_num})", exc
             ) from None
     if count:
-        yield _jsonl_chunk(start, values, count, malformed_rows)
+        yield _record_chunk(start, values, count, malformed_rows)

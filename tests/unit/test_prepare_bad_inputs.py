@@ -146,3 +146,16 @@ def test_card_has_no_prefix_text_and_patient_files_are_private(tmp_path: Path, t
     for name in (*schema.SPLIT_FILES.values(), schema.REJECTS_FILE):
         assert stat.S_IMODE((tmp_path / "out" / name).stat().st_mode) == 0o600, name
     assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o700
+
+
+def test_truncated_parquet_is_refused(tmp_path: Path) -> None:
+    import pyarrow as pa
+
+    ids = [f"{i}-DS-1" for i in range(200)]
+    table = pa.table({"note_id": ids, "input": ["Cough."] * 200, "target": ["Ok."] * 200})
+    full = tmp_path / "full.parquet"
+    pq.write_table(table, full, row_group_size=50)
+    src = tmp_path / "cut.parquet"
+    src.write_bytes(full.read_bytes()[: full.stat().st_size // 2])
+    with pytest.raises(ConfigError, match=r"cut\.parquet: it is not a readable Parquet file.*fetch it again"):
+        _read(tmp_path, src)
