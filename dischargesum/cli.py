@@ -1,8 +1,9 @@
 """The common body of every ``scripts/*.py`` entry point: parse, set up logging, run, map errors to exit codes.
 
 Exit codes: 0 success; 2 a user error found before or during the run (bad config, missing column, invalid input
-artifact — the message says what to fix); 143 preempted after a checkpoint was committed (scheduler requeues);
-1 anything else (a bug: the traceback is printed).
+artifact — the message says what to fix); 3 training stopped on a non-finite loss or gradient norm (the last finite
+state is committed; lower learning_rate / set max_grad_norm); 143 preempted after a checkpoint was committed
+(scheduler requeues); 1 anything else (a bug: the traceback is printed).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ C = TypeVar("C", bound=BaseConfig)
 logger = get_logger(__name__)
 
 EXIT_USER_ERROR = 2
+EXIT_NONFINITE = 3
 EXIT_PREEMPTED = 143
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import sys
 import types
 import typing
@@ -362,8 +363,15 @@ class SFTConfig(BaseConfig):
     )
     allow_resume_mismatch: bool = _help(
         "Resume even when the checkpoint was written with a different effective batch, data, base model, "
-        "quantisation, LoRA setup or max_seq_length (logged as a warning). Off: such a resume is refused.",
+        "quantisation, LoRA alpha/dropout or max_seq_length (logged as a warning). Off: such a resume is refused. "
+        "A different LoRA rank or target modules is always refused (the adapter tensors would not load).",
         default=False,
+    )
+    nonfinite_patience: int = _help(
+        "Optimizer steps in a row with a non-finite loss or gradient norm that are skipped (no update) before "
+        "training stops. 0: stop at the first one. On a stop the state after the last finite update is committed "
+        "as a checkpoint and sft_qlora exits with code 3, naming learning_rate and max_grad_norm.",
+        default=0,
     )
     # --- logging --------------------------------------------------------------------------------------------------
     logging_steps: int = _help(
@@ -419,6 +427,8 @@ class SFTConfig(BaseConfig):
             raise ConfigError(f"sft_qlora: `warmup_steps` is {self.warmup_steps}; it must be >= 0.")
         if self.max_grad_norm < 0 or self.weight_decay < 0:
             raise ConfigError("sft_qlora: `max_grad_norm` and `weight_decay` must be >= 0.")
+        if self.nonfinite_patience < 0:
+            raise ConfigError(f"sft_qlora: `nonfinite_patience` is {self.nonfinite_patience}; it must be >= 0.")
         if not self.lora_target_modules:
             raise ConfigError("sft_qlora: `lora_target_modules` is empty; list the projections to adapt, e.g. q_proj.")
         if self.resume_from_checkpoint.strip() == "":
@@ -765,6 +775,12 @@ class EvalConfig(BaseConfig):
         "scores by about 1e-3. Similarities are always computed in float32.",
         default="float32",
     )
+    bertscore_allow_bin_weights: bool = _help(
+        "Load a BERTScore encoder that has only pickled `pytorch_model.bin` weights (unpickled with "
+        "weights_only=True). Off: such an encoder is refused; safetensors weights are always preferred. Remote code "
+        "(`auto_map`) is never run.",
+        default=False,
+    )
     device: str = _help(
         "Where the encoder runs: `auto` (the device accelerate gives this process), `cpu`, `cuda`, `cuda:N`.",
         default="auto",
@@ -1000,13 +1016,19 @@ def _coerce(name: str, tp: Any, value: Any, *, from_cli: bool, stage: str) -> An
         if isinstance(value, bool):
             raise fail("a number")
         if isinstance(value, int | float):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 raise fail("a number") from None
-        raise fail("a number")
+        else:
+            raise fail("a number")
+        # inf trained NaN for a whole run and ended "complete"; nan failed deep inside a library. No field means
+        # "unlimited" by inf: refuse both here, with the key.
+        if not math.isfinite(number):
+            raise fail("a finite number (inf and nan are not accepted)")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value

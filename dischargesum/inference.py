@@ -38,6 +38,8 @@ generated again — and every rank skips the note_ids already written. At the en
 the main process waits for all markers (files, not a collective, so an unbalanced shard never hits a NCCL timeout)
 and merges the parts into ``<output_dir>/<name>`` in input order (atomic rename). A rerun whose settings differ
 from the run that wrote the parts is refused (``overwrite: true`` starts over), so outputs never mix settings.
+A torn line in the merged output itself is dropped on the next run and the output rebuilt from the parts. Part
+files and merged outputs hold patient text: they are created 0600 in 0700 directories.
 Across machines, ``output_dir`` must be on a filesystem every node sees: part files and markers are where the ranks
 meet. Every rank tokenizes every prompt (to compute the same batch plan); ids are kept as 4-byte arrays.
 """
@@ -65,7 +67,15 @@ from transformers import GenerationConfig, LogitsProcessor, StoppingCriteria
 from dischargesum.cli import UserError
 from dischargesum.config import ConfigError, InferenceConfig
 from dischargesum.logging_utils import get_logger
-from dischargesum.manifest import ArtifactError, atomic_write_json, canonical_hash, read_manifest, require_artifact
+from dischargesum.manifest import (
+    ArtifactError,
+    atomic_write_json,
+    canonical_hash,
+    open_private,
+    private_dir,
+    read_manifest,
+    require_artifact,
+)
 
 if TYPE_CHECKING:
     from dischargesum.config import GenerateConfig
@@ -887,7 +897,7 @@ def repair_jsonl(path: str | Path, key: str = "note_id") -> int:
             dropped += 1
     if dropped or (data and not data.endswith(b"\n")):
         tmp = p.with_name(f".{p.name}.repair")
-        with open(tmp, "wb") as fh:
+        with open_private(tmp, "wb") as fh:
             fh.write(b"".join(line + b"\n" for line in kept))
             fh.flush()
             os.fsync(fh.fileno())
@@ -967,14 +977,23 @@ class ShardedJsonlOutput:
         return data if isinstance(data, dict) else None
 
     def prepare(self, resume_key: str, *, overwrite: bool, description: dict[str, Any] | None = None) -> None:
-        """Main process: clear (overwrite) or repair the parts and write the journal; then all ranks sync."""
+        """Main process: clear (overwrite) or repair the parts and the merged output and write the journal; then
+        all ranks sync.
+
+        The merged output is only a copy of the parts: a torn or unreadable line in it (a copy or sync cut short)
+        is dropped like one in a part file, and :meth:`merge` rebuilds it from the parts (a note found in neither
+        is generated again) instead of refusing the whole directory.
+        """
         if self.procs.is_main:
             if overwrite:
                 shutil.rmtree(self.parts_dir, ignore_errors=True)
                 self.path.unlink(missing_ok=True)
-            self.parts_dir.mkdir(parents=True, exist_ok=True)
+            private_dir(self.output_dir)
+            private_dir(self.parts_dir)
             for part in sorted(self.parts_dir.glob(f"{self.stem}.rank*.jsonl")):
                 repair_jsonl(part, self.key)
+            if repair_jsonl(self.path, self.key):
+                logger.warning("%s had torn or unreadable lines: it is rebuilt from %s", self.path, self.parts_dir)
             for marker in self.parts_dir.glob(f"{self.stem}.rank*.done"):
                 marker.unlink()
             self._complete_marker().unlink(missing_ok=True)
@@ -994,8 +1013,8 @@ class ShardedJsonlOutput:
     @contextlib.contextmanager
     def writer(self) -> Iterator[Callable[[Iterable[dict[str, Any]]], None]]:
         """An ``append(records)`` function for this rank's part file: one write, flush and fsync per call."""
-        self.parts_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.part_path(self.procs.rank), "a", encoding="utf-8") as fh:
+        private_dir(self.parts_dir)
+        with open_private(self.part_path(self.procs.rank), "a", encoding="utf-8") as fh:
 
             def append(records: Iterable[dict[str, Any]]) -> None:
                 text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
@@ -1049,7 +1068,7 @@ class ShardedJsonlOutput:
                 "generate them (finished notes are kept)."
             )
         tmp = self.path.with_name(f".{self.path.name}.tmp")
-        with open(tmp, "w", encoding="utf-8") as fh:
+        with open_private(tmp, "w", encoding="utf-8") as fh:
             for k in order:
                 fh.write(json.dumps(done[k], ensure_ascii=False) + "\n")
             fh.flush()

@@ -7,20 +7,27 @@ half-written or foreign directory is refused with a message that says which stag
 
 No secrets land here: the config dataclasses have no token fields, and argv is recorded with values of any
 ``--*token*`` flag masked.
+
+Permissions: files that hold patient text (split parquets, ``rejects.jsonl``, ``stage1/2.jsonl`` and their part
+files, the datasets cache of a training run) are created owner-only (``PRIVATE_FILE_MODE`` 0600, directories
+``PRIVATE_DIR_MODE`` 0700) through :func:`open_private`, :func:`create_private`, :func:`private_dir` and
+:func:`private_umask`, as the atomic writers here always did (``mkstemp`` creates 0600).
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
 import json
 import os
 import platform
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -50,6 +57,10 @@ _LIBRARIES = (
     "pyarrow",
     "numpy",
 )
+
+
+PRIVATE_FILE_MODE = 0o600
+PRIVATE_DIR_MODE = 0o700
 
 
 class ArtifactError(RuntimeError):
@@ -108,6 +119,60 @@ def canonical_hash(data: Any) -> str:
 def config_hash(cfg: BaseConfig, exclude: Iterable[str] = ("output_dir", "log_level")) -> str:
     skip = set(exclude)
     return canonical_hash({k: v for k, v in cfg.to_dict().items() if k not in skip})
+
+
+def private_dir(path: str | Path) -> Path:
+    """Create ``path`` (and missing parents) owner-only (0700); an existing directory is made 0700 too."""
+    p = Path(path)
+    p.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR_MODE)
+    if stat.S_IMODE(p.stat().st_mode) != PRIVATE_DIR_MODE:
+        os.chmod(p, PRIVATE_DIR_MODE)
+    return p
+
+
+def open_private(path: str | Path, mode: str = "w", **kwargs: Any) -> Any:
+    """``open(path, mode)`` for a file that holds patient text: created 0600 (an existing file is set to 0600)."""
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if "a" in mode else os.O_TRUNC)
+    fd = os.open(path, flags, PRIVATE_FILE_MODE)
+    try:
+        os.fchmod(fd, PRIVATE_FILE_MODE)
+        return os.fdopen(fd, mode, **kwargs)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def create_private(path: str | Path) -> Path:
+    """Create an empty 0600 file for a library writer to fill (truncating an existing file keeps its mode)."""
+    with open_private(path, "wb"):
+        pass
+    return Path(path)
+
+
+@contextlib.contextmanager
+def private_umask() -> Iterator[None]:
+    """Files and directories that libraries create inside the block (the datasets cache) are owner-only.
+
+    The umask is per process: only for code whose writers cannot be given a mode.
+    """
+    previous = os.umask(0o077)
+    try:
+        yield
+    finally:
+        os.umask(previous)
+
+
+def chmod_private_tree(root: str | Path) -> None:
+    """Make every file under ``root`` 0600 and every directory 0700 (for files written by worker processes)."""
+    base = Path(root)
+    if not base.is_dir():
+        return
+    for directory, _dirs, files in os.walk(base):
+        os.chmod(directory, PRIVATE_DIR_MODE)
+        for name in files:
+            path = os.path.join(directory, name)
+            if not os.path.islink(path):
+                os.chmod(path, PRIVATE_FILE_MODE)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

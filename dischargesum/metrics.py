@@ -10,8 +10,9 @@ Definitions (every number in ``metrics.json`` is one of these; per-sample values
 
 BERTScore (output vs reference)
     bert_score's greedy cosine matching (``bert_score.utils.greedy_cos_idf``, no idf weighting, no baseline
-    rescaling) over the hidden states of layer ``bertscore_num_layers`` of ``bertscore_model`` (loaded with
-    ``bert_score.utils.get_model``, which drops the layers above). Encoders see at most a window of tokens
+    rescaling) over the hidden states of layer ``bertscore_num_layers`` of ``bertscore_model`` (loaded as
+    ``bert_score.utils.get_model`` loads it, dropping the layers above, but with ``trust_remote_code=False`` and
+    safetensors weights: see :func:`load_bertscore_encoder`). Encoders see at most a window of tokens
     (512 for BERT, including [CLS]/[SEP]); bert_score itself truncates silently to the tokenizer's
     ``model_max_length`` — and Bio_ClinicalBERT's tokenizer declares none, so bert_score feeds it over-long inputs.
     Here the window is ``min(tokenizer.model_max_length, max_position_embeddings)`` and longer texts are handled by
@@ -828,6 +829,59 @@ def resolve_device(device: str) -> str:
     return str(PartialState().device)
 
 
+def load_bertscore_encoder(model_name_or_path: str, num_layers: int, *, allow_bin_weights: bool = False) -> Any:
+    """The encoder bert_score's ``get_model`` builds (the encoder of an encoder-decoder, cut to ``num_layers``
+    layers), loaded with ``trust_remote_code=False`` and from safetensors.
+
+    Why not ``bert_score.utils.get_model``: it calls ``AutoModel.from_pretrained(name)`` with neither flag, so an
+    encoder directory with ``auto_map`` prompts to run its code, and pickled ``pytorch_model.bin`` weights load
+    silently. A ``.bin``-only encoder is refused unless ``allow_bin_weights`` (transformers then unpickles with
+    ``weights_only=True``).
+
+    Raises:
+        ConfigError: no safetensors weights (and ``allow_bin_weights`` is off), the model cannot be loaded, or its
+            layer list is not one bert_score cuts the same way (BERT/RoBERTa ``encoder.layer``, DistilBERT
+            ``transformer.layer``, ``layers``, ``layer``).
+    """
+    import torch
+    from transformers import AutoModel
+
+    unloadable = f"eval: `bertscore_model` = {model_name_or_path!r} could not be loaded"
+    try:
+        model = AutoModel.from_pretrained(model_name_or_path, trust_remote_code=False, use_safetensors=True)
+    except OSError as exc:
+        if "safetensors" not in str(exc):
+            raise ConfigError(f"{unloadable} ({exc})") from None
+        if not allow_bin_weights:
+            raise ConfigError(
+                f"eval: `bertscore_model` = {model_name_or_path!r} has no safetensors weights, only pickled ones "
+                "(pytorch_model.bin), which can run code when loaded. Convert it to safetensors (load it once in a "
+                "trusted environment and `save_pretrained(dir, safe_serialization=True)`), or, if you trust its "
+                "source, set `bertscore_allow_bin_weights: true`."
+            ) from None
+        logger.warning("loading pickled weights of %s (bertscore_allow_bin_weights is set)", model_name_or_path)
+        model = AutoModel.from_pretrained(model_name_or_path, trust_remote_code=False, use_safetensors=False)
+    except ValueError as exc:
+        raise ConfigError(f"{unloadable} ({exc})") from None
+    model.eval()
+    if hasattr(model, "decoder") and hasattr(model, "encoder"):
+        model = model.encoder
+    for owner, name in (
+        (getattr(model, "encoder", None), "layer"),
+        (getattr(model, "transformer", None), "layer"),
+        (model, "layers"),
+        (model, "layer"),
+    ):
+        layers = getattr(owner, name, None) if owner is not None else None
+        if isinstance(layers, torch.nn.ModuleList):
+            setattr(owner, name, torch.nn.ModuleList(list(layers)[:num_layers]))
+            return model
+    raise ConfigError(
+        f"eval: `bertscore_model` = {model_name_or_path!r} ({type(model).__name__}) has no layer list BERTScore "
+        "knows how to cut at `bertscore_num_layers`; use a BERT-family encoder."
+    )
+
+
 class BertScorer:
     """BERTScore with a deliberate long-text policy (see the module docstring).
 
@@ -846,6 +900,7 @@ class BertScorer:
         batch_size: int = 64,
         long_text: str = "chunk",
         chunk_overlap: int = 128,
+        allow_bin_weights: bool = False,
     ) -> None:
         import torch
         from transformers import AutoConfig, AutoTokenizer
@@ -858,8 +913,10 @@ class BertScorer:
         self.long_text = long_text
         self.device = torch.device(device)
         try:
-            config = AutoConfig.from_pretrained(model_name_or_path)
-            self.tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)
+            # trust_remote_code=False: an encoder directory with `auto_map` must never run its code (left unset,
+            # transformers asks "run the custom code? [y/N]" and runs it on yes).
+            config = AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=False)
+            self.tokenizer = AutoTokenizer.from_pretrained(model_name_or_path, trust_remote_code=False)
         except (OSError, ValueError) as exc:
             raise ConfigError(
                 f"eval: `bertscore_model` = {model_name_or_path!r} could not be loaded ({exc}). Use a local "
@@ -895,9 +952,7 @@ class BertScorer:
                 self.window,
                 self.overlap,
             )
-        from bert_score.utils import get_model
-
-        self.model = get_model(model_name_or_path, num_layers)
+        self.model = load_bertscore_encoder(model_name_or_path, num_layers, allow_bin_weights=allow_bin_weights)
         self.model.to(self.device, dtype=getattr(torch, dtype)).eval()
 
     # ---- tokens -----------------------------------------------------------------------------------------------
@@ -1291,6 +1346,7 @@ def evaluate(inputs: EvalInputs, cfg: EvalConfig, *, progress: bool | None = Non
             batch_size=cfg.bertscore_batch_size,
             long_text=cfg.bertscore_long_text,
             chunk_overlap=cfg.bertscore_chunk_overlap,
+            allow_bin_weights=cfg.bertscore_allow_bin_weights,
         )
         timing["bertscore_model_load_s"] = time.perf_counter() - started
         logger.info(

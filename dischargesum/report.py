@@ -22,7 +22,7 @@ from typing import Any
 
 from dischargesum.config import EvalConfig
 from dischargesum.logging_utils import get_logger
-from dischargesum.manifest import atomic_write_json, atomic_write_text, fingerprint_file
+from dischargesum.manifest import atomic_write_json, atomic_write_text, fingerprint_file, open_private
 from dischargesum.metrics import ROUGE_TYPES, EvalResult, length_bucket_labels
 
 logger = get_logger(__name__)
@@ -84,7 +84,7 @@ def write_per_sample_csv(rows: Sequence[dict[str, Any]], path: Path) -> None:
     for row in rows:
         columns.update(dict.fromkeys(row))
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as fh:
+    with open_private(tmp, "w", newline="", encoding="utf-8") as fh:  # rows may carry ids and texts
         writer = csv.DictWriter(fh, fieldnames=list(columns), restval="")
         writer.writeheader()
         for row in rows:

@@ -10,7 +10,8 @@ Demo (tiny Gemma-3, CPU, about a minute):
 
 Rerunning the same command resumes from the newest valid checkpoint (`resume_from_checkpoint: auto`) or, when the
 run already completed, does nothing. Exit codes: 0 done, 2 a problem with the inputs (the message says what to
-fix), 143 preempted after committing a checkpoint (rerun to resume).
+fix), 3 stopped on a non-finite loss or gradient norm (the last finite state is committed; lower `learning_rate` or
+set `max_grad_norm`), 143 preempted after committing a checkpoint (rerun to resume).
 """
 
 from __future__ import annotations

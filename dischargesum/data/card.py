@@ -1,7 +1,9 @@
 """data_card.json and the length histograms: what a reviewer needs to trust a prepared dataset without rerunning it.
 
 The card holds no patient text and no timestamps (it is byte-identical across reruns); the manifest holds the
-when and where. Keys other stages read: ``instruction``, ``tokenizer_name_or_path``, ``max_seq_length``,
+when and where. Stripped instruction prefixes are recorded as counts and sha256 digests only: a prefix can carry a
+name, MRN and date of birth, and the card is copied next to the adapter (``final/data_fingerprint.json``). Keys
+other stages read: ``instruction``, ``tokenizer_name_or_path``, ``max_seq_length``,
 ``normalization``, ``data_fingerprint``.
 """
 
@@ -23,7 +25,7 @@ if TYPE_CHECKING:
     from dischargesum.data.readers import SourceInfo
     from dischargesum.data.split import SplitTracker
 
-CARD_VERSION = 1
+CARD_VERSION = 2  # 2: instruction prefixes as digests, no text
 PLOT_FILES = ("lengths_tokens.png", "lengths_chars.png")
 
 
@@ -110,7 +112,9 @@ def build_card(
         "gt_entities_invalid": stats.get("gt_entities_invalid", 0),
         "instruction_prefix": {
             "rows_stripped": stats.get("instruction_prefix_stripped", 0),
-            "most_common": dict(prefixes.most_common(10)),
+            "distinct": len(prefixes),
+            "digest": "sha256 of the prefix's UTF-8 text, first 16 hex digits",
+            "most_common": [{"sha256_16": digest, "rows": rows} for digest, rows in prefixes.most_common(10)],
         },
         "split": {
             "method": "input column" if cfg.input_split_column else "sha256(seed:subject_id)",

@@ -53,8 +53,11 @@ from dischargesum.manifest import (
     MANIFEST_NAME,
     atomic_write_json,
     canonical_hash,
+    create_private,
     fingerprint_file,
     finish_run,
+    open_private,
+    private_dir,
     read_manifest,
     sha256_file,
     start_run,
@@ -359,8 +362,8 @@ def _staged_seed_chunks(
 
     columns = ("rows", "note_id", "subject_id", "note", "summary", "gt_entities", "input_split")
     arrow = pa.schema([("rows", pa.int64())] + [(name, pa.string()) for name in columns[1:]])
-    staging.mkdir(parents=True, exist_ok=True)
-    path = staging / "seed_pass1.parquet"
+    private_dir(staging)
+    path = create_private(staging / "seed_pass1.parquet")
     counts: Counter[str] = Counter()
     with pq.ParquetWriter(path, arrow) as writer:
         for chunk in chunks:
@@ -424,7 +427,7 @@ class _SplitWriters:
 
         self.out = out
         self.schema = output_arrow_schema()
-        self.tmp = {split: out / f".{schema.SPLIT_FILES[split]}.tmp" for split in schema.SPLITS}
+        self.tmp = {split: create_private(out / f".{schema.SPLIT_FILES[split]}.tmp") for split in schema.SPLITS}
         self.writers = {
             split: pq.ParquetWriter(self.tmp[split], self.schema, compression="zstd") for split in schema.SPLITS
         }
@@ -541,11 +544,10 @@ def run_prepare_data(cfg: PrepareDataConfig) -> PrepareResult:
 
     Raises:
         ConfigError: bad source, missing column, tokenizer without chat template (before heavy work).
-        UserError: the reject fraction exceeds ``max_reject_fraction``, or a pre-split input puts a patient in
-            two splits (outputs and rejects.jsonl are written for diagnosis; the manifest is marked failed).
+        UserError: no row was kept (a header-only input), the reject fraction exceeds ``max_reject_fraction``, or a
+            pre-split input puts a patient in two splits (outputs and rejects.jsonl are written for diagnosis; the
+            manifest is marked failed). Any error after the manifest was started marks it failed.
     """
-    from dischargesum.data.card import build_card, write_length_plots
-
     began = time.perf_counter()
     info = inspect_source(cfg)
     tokenizer = load_tokenizer(cfg.tokenizer_name_or_path)
@@ -560,7 +562,22 @@ def run_prepare_data(cfg: PrepareDataConfig) -> PrepareResult:
         },
     }
     counting_mode = TokenCounter(tokenizer, cfg.instruction, mode=cfg.token_counting).mode
+    private_dir(out)  # the split files hold patient text: owner-only, like the files in it
     start_run(out, cfg, inputs=inputs)
+    try:
+        return _run_started(cfg, info, tokenizer, out, counting_mode, began)
+    except Exception as exc:
+        # Never leave a `running` manifest behind a refusal (a truncated .gz, an unreadable row): say what failed.
+        if (read_manifest(out) or {}).get("status") == "running":
+            _mark_failed(out, f"{exc.__class__.__name__}: {exc}")
+        raise
+
+
+def _run_started(
+    cfg: PrepareDataConfig, info: SourceInfo, tokenizer: Any, out: Path, counting_mode: str, began: float
+) -> PrepareResult:
+    from dischargesum.data.card import build_card, write_length_plots
+
     staging = out / _STAGING_DIR
     totals = _Totals()
     tracker = SplitTracker()
@@ -610,6 +627,12 @@ def run_prepare_data(cfg: PrepareDataConfig) -> PrepareResult:
     if kept + len(totals.rejects) != totals.rows_read:  # a bug, not a user error: never silently lose a row
         raise RuntimeError(f"accounting broken: {totals.rows_read} rows read, {kept} kept + {len(totals.rejects)}")
     problems = []
+    if kept == 0:
+        problems.append(
+            f"no row to train on: {totals.rows_read} data row(s) read from {cfg.source!r}"
+            + (f", all {len(totals.rejects)} rejected (see {out / schema.REJECTS_FILE})" if totals.rejects else "")
+            + "; point `source` at a file with note/summary rows (a header alone is not a dataset)"
+        )
     if tracker.crossing_patients:
         problems.append(
             f"{tracker.crossing_patients} patient(s) have notes in more than one split of `input_split_column` = "
@@ -650,7 +673,7 @@ def _write_rejects(path: Path, rejects: list[dict[str, Any]]) -> None:
     import json
 
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
+    with open_private(tmp, "w", encoding="utf-8") as fh:  # reject details may quote ids
         for record in rejects:
             fh.write(json.dumps(record, ensure_ascii=False) + "\n")
     os.replace(tmp, path)

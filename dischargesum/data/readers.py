@@ -3,12 +3,19 @@
 Sources (``PrepareDataConfig.source``):
 
 - a ``.csv`` / ``.csv.gz`` file — the Kaggle mirror ``BHC_MIMIC-IV.csv``, PhysioNet's MIMIC-IV-Ext-BHC CSV or
-  any CSV. Read by Arrow's streaming CSV reader in blocks (quoted newlines allowed) with every used column typed
-  *binary*, so no decoding happens before validation: invalid UTF-8 is found per row, not as a crash. A record
-  with the wrong number of fields is skipped by the parser and reported as ``malformed_row`` (Arrow cannot say
-  its row number once values may contain newlines, so its ``row`` is null and the detail has what Arrow knows).
+  any CSV. Read record by record with Python's ``csv`` module (quoted newlines allowed; ``\n``, ``\r\n`` and
+  CR-only line endings), decoded with ``surrogateescape`` so invalid UTF-8 survives to validation and is found per
+  row, not as a crash. Header names are stripped (``note_id, input, target`` works). A record with the wrong
+  number of fields is a ``malformed_row`` with its exact ``row`` and the line it starts on. (Arrow's CSV reader,
+  used before, skipped such records without saying where, which shifted the ``source_row`` of every later row.)
+  A header that names a used column twice is refused: which copy is meant cannot be known.
 - a ``.jsonl`` / ``.jsonl.gz`` file — one JSON object per line, decoded with ``surrogateescape`` so invalid UTF-8
-  survives to validation. Blank lines are not rows. A line that is not a JSON object is ``malformed_row``.
+  survives to validation. Blank lines are not rows. A line that is not a JSON object is ``malformed_row``. The
+  columns are the union of the keys of the first ``JSONL_HEADER_SAMPLE`` records (a key the first record lacks
+  is still found).
+
+A file that ends early or is corrupt (a truncated ``.gz``, a record cut off by a copy) is refused with exit code 2
+naming the file, the last data row read and the fix; ``source_row`` stays exact either way.
 - a ``.parquet`` file — read by row batches (Parquet strings are UTF-8 by format).
 - ``synthetic`` — :func:`dischargesum.data.synthetic.generate_rows` with the recipe's size, profile, schema,
   seed and defects.
@@ -31,6 +38,7 @@ import gzip
 import io
 import itertools
 import json
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,9 +57,12 @@ PHYSIONET_SIGNATURE = frozenset({"note_id", "input", "target", "input_tokens", "
 SUFFIXES = {".csv": "csv", ".csv.gz": "csv", ".jsonl": "jsonl", ".jsonl.gz": "jsonl", ".parquet": "parquet"}
 KAGGLEHUB_PREFIX = "kagglehub:"
 KAGGLE_CSV_NAME = "BHC_MIMIC-IV.csv"
-# Arrow needs a block larger than the longest record (16 MiB ≈ 80 notes of 200k characters). Parsing runs on one
-# thread without read-ahead: it is a small share of the work, and read-ahead held ~1 GB of blocks at 270k rows.
-CSV_BLOCK_BYTES = 16 << 20
+# Python's csv refuses fields over 128 KiB by default; a note may hold 200k characters (note_too_long decides).
+CSV_FIELD_LIMIT = 1 << 30
+# Records whose keys make up a JSONL file's columns (the first record may lack an optional key).
+JSONL_HEADER_SAMPLE = 10_000
+# What a file that ends early or is corrupt raises while it is read (gzip: EOFError / BadGzipFile / zlib.error).
+_READ_ERRORS = (EOFError, OSError, zlib.error, csv.Error)
 
 
 @dataclass
@@ -105,35 +116,68 @@ def _open_binary(path: Path) -> io.BufferedIOBase:
     return gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")  # type: ignore[return-value]
 
 
+def _unreadable(path: Path, what: str, exc: BaseException) -> ConfigError:
+    compressed = path.name.lower().endswith(".gz")
+    fix = "The file is truncated or corrupt (an interrupted download or copy?): fetch it again" + (
+        f" and check it with `gzip -t {path}`." if compressed else "."
+    )
+    detail = str(exc).rstrip(". ")
+    return ConfigError(f"prepare_data: `source` = {path}: {what}: {exc.__class__.__name__}: {detail}. {fix}")
+
+
+def _text_stream(fh: io.BufferedIOBase) -> io.TextIOWrapper:
+    # newline="": the csv module sees the file's own line endings (\n, \r\n or CR-only) and quoted newlines intact.
+    return io.TextIOWrapper(fh, encoding="utf-8-sig", errors="surrogateescape", newline="")  # type: ignore[arg-type]
+
+
 def _csv_header(path: Path) -> list[str]:
-    with _open_binary(path) as fh:
-        head = fh.read(1 << 16).decode("utf-8-sig", errors="replace")
-    reader = csv.reader(io.StringIO(head))
+    csv.field_size_limit(CSV_FIELD_LIMIT)
     try:
-        return [c.strip() for c in next(reader)]
-    except StopIteration:
-        return []
+        with _open_binary(path) as fh:
+            return [c.strip() for c in next(csv.reader(_text_stream(fh)), [])]
+    except _READ_ERRORS as exc:
+        raise _unreadable(path, "its header line could not be read", exc) from None
 
 
 def _jsonl_header(path: Path) -> list[str]:
-    with _open_binary(path) as fh:
-        for line in fh:
-            if line.strip():
+    """Keys of the first :data:`JSONL_HEADER_SAMPLE` JSON objects, in order of first appearance."""
+    keys: dict[str, None] = {}
+    first_error: ValueError | None = None
+    seen = 0
+    try:
+        with _open_binary(path) as fh:
+            for line in fh:
+                if not line.strip():
+                    continue
+                seen += 1
                 try:
                     record = json.loads(line.decode("utf-8", errors="surrogateescape"))
-                except ValueError as exc:
-                    raise ConfigError(
-                        f"prepare_data: `source` = {path}: the first record is not valid JSON ({exc}); "
-                        "a .jsonl file needs one JSON object per line."
-                    ) from exc
-                return list(record) if isinstance(record, dict) else []
-    return []
+                except ValueError as exc:  # a malformed_row later; the other records still name the columns
+                    first_error = first_error or exc
+                    record = None
+                if isinstance(record, dict):
+                    keys.update(dict.fromkeys(record))
+                if seen >= JSONL_HEADER_SAMPLE:
+                    break
+    except _READ_ERRORS as exc:
+        if not keys:
+            raise _unreadable(path, "its first records could not be read", exc) from None
+    if not keys and first_error is not None:
+        raise ConfigError(
+            f"prepare_data: `source` = {path}: no record among the first {seen} is a JSON object ({first_error}); "
+            "a .jsonl file needs one JSON object per line."
+        )
+    return list(keys)
 
 
 def _parquet_header(path: Path) -> list[str]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    return list(pq.ParquetFile(path).schema_arrow.names)
+    try:
+        return list(pq.ParquetFile(path).schema_arrow.names)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise _unreadable(path, "it is not a readable Parquet file", exc) from None
 
 
 def _resolve_kagglehub(handle: str) -> Path:
@@ -239,6 +283,14 @@ def inspect_source(cfg: PrepareDataConfig) -> SourceInfo:
             "hash."
         )
     mapping = {k: v for k, v in mapping.items() if v in present}
+    used = [*mapping.values(), *([cfg.input_split_column] if cfg.input_split_column else [])]
+    repeated = sorted({c for c in used if columns.count(c) > 1})
+    if repeated:
+        raise ConfigError(
+            f"prepare_data: `source` = {cfg.source!r} has more than one column named {repeated} (header: {columns}); "
+            "which one holds the data cannot be known. Rename or drop the extra column(s) in the file, or map our "
+            "field to a uniquely named column with `column_mapping`."
+        )
     info = SourceInfo(cfg.source, path, fmt, list(columns), schema, mapping, cfg.input_split_column)
     logger.info(
         "source %s: %s, schema %s detected; columns used %s%s",
@@ -311,25 +363,39 @@ def _iter_jsonl(info: SourceInfo, cfg: PrepareDataConfig) -> Iterator[RawChunk]:
     values = _empty_values(wanted)
     malformed_rows: dict[int, str] = {}
     count = 0
+    line_number = 0
     with _open_binary(info.path) as fh:
-        for line in fh:
+        lines = iter(fh)
+        while True:
+            try:
+                line = next(lines, None)
+            except _READ_ERRORS as exc:
+                raise _unreadable(
+                    info.path, f"reading stopped after {start + count} data rows (line {line_number})", exc
+                ) from None
+            if line is None:
+                break
+            line_number += 1
             if not line.strip():
                 continue
             try:
                 record = json.loads(line.decode("utf-8", errors="surrogateescape"))
             except ValueError as exc:
-                record, malformed_rows[count] = None, f"invalid JSON: {exc.__class__.__name__}"
+                record, malformed_rows[count] = None, f"line {line_number}: invalid JSON: {exc.__class__.__name__}"
             if record is not None and not isinstance(record, dict):
-                record, malformed_rows[count] = None, f"a JSON {type(record).__name__}, not an object"
+                record, malformed_rows[count] = (
+                    None,
+                    f"line {line_number}: a JSON {type(record).__name__}, not an object",
+                )
             for name, column in wanted.items():
                 values[name].append(record.get(column) if record is not None else _MALFORMED)
             count += 1
             if count == cfg.chunk_rows:
-                yield _jsonl_chunk(start, values, count, malformed_rows)
+                yield _record_chunk(start, values, count, malformed_rows)
                 start += count
                 values, malformed_rows, count = _empty_values(wanted), {}, 0
     if count:
-        yield _jsonl_chunk(start, values, count, malformed_rows)
+        yield _record_chunk(start, values, count, malformed_rows)
 
 
 class _Malformed:
@@ -346,7 +412,7 @@ _MALFORMED = _Malformed()
 MALFORMED = _MALFORMED
 
 
-def _jsonl_chunk(start: int, values: dict[str, list[Any]], n: int, malformed: dict[int, str]) -> RawChunk:
+def _record_chunk(start: int, values: dict[str, list[Any]], n: int, malformed: dict[int, str]) -> RawChunk:
     chunk = RawChunk(start, _fill(values, n))
     if malformed:
         chunk.values["_malformed_detail"] = [malformed.get(i) for i in range(n)]
@@ -354,13 +420,21 @@ def _jsonl_chunk(start: int, values: dict[str, list[Any]], n: int, malformed: di
 
 
 def _iter_parquet(info: SourceInfo, cfg: PrepareDataConfig) -> Iterator[RawChunk]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     assert info.path is not None
     wanted = _wanted(info)
     columns = sorted(set(wanted.values()))
     start = 0
-    for batch in pq.ParquetFile(info.path).iter_batches(batch_size=cfg.chunk_rows, columns=columns):
+    batches = pq.ParquetFile(info.path).iter_batches(batch_size=cfg.chunk_rows, columns=columns)
+    while True:
+        try:
+            batch = next(batches, None)
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise _unreadable(info.path, f"reading stopped after {start} data rows", exc) from None
+        if batch is None:
+            break
         values = _empty_values(wanted)
         for name, column in wanted.items():
             values[name] = batch.column(column).to_pylist()
@@ -369,46 +443,43 @@ def _iter_parquet(info: SourceInfo, cfg: PrepareDataConfig) -> Iterator[RawChunk
 
 
 def _iter_csv(info: SourceInfo, cfg: PrepareDataConfig) -> Iterator[RawChunk]:
-    import pyarrow as pa
-    import pyarrow.csv as pacsv
-
+    """Records in file order; every record is a row (a wrong field count is a malformed row at its exact index)."""
     assert info.path is not None
     wanted = _wanted(info)
-    columns = sorted(set(wanted.values()))
-    skipped: list[str] = []
-
-    def on_invalid_row(row: Any) -> str:
-        where = f"line {row.number}" if row.number is not None else "line unknown"
-        skipped.append(f"{where}: {row.actual_columns} fields, expected {row.expected_columns}")
-        return "skip"
-
-    reader = pacsv.open_csv(
-        pa.input_stream(str(info.path), compression="detect"),
-        read_options=pacsv.ReadOptions(block_size=CSV_BLOCK_BYTES, use_threads=False),
-        parse_options=pacsv.ParseOptions(newlines_in_values=True, invalid_row_handler=on_invalid_row),
-        convert_options=pacsv.ConvertOptions(
-            include_columns=columns,
-            column_types={c: pa.binary() for c in columns},
-            strings_can_be_null=False,
-            quoted_strings_can_be_null=False,
-        ),
-    )
+    index = {name: info.columns.index(column) for name, column in wanted.items()}
+    n_fields = len(info.columns)
+    csv.field_size_limit(CSV_FIELD_LIMIT)
     start = 0
-    try:
-        for batch in reader:
-            for offset in range(0, max(batch.num_rows, 1), cfg.chunk_rows):
-                part = batch.slice(offset, cfg.chunk_rows)
-                values = _empty_values(wanted)
-                for name, column in wanted.items():
-                    values[name] = part.column(column).to_pylist()
-                chunk = RawChunk(start, _fill(values, part.num_rows), malformed=skipped[:])
-                skipped.clear()
-                if len(chunk) or chunk.malformed:
-                    yield chunk
-                start += part.num_rows
-    except pa.ArrowInvalid as exc:
-        raise ConfigError(
-            f"prepare_data: `source` = {info.source!r} could not be parsed as CSV near data row {start}: {exc}"
-        ) from exc
-    if skipped:
-        yield RawChunk(start, _fill(_empty_values(wanted), 0), malformed=skipped[:])
+    values = _empty_values(wanted)
+    malformed_rows: dict[int, str] = {}
+    count = 0
+    with _open_binary(info.path) as fh:
+        reader = csv.reader(_text_stream(fh))
+        records = iter(reader)
+        try:
+            next(records, None)  # the header
+            while True:
+                line = reader.line_num + 1  # where the next record starts
+                record = next(records, None)
+                if record is None:
+                    break
+                if not record:  # a blank line is not a record (as Arrow and pandas read it)
+                    continue
+                if len(record) != n_fields:
+                    malformed_rows[count] = f"line {line}: {len(record)} fields, expected {n_fields}"
+                    for name in wanted:
+                        values[name].append(_MALFORMED)
+                else:
+                    for name, i in index.items():
+                        values[name].append(record[i])
+                count += 1
+                if count == cfg.chunk_rows:
+                    yield _record_chunk(start, values, count, malformed_rows)
+                    start += count
+                    values, malformed_rows, count = _empty_values(wanted), {}, 0
+        except _READ_ERRORS as exc:
+            raise _unreadable(
+                info.path, f"reading stopped after {start + count} data rows (line {reader.line_num})", exc
+            ) from None
+    if count:
+        yield _record_chunk(start, values, count, malformed_rows)

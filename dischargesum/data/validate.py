@@ -12,6 +12,7 @@ unknown_input_split; then in the pipeline duplicate_note_id and summary_too_long
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -70,7 +71,7 @@ class ValidatedChunk:
     rejects: list[dict[str, Any]] = field(default_factory=list)
     rows_read: int = 0
     stats: Counter[str] = field(default_factory=Counter)
-    prefixes: Counter[str] = field(default_factory=Counter)
+    prefixes: Counter[str] = field(default_factory=Counter)  # prefix_digest -> rows
     word_counts: Counter[str] | None = None
 
     def __len__(self) -> int:
@@ -82,6 +83,11 @@ class RowRejected(Exception):
         super().__init__(reason)
         self.reason = reason
         self.detail = detail
+
+
+def prefix_digest(prefix: str) -> str:
+    """How the data card names a stripped instruction prefix: the first 16 hex digits of sha256 of its UTF-8 text."""
+    return hashlib.sha256(prefix.encode("utf-8", errors="surrogateescape")).hexdigest()[:16]
 
 
 def reject_record(row: int | None, note_id: str | None, reason: str, detail: str) -> dict[str, Any]:
@@ -165,7 +171,8 @@ def _validate_row(
         note, summary = normalize_seed(stripped), normalize_seed(summary)
     if prefix is not None:
         stats["instruction_prefix_stripped"] += 1
-        prefixes[prefix[:80]] += 1
+        # A hash, never the text: a prefix may name the patient ("... for patient <name> (MRN ..., DOB ...):").
+        prefixes[prefix_digest(prefix)] += 1
     if not note:
         raise RowRejected("empty_note", f"nothing left after {opts.normalization} normalisation")
     if not summary:

@@ -198,6 +198,11 @@ _GUARDS: tuple[tuple[str, str], ...] = (
 )
 
 
+# LoRA facts that set the adapter's tensor shapes: a checkpoint that differs in them cannot be loaded at all (PEFT's
+# load_state_dict fails with a size-mismatch traceback), so `allow_resume_mismatch` cannot override them.
+_SHAPE_LORA_KEYS = ("r", "target_modules")
+
+
 def _guard_value(facts: dict[str, Any], name: str) -> Any:
     if name == "effective_batch":
         if "effective_batch" in facts:
@@ -216,7 +221,8 @@ def check_resume_guards(
     """Compare this run's facts with a checkpoint's record; return the mismatch messages that were allowed.
 
     Raises:
-        CheckpointError: a guarded field differs and ``allow_resume_mismatch`` is False (message names the field).
+        CheckpointError: a guarded field differs and ``allow_resume_mismatch`` is False (message names the field),
+            or the LoRA rank / target modules differ (never overridable: the tensors would not load).
     """
     current = facts.to_dict()
     problems: list[str] = []
@@ -224,12 +230,28 @@ def check_resume_guards(
         was, now = _guard_value(recorded, name), _guard_value(current, name)
         if canonical_hash(was) != canonical_hash(now):
             problems.append(f"`{name}` differs: the checkpoint recorded {was!r}, this run has {now!r} ({fix})")
+    was_lora, now_lora = recorded.get("lora") or {}, current["lora"] or {}
+    shape = [k for k in _SHAPE_LORA_KEYS if canonical_hash(was_lora.get(k)) != canonical_hash(now_lora.get(k))]
+    unloadable = (
+        "the LoRA "
+        + ", ".join(f"`{k}` ({was_lora.get(k)!r} -> {now_lora.get(k)!r})" for k in shape)
+        + " sets the adapter's tensor shapes, so this checkpoint cannot be loaded even with "
+        "`--allow_resume_mismatch true`: use the checkpoint's lora_r / lora_target_modules, or start a fresh "
+        "`output_dir`"
+    )
+    if shape and allow_resume_mismatch:
+        raise CheckpointError(f"refusing to resume from {checkpoint}: {unloadable}.")
     if problems and not allow_resume_mismatch:
         raise CheckpointError(
             f"refusing to resume from {checkpoint}: "
             + "; ".join(problems)
-            + ". Resuming would silently train a different run. Fix the setting, start a fresh `output_dir`, or "
-            "pass `--allow_resume_mismatch true` to resume anyway."
+            + ". Resuming would silently train a different run. "
+            + (
+                f"Note: {unloadable}."
+                if shape
+                else "Fix the setting, start a fresh `output_dir`, or pass `--allow_resume_mismatch true` to resume "
+                "anyway."
+            )
         )
     for problem in problems:
         logger.warning("resuming from %s although %s (allow_resume_mismatch is set)", checkpoint, problem)

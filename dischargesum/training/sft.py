@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dischargesum.cli import UserError
+from dischargesum.cli import EXIT_NONFINITE, UserError
 from dischargesum.config import ConfigError, SFTConfig
 from dischargesum.data import schema
 from dischargesum.logging_utils import get_logger, is_main_process
@@ -42,9 +42,12 @@ from dischargesum.manifest import (
     ArtifactError,
     atomic_write_json,
     atomic_write_text,
+    chmod_private_tree,
     config_hash,
     fingerprint_file,
     finish_run,
+    private_dir,
+    private_umask,
     read_manifest,
     require_artifact,
     start_run,
@@ -326,6 +329,7 @@ def build_trainer(
         lora_config,
     )
     from dischargesum.training.checkpointing import make_checkpoint_callbacks
+    from dischargesum.training.nonfinite import NonFiniteGuard
     from dischargesum.training.trainer import (
         BatchExtrasCollator,
         DischargeSFTTrainer,
@@ -352,28 +356,39 @@ def build_trainer(
             cfg.model_name_or_path,
             data.max_seq_length,
         )
+    # The datasets cache holds copies of the notes (arrow files of the splits, their formatting and TRL's
+    # tokenization, written by `datasets` in load_split and SFTTrainer.__init__): owner-only, like the split files.
+    # A umask around those writes (the library takes no mode; the model is loaded outside it, so a Hub download
+    # keeps the cache's usual modes), then a chmod pass for files written by `dataset_num_proc` workers or by an
+    # older run. Reading the cache back on resume is unaffected.
     cache_dir = out / DATASETS_CACHE_DIR
-    train_ds, train_note_ids = load_split(data, "train", cache_dir=cache_dir)
-    eval_ds: Dataset | None = None
-    eval_note_ids: list[str] = []
-    if cfg.eval_steps:
-        eval_ds, eval_note_ids = load_split(data, "validation", cache_dir=cache_dir, limit=cfg.max_eval_samples)
+    if is_main_process():
+        private_dir(cache_dir)
+    with private_umask():
+        train_ds, train_note_ids = load_split(data, "train", cache_dir=cache_dir)
+        eval_ds: Dataset | None = None
+        eval_note_ids: list[str] = []
+        if cfg.eval_steps:
+            eval_ds, eval_note_ids = load_split(data, "validation", cache_dir=cache_dir, limit=cfg.max_eval_samples)
     args = _trl_args(cfg, plan, data)
     if model is None:
         model = load_model_for_training(cfg, plan)
     log = MetricsLog(out / METRICS_FILE, resume_step=resume_step)
-    trainer = DischargeSFTTrainer(
-        model=model,
-        args=args,
-        train_dataset=train_ds,
-        eval_dataset=eval_ds,
-        processing_class=tokenizer,
-        peft_config=lora_config(cfg, is_vlm=is_vlm_model(model)),
-        callbacks=make_checkpoint_callbacks(facts, out, cfg.save_total_limit),
-        max_seq_length=data.max_seq_length,
-        resolved_config_yaml=cfg.to_yaml(),
-        note_ids_for_check={"train": train_note_ids, "eval": eval_note_ids},
-    )
+    with private_umask():
+        trainer = DischargeSFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=train_ds,
+            eval_dataset=eval_ds,
+            processing_class=tokenizer,
+            peft_config=lora_config(cfg, is_vlm=is_vlm_model(model)),
+            callbacks=make_checkpoint_callbacks(facts, out, cfg.save_total_limit),
+            max_seq_length=data.max_seq_length,
+            resolved_config_yaml=cfg.to_yaml(),
+            note_ids_for_check={"train": train_note_ids, "eval": eval_note_ids},
+        )
+    if is_main_process():
+        chmod_private_tree(cache_dir)
     cast = cast_trainable_parameters(trainer.model, plan.lora_dtype)
     if cast:
         logger.info("LoRA weights kept in %s (%d tensors re-cast after TRL)", plan.lora_dtype, cast)
@@ -389,11 +404,16 @@ def build_trainer(
     trainer.total_seconds = log.prior_seconds
     trainer.add_callback(StableTensorBoardCallback(tb_dir, purge_step=resume_step + 1 if had_events else None))
     trainer.add_callback(MetricsCallback(trainer, log, train_note_ids if cfg.log_note_ids else None))
+    # After DefaultFlowCallback: it may veto the save that callback asked for at a non-finite step.
+    trainer.nonfinite_guard = NonFiniteGuard(trainer, cfg.nonfinite_patience)
+    trainer.add_callback(trainer.nonfinite_guard)
     return trainer
 
 
 def train(cfg: SFTConfig) -> int:
-    """The body of ``scripts/sft_qlora.py``: returns 0 (done or already done), 143 (preempted, checkpoint committed).
+    """The body of ``scripts/sft_qlora.py``: returns 0 (done or already done), 143 (preempted, checkpoint committed),
+    3 (stopped on a non-finite loss / gradient norm, last finite state committed; see
+    :mod:`dischargesum.training.nonfinite`).
 
     Raises:
         ConfigError, ArtifactError, UserError: problems the user can fix (exit code 2), all found before the model
@@ -467,6 +487,19 @@ def train(cfg: SFTConfig) -> int:
             "preempted: checkpoint committed, exiting with %d so the scheduler requeues", PREEMPTED_EXIT_CODE
         )
         return PREEMPTED_EXIT_CODE
+    stopped = trainer.nonfinite_guard.stopped
+    if stopped is not None:
+        message = stopped.message(
+            learning_rate=cfg.learning_rate,
+            max_grad_norm=cfg.max_grad_norm,
+            patience=cfg.nonfinite_patience,
+            output_dir=str(out),
+        )
+        logger.error("%s", message)
+        if state.is_main_process:
+            failed = {**(read_manifest(out) or {}), "status": "failed", "failure": message}
+            atomic_write_json(out / MANIFEST_NAME, failed)
+        return EXIT_NONFINITE
 
     digest_after = base_weights_digest(trainer.model) if digest_before is not None else None
     if digest_before is not None and digest_before != digest_after:

@@ -8,6 +8,8 @@ What we add to TRL and why (everything else is TRL / transformers as shipped):
   each step's example indices when asked; ``log`` reduces the counts across ranks once per logging step and adds
   tokens/s and GPU memory to the logs, so TensorBoard and ``metrics.jsonl`` get them from the same place.
 * ``_save``: writes the resolved config into every checkpoint (generate can load any ``checkpoint-N``).
+* ``compute_loss`` also flags a non-finite loss on the device for
+  :class:`~dischargesum.training.nonfinite.NonFiniteGuard` (read once per optimizer step).
 * no telemetry, no TRL model card in ``output_dir`` (``final/README.md`` is ours).
 """
 
@@ -259,6 +261,8 @@ class DischargeSFTTrainer(CheckpointingTrainerMixin, SFTTrainer):
         self.total_tokens = 0
         self.total_seconds = 0.0
         self.last_train_loss: float | None = None
+        self._nonfinite_loss: torch.Tensor | None = None
+        self.nonfinite_guard: Any = None  # the NonFiniteGuard callback (set by sft.build_trainer)
         super().__init__(*args, **kwargs)
 
     # TRL pings the Hub with usage data unless HF_HUB_DISABLE_TELEMETRY is set; a clinical pipeline never does.
@@ -345,7 +349,17 @@ class DischargeSFTTrainer(CheckpointingTrainerMixin, SFTTrainer):
             self._token_counts = counts if self._token_counts is None else self._token_counts + counts
             if self.record_example_indices and example_index is not None:
                 self._step_indices.extend(int(i) for i in example_index.tolist())
-        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if self.model is not None and self.model.training:
+            loss = result[0] if isinstance(result, tuple) else result
+            bad = ~torch.isfinite(loss.detach()).all()
+            self._nonfinite_loss = bad if self._nonfinite_loss is None else self._nonfinite_loss | bad
+        return result
+
+    def pop_nonfinite_loss(self) -> torch.Tensor | None:
+        """Whether a micro-batch since the last call had a non-finite loss (a device bool tensor; None: none ran)."""
+        flag, self._nonfinite_loss = self._nonfinite_loss, None
+        return flag
 
     def start_throughput_window(self) -> None:
         self._window_start = time.perf_counter()

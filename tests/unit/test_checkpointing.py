@@ -160,7 +160,7 @@ def test_recommit_of_same_step_replaces_it_atomically(tmp_path: Path) -> None:
         ("data_fingerprint", {"data_fingerprint": "other"}),
         ("base_model", {"base_model": "google/gemma-3-4b-it"}),
         ("quantization", {"quantization": {"load_in_4bit": True, "bnb_4bit_quant_type": "fp4"}}),
-        ("lora", {"lora": {"r": 16, "lora_alpha": 64, "target_modules": ["q_proj", "v_proj"]}}),
+        ("lora", {"lora": {"r": 32, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"]}}),
         ("max_seq_length", {"max_seq_length": 1024}),
     ],
 )
@@ -176,6 +176,24 @@ def test_resume_guards_refuse_and_override_allows(
     with caplog.at_level(logging.WARNING, logger="dischargesum"):
         assert resolve_resume_checkpoint("auto", tmp_path, other, allow_resume_mismatch=True) == ckpt
     assert f"`{field}` differs" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "lora",
+    [
+        {"r": 16, "lora_alpha": 64, "target_modules": ["q_proj", "v_proj"]},
+        {"r": 32, "lora_alpha": 64, "target_modules": ["q_proj", "k_proj", "v_proj"]},
+    ],
+)
+def test_lora_shape_mismatch_is_refused_even_with_override(tmp_path: Path, lora: dict) -> None:
+    # allow_resume_mismatch with another rank ended in a load_state_dict size-mismatch traceback
+    ckpt = _make_checkpoint(tmp_path, 4, _facts())
+    for setting in ("auto", str(ckpt)):
+        with pytest.raises(CheckpointError, match=r"cannot be loaded even with `--allow_resume_mismatch true`"):
+            resolve_resume_checkpoint(setting, tmp_path, _facts(lora=lora), allow_resume_mismatch=True)
+    # without the override the refusal must not suggest it
+    with pytest.raises(CheckpointError, match=r"`lora` differs.*cannot be loaded even with"):
+        resolve_resume_checkpoint("auto", tmp_path, _facts(lora=lora), allow_resume_mismatch=False)
 
 
 def test_same_effective_batch_on_other_world_size_resumes_with_warning(

@@ -163,3 +163,25 @@ def test_manifest_masks_token_arguments(monkeypatch: pytest.MonkeyPatch, tmp_pat
     manifest = start_run(tmp_path, cfg)
     assert "secret123" not in json.dumps(manifest)
     assert "abc" not in json.dumps(manifest["argv"])
+
+
+def _float_fields() -> list[tuple[type, str]]:
+    import typing
+
+    out = []
+    for cls in dict.fromkeys(STAGE_CONFIGS.values()):
+        hints = typing.get_type_hints(cls)
+        out += [(cls, f.name) for f in dataclasses.fields(cls) if hints[f.name] in (float, float | None)]
+    return out
+
+
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan", "Infinity"])
+def test_non_finite_floats_are_refused_in_every_config(tmp_path: Path, value: str) -> None:
+    fields = _float_fields()
+    assert len(fields) >= 10  # learning_rate, max_grad_norm, fractions, sampling, eval thresholds, ...
+    for cls, name in fields:
+        with pytest.raises(ConfigError, match=rf"`{name}` = '{value}' is not a finite number"):
+            parse_config(cls, ["--output_dir", str(tmp_path), f"--{name}", value])
+    recipe = _recipe(tmp_path, {"learning_rate": float("inf")})
+    with pytest.raises(ConfigError, match="`learning_rate` = inf is not a finite number"):
+        parse_config(SFTConfig, ["--config", recipe, "--output_dir", str(tmp_path)])

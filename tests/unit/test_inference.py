@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -509,6 +510,26 @@ def test_part_writer_fsyncs_each_batch(tmp_path: Path, monkeypatch: pytest.Monke
         append([{"note_id": "a"}])
         append([{"note_id": "b"}, {"note_id": "c"}])
     assert len(synced) == 2
+
+
+def test_torn_merged_output_is_rebuilt_from_parts_and_files_are_private(tmp_path: Path) -> None:
+    out = ShardedJsonlOutput(tmp_path / "run", "stage1.jsonl", _procs())  # pytest's tmp_path is 0700 already
+    out.prepare("key", overwrite=False)
+    with out.writer() as append:
+        append([{"note_id": k, "summary": f"s{k}"} for k in "abc"])
+    out.merge(["a", "b", "c"])
+    # a copy or sync cut the merged file mid-line; the parts still hold every note
+    merged = out.path.read_bytes()
+    out.path.write_bytes(merged[: merged.rindex(b"\n", 0, len(merged) - 1) + 12])
+    out.check_resumable("key", overwrite=False)
+    out.prepare("key", overwrite=False)
+    assert sorted(out.done_records()) == ["a", "b", "c"]
+    out.merge(["a", "b", "c"])
+    assert [json.loads(line)["note_id"] for line in out.path.read_text().splitlines()] == ["a", "b", "c"]
+    for path in (out.path, out.part_path(0)):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+    for directory in (out.output_dir, out.parts_dir):
+        assert stat.S_IMODE(directory.stat().st_mode) == 0o700, directory
 
 
 def test_medgemma_class_generates_with_dynamic_and_static_cache(tiny_vlm_dir: Path) -> None:

@@ -289,3 +289,50 @@ def test_bertscore_on_cuda_matches_cpu(tiny_bert_dir: Path, scorer: BertScorer) 
     cpu = scorer.score(texts, refs, progress=False)
     assert cuda.f1 == pytest.approx(cpu.f1, abs=1e-4)
     assert cuda.prediction_windows == cpu.prediction_windows
+
+
+# ---- loading the encoder safely ----------------------------------------------------------------------------------
+
+
+def test_bertscore_encoder_with_remote_code_is_refused_without_running_it(
+    tmp_path: Path, tiny_bert_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import builtins
+    import json
+    import shutil
+
+    encoder = tmp_path / "custom"
+    shutil.copytree(tiny_bert_dir, encoder)
+    marker = tmp_path / "remote_code_ran"
+    (encoder / "evil.py").write_text(
+        f"from pathlib import Path\nPath({str(marker)!r}).write_text('ran')\n"
+        "from transformers import BertConfig, BertModel\n"
+        "class EvilConfig(BertConfig):\n    model_type = 'evil'\n"
+        "class EvilModel(BertModel):\n    config_class = EvilConfig\n"
+    )
+    config = json.loads((encoder / "config.json").read_text())
+    config.update(model_type="evil", auto_map={"AutoConfig": "evil.EvilConfig", "AutoModel": "evil.EvilModel"})
+    (encoder / "config.json").write_text(json.dumps(config))
+    monkeypatch.setattr(builtins, "input", lambda *a, **k: "y")  # a user who answers yes to the prompt
+    with pytest.raises(ConfigError, match="could not be loaded"):
+        BertScorer(str(encoder), 2)
+    assert not marker.exists()
+
+
+def test_bertscore_encoder_with_only_pickled_weights_needs_opt_in(
+    tmp_path: Path, tiny_bert_dir: Path, scorer: BertScorer
+) -> None:
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    encoder = tmp_path / "bin_only"
+    shutil.copytree(tiny_bert_dir, encoder)
+    torch.save(load_file(str(encoder / "model.safetensors")), encoder / "pytorch_model.bin")
+    (encoder / "model.safetensors").unlink()
+    with pytest.raises(ConfigError, match="bertscore_allow_bin_weights"):
+        BertScorer(str(encoder), 2)
+    opted_in = BertScorer(str(encoder), 2, allow_bin_weights=True).model.state_dict()
+    reference = scorer.model.state_dict()  # the same encoder from safetensors
+    assert opted_in.keys() == reference.keys() and all(torch.equal(opted_in[k], reference[k]) for k in reference)

@@ -152,3 +152,14 @@ def test_report_renders_with_only_a_reference_or_only_a_source(tmp_path: Path, k
         assert "rouge" not in overall and result.metrics["not_computed"] == ["rouge"]
         assert overall["hallucination"]["rate_micro"] == 0.0
     assert MARKER in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_per_sample_csv_is_owner_only(tmp_path: Path) -> None:
+    import stat
+
+    from dischargesum.report import write_per_sample_csv
+
+    path = tmp_path / "per_sample.csv"
+    write_per_sample_csv([{"note_id": "1-DS-1", "prediction": "Admitted for chest pain."}], path)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert next(csv.reader(path.open())) == ["note_id", "prediction"]
