@@ -1,7 +1,7 @@
 """Generation throughput: the seed prototype's way vs our inference engine, on the same prompts and the same model.
 
-    python benchmarks/generate_throughput.py --out benchmarks/results            # GPU (H100/H200), < 8 minutes
-    python benchmarks/generate_throughput.py --smoke --out /tmp/gen-smoke       # CPU, tiny model, seconds
+    python benchmarks/generate_throughput.py --out benchmarks/results --notes 128   # one H100 (est. 6-7 min)
+    python benchmarks/generate_throughput.py --smoke --out /tmp/gen-smoke          # CPU, tiny model, minutes
 
 Model: a random-initialised Gemma-3-4B text model (hidden 2560, 34 layers, 8/4 heads, head_dim 256, vocab 262,208,
 sliding window 1024 with 5 local : 1 global) — the FLOPs and bytes of MedGemma's language model — with a random
@@ -11,35 +11,44 @@ training chat template and tokenized with the benchmarks' length-calibrated toke
 emit an end-of-turn token at a realistic point, so every variant generates exactly ``--max_new_tokens`` tokens per
 note (``min_new_tokens = max_new_tokens``): tokens/s compares like with like.
 
-Variants (``--variants``; the defaults run in this order, and the run stops starting new variants after
+Default variants (issue 14's levers one at a time; they run in this order, and the run starts no new variant after
 ``--time_budget_s``):
 
 * ``seed`` — what the seed did: NF4 4-bit base (bitsandbytes, double quant, bf16 compute) with the LoRA adapter
   unmerged, one note at a time, ``model.generate(do_sample=True)`` with transformers' default sampling (top-k 50).
-  Slow (~6.6 new tokens/s on an H100), so only ``--seed_notes`` notes are timed.
-* ``engine_greedy`` — :class:`dischargesum.inference.InferenceEngine` as ``recipes/medgemma-4b/generate.yaml``
-  runs it: adapter merged into bf16 weights, notes sorted by length and batched under ``--batch_token_budget`` /
-  ``--max_batch_size``, left padding, greedy.
-* ``engine_greedy_b2x`` — ``engine_greedy`` with twice the batch size and budget (does a bigger batch pay?).
-* ``engine_sample`` — the same with per-note seeded sampling (top-k 50, temperature 1: the seed's sampling).
-* ``engine_static_compile`` — static KV cache reused across batches + ``torch.compile`` (mode reduce-overhead:
-  CUDA graphs) of the decoding step; the compilation is timed separately (``warmup_seconds``).
-* ``engine_static`` — static cache without compilation (isolates the cache's effect).
-* ``engine_static_compile_b2x`` / ``engine_static_compile_sample`` — the compiled engine with twice the batch size
-  and budget / with per-note seeded sampling (the sampler runs outside the compiled step).
-* ``engine_static_compile_sdpa`` — the compiled engine on transformers' own ``sdpa`` instead of our decoding attention
-  (``sdpa_gqa_fold``, dischargesum/attention.py, which every other engine row uses): the KV copy's cost.
-* ``engine_static_compile_matmul`` — our decoding attention with its ``matmul`` kernel (two batched matmuls) instead
-  of PyTorch's SDPA choice (cuDNN on H100).
+  ``--seed_notes`` (8) notes spread over the prompt lengths, ``--seed_new_tokens`` (32) each, timed one by one: the
+  row's ``new_tokens_per_s`` is the MEDIAN note's rate, with ``spread`` (min, quartiles, max, relative IQR) and every
+  note's rate; ``speedup`` divides by that median. (One note timed alone swung 2x between runs.)
+* ``engine_static_compile`` — the engine as issue 8 left it: bf16 weights with the adapter merged, static KV cache
+  reused across batches (sliding-window layers at full length), ``torch.compile`` (mode reduce-overhead: CUDA graphs)
+  of the decoding step, our decoding attention ``sdpa_gqa_fold``; batch 64 under the default budget.
+* ``engine_ring_b2x_chunked`` — plus ring-buffer sliding-window layers (dischargesum/kv_cache.py: 1,024 slots
+  instead of the cache length), at twice the budget and batch cap (batch 128) with the prefill in chunks of
+  ``--prefill_chunk_rows`` (32) notes: the recipe's configuration.
+* ``compile_rerun`` — ``--rerun_variant`` (the row above) loaded and warmed up again in a second process on the same
+  torch.compile cache directory: ``first_run_warmup_seconds`` (that row, compiled into this run's fresh, empty
+  ``--compile_cache_dir``) vs ``rerun_warmup_seconds``.
+* ``engine_ring`` — the ring buffer alone, at batch 64 (its effect without the bigger batch).
 
-Every engine row also reports ``ms_per_decode_step`` (wall time over decoding steps, prefill included). With
-``--profile``, each engine variant additionally runs ``--profile_tokens`` decoding steps of its first batch under
-``torch.profiler`` after its timed run: ``profile.gpu_busy_fraction`` (kernel time / wall time — the rest is the GPU
-waiting for the host) and the top kernels and ops say where a decoding step's time goes.
+Every greedy engine row is checked against the dynamic-cache path: ``--check_notes`` (8) notes spread over the
+prompt lengths are generated once with the dynamic cache (eager, same model), and each row's ``equality`` says how
+many of them came out identical; for one that differs, the first differing step, the reference's top-2 logit margin
+there, the bf16 spacing at the top logit and the rank of the row's token (a near-tie flipped by bf16 kernel order
+has rank 2 and a margin of a few ulps; ``all_explained`` says whether every divergence is one). Every engine row
+also reports ``ms_per_decode_step`` (wall time over decoding steps, prefill included), ``decode_limit`` (batch x
+peak HBM bandwidth / (weight bytes + KV bytes a step reads)) and ``fraction_of_decode_limit``.
 
-Writes ``generate_throughput_<device>.json`` into ``--out`` (device, date, versions, command, per-variant new
-tokens/s, summaries/s, peak memory, and ``speedup`` = best engine variant's new tokens/s over the seed's) and prints
-a short table last.
+More variants (``--variants``): ``engine_greedy`` (dynamic cache, eager), ``engine_greedy_b2x``, ``engine_sample``
+(per-note seeded sampling), ``engine_static`` (static cache, no compilation), ``engine_static_compile_b2x``,
+``engine_static_compile_sample``, ``engine_static_compile_sdpa`` (transformers' own sdpa: the KV copy's cost),
+``engine_static_compile_matmul`` (our decoding attention's matmul kernel), and the uncompiled ``engine_static_ring``
+/ ``engine_static_ring_b2x_chunked`` (the CPU smoke run uses those). With ``--profile``, each engine variant also runs
+``--profile_tokens`` decoding steps of its first batch under ``torch.profiler``: ``profile.gpu_busy_fraction`` (kernel
+time / wall time) and the top kernels say where a decoding step's time goes.
+
+Writes ``generate_throughput_<device>.json`` into ``--out`` after every variant (device, date, versions, command,
+per-variant rows, ``speedup``, ``seed_spread``, ``compile_warmup``, ``best_fraction_of_decode_limit``) and prints a
+short table last.
 """
 
 from __future__ import annotations
@@ -135,7 +144,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max_new_tokens", type=int, default=None, help="New tokens per note (default 512; smoke 8).")
     p.add_argument("--batch_token_budget", type=int, default=None, help="Engine budget (default 196608; smoke 4096).")
     p.add_argument("--max_batch_size", type=int, default=None, help="Engine batch cap (default 128; smoke 4).")
-    p.add_argument("--time_budget_s", type=float, default=330.0, help="Start no new variant after this many seconds.")
+    p.add_argument("--time_budget_s", type=float, default=360.0, help="Start no new variant after this many seconds.")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--profile", action="store_true", help="Profile a few decoding steps of each engine variant.")
     p.add_argument("--profile_tokens", type=int, default=16, help="Decoding steps profiled per engine variant.")
@@ -658,6 +667,7 @@ def explain_step(base_engine: Any, prompt: tuple[int, ...], prefix: tuple[int, .
     ids = torch.tensor([[*prompt, *prefix]], device=model.device)
     with torch.inference_mode():
         logits = model(input_ids=ids, logits_to_keep=1).logits[0, -1].float()
+    logits[list(base_engine.stop_ids)] = float("-inf")  # masked while decoding too (min_new_tokens = max_new_tokens)
     top = torch.topk(logits, 2)
     top1 = float(top.values[0])
     margin = float(top.values[0] - top.values[1])
