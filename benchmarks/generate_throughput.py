@@ -492,6 +492,7 @@ def run_engine_variant_inner(
     equality = None if settings.do_sample else compare_with_reference(base_engine, inputs, outputs)
     shape = engine._static_shape
     limit = decode_limit(base_engine, settings, shape, batches, inputs, args.max_new_tokens)
+    plan = None if engine.memory_plan is None else {k: round(v, 2) for k, v in engine.memory_plan.items()}
     profile = profile_decoding(engine, batches[0], args) if args.profile else None
     row = result_row(
         name, len(requests), new_tokens, seconds, warmup_seconds=round(warmup_seconds, 1), peak_gib=peak_gib(),
@@ -505,7 +506,7 @@ def run_engine_variant_inner(
         sliding_window_cache=settings.sliding_window_cache if settings.cache_implementation == "static" else None,
         ring_layers=len(ring_layers(engine._static_cache)), prefill_chunk_rows=settings.prefill_chunk_rows,
         compile_cache_dir=os.environ.get("TORCHINDUCTOR_CACHE_DIR") if settings.compile else None,
-        equality=equality, decode_limit=limit,
+        equality=equality, decode_limit=limit, memory_plan_gib=plan,
         **({"profile": profile} if profile is not None else {}),
     )  # fmt: skip
     if limit and limit.get("new_tokens_per_s"):
@@ -755,7 +756,7 @@ def compile_rerun(args: argparse.Namespace, rows: list[dict[str, Any]]) -> dict[
         TORCHINDUCTOR_CACHE_DIR=args.compile_cache_dir, TRITON_CACHE_DIR=str(Path(args.compile_cache_dir) / "triton")
     )
     began = time.perf_counter()
-    proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
     wall = time.perf_counter() - began
     if proc.returncode != 0 or not child_out.is_file():
         raise RuntimeError(f"compile_rerun child failed (exit {proc.returncode}): {proc.stderr[-1500:]}")

@@ -64,7 +64,15 @@ from transformers import GenerationConfig, LogitsProcessor, StoppingCriteria
 
 from dischargesum.cli import UserError
 from dischargesum.config import ConfigError, InferenceConfig
-from dischargesum.kv_cache import attach_ring, build_static_cache, prefill_in_chunks, ring_supported, set_row_starts
+from dischargesum.kv_cache import (
+    attach_ring,
+    build_static_cache,
+    memory_plan,
+    prefill_in_chunks,
+    ring_layers,
+    ring_supported,
+    set_row_starts,
+)
 from dischargesum.logging_utils import get_logger
 from dischargesum.manifest import ArtifactError, atomic_write_json, canonical_hash, read_manifest, require_artifact
 
@@ -416,6 +424,8 @@ class InferenceEngine:
         self._cache_kwarg = _cache_kwarg_name(inner)
         self._static_cache: Any = None
         self._static_shape: tuple[int, int] | None = None
+        self._max_new_tokens = 0  # of the planned requests: the prompt part of the cache length, for the memory plan
+        self.memory_plan: dict[str, float] | None = None
 
     @property
     def device(self) -> torch.device:
@@ -425,6 +435,8 @@ class InferenceEngine:
     def plan(self, requests: Sequence[GenerationRequest]) -> list[list[GenerationRequest]]:
         """Batches for ``requests`` (:func:`plan_requests`); sizes the static cache for them when there is one."""
         plan = plan_requests(self.settings, requests)
+        if requests:
+            self._max_new_tokens = max(r.max_new_tokens for r in requests)
         if plan.static_shape is not None:
             self._ensure_static_shape(*plan.static_shape)
         return plan.batches
@@ -594,6 +606,18 @@ class InferenceEngine:
                 logger.info("sliding_window_cache: ring needs attn_implementation auto on a grouped-query model; "
                             "using full-length sliding-window layers")  # fmt: skip
             self._static_cache = build_static_cache(self._text_config, self._static_shape[1], ring=ring)
+            self.memory_plan = memory_plan(
+                self.model, self._text_config, batch=self._static_shape[0], cache_len=self._static_shape[1],
+                ring=bool(ring_layers(self._static_cache)), prompt_len=self._static_shape[1] - self._max_new_tokens,
+                prefill_rows=min(self._static_shape[0], self.settings.prefill_chunk_rows or self._static_shape[0]),
+            )  # fmt: skip
+            logger.info(
+                "static KV cache for batch %d x %d positions: weights %.2f GiB, KV cache %.2f GiB, prefill working "
+                "set ~%.2f GiB (estimate)%s",
+                *self._static_shape, self.memory_plan["weights"], self.memory_plan["kv_cache"],
+                self.memory_plan["prefill"],
+                f", GPU memory free for them {self.memory_plan['free']:.2f} GiB" if "free" in self.memory_plan else "",
+            )  # fmt: skip
         else:
             with torch.inference_mode():  # the cache tensors were created under inference mode
                 self._static_cache.reset()

@@ -229,3 +229,46 @@ def prefill_in_chunks(
         del chunk
     for layer in cache.layers:
         layer.cumulative_length.fill_(length - 1)
+
+
+def memory_plan(
+    model: Any,
+    text_config: Any,
+    *,
+    batch: int,
+    cache_len: int,
+    ring: bool,
+    prefill_rows: int,
+    prompt_len: int,
+) -> dict[str, float]:
+    """GiB a static-cache batch needs, by part: ``weights`` (parameters as loaded), ``kv_cache`` (full-length layers
+    x ``cache_len`` + ring layers x window, K and V, per row), ``prefill`` (the largest prefill working set: the MLP's
+    three ``intermediate_size`` tensors and the chunk's temporary full-length keys/values, for ``prefill_rows`` rows
+    of ``prompt_len`` tokens — an estimate, not a measurement) and, on CUDA, ``free`` (what the allocator can still
+    get) — so a batch size can be judged before it runs out of memory."""
+    dtype_bytes = next(model.parameters()).element_size()
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    kv_heads = getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads
+    head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+    per_position = 2 * kv_heads * head_dim * dtype_bytes
+    layer_types = list(getattr(text_config, "layer_types", None) or [])
+    layer_types += ["full_attention"] * (text_config.num_hidden_layers - len(layer_types))
+    window = int(getattr(text_config, "sliding_window", None) or cache_len)
+    positions = sum(
+        min(window, cache_len) if ring and kind == "sliding_attention" else cache_len for kind in layer_types
+    )
+    tokens = prefill_rows * prompt_len
+    intermediate = getattr(text_config, "intermediate_size", 4 * text_config.hidden_size)
+    prefill = tokens * (3 * intermediate + 4 * text_config.hidden_size) * dtype_bytes
+    if prefill_rows < batch:  # chunked: the chunk's own full-length dynamic cache exists until it is copied
+        prefill += tokens * len(layer_types) * per_position
+    plan = {
+        "weights": weights / 2**30,
+        "kv_cache": batch * positions * per_position / 2**30,
+        "prefill": prefill / 2**30,
+    }
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        plan["free"] = (free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)) / 2**30
+    return plan

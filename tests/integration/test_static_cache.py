@@ -108,3 +108,20 @@ def test_compiled_decoding_does_not_recompile_per_step(
     reference = [r.token_ids for r in dynamic_engine.generate_all(requests)]
     assert [r.token_ids for r in results] == reference
     torch._dynamo.reset()
+
+
+def test_memory_plan_counts_ring_layers_at_their_window(dynamic_engine: InferenceEngine) -> None:
+    from dischargesum.kv_cache import memory_plan
+
+    model = dynamic_engine.model
+    config = model.config.get_text_config(decoder=True)
+    per_position = 2 * config.num_key_value_heads * config.head_dim * 4  # K and V, fp32
+    kwargs = {"batch": 8, "cache_len": 300, "prefill_rows": 8, "prompt_len": 280}
+    full = memory_plan(model, config, ring=False, **kwargs)
+    ring = memory_plan(model, config, ring=True, **kwargs)
+    # tiny model: one sliding layer (window 64) and one full layer
+    assert full["kv_cache"] == pytest.approx(8 * 2 * 300 * per_position / 2**30)
+    assert ring["kv_cache"] == pytest.approx(8 * (300 + config.sliding_window) * per_position / 2**30)
+    assert full["weights"] == pytest.approx(sum(p.numel() * 4 for p in model.parameters()) / 2**30)
+    chunked = memory_plan(model, config, ring=True, **{**kwargs, "prefill_rows": 2})
+    assert 0 < chunked["prefill"] < ring["prefill"]
