@@ -21,6 +21,11 @@ token is run ``rows`` notes at a time into a temporary full-length dynamic cache
 the static cache's rows (ring layers: the last ``window - 1`` positions, all a decoding step can see); ``generate``
 then starts from the filled cache and only the last prompt token goes through its own first step. The peak is one
 chunk's activations instead of the batch's.
+
+**Memory plan** (:func:`memory_plan`): what a static-cache batch needs — weights, KV cache (ring layers at their
+window), the prefill's working set (an estimate) and the free GPU memory — logged by the engine when it builds a cache.
+The batch size itself still comes from ``batch_token_budget``; a batch that runs out of memory is halved
+(:meth:`dischargesum.inference.InferenceEngine.run_batch`).
 """
 
 from __future__ import annotations
