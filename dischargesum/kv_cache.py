@@ -208,7 +208,7 @@ def prefill_in_chunks(
     if length < 2:
         return
     position_ids = attention_mask.long().cumsum(-1) - 1
-    position_ids.masked_fill_(attention_mask == 0, 1)
+    position_ids.masked_fill_(attention_mask == 0, 0)
     for start in range(0, batch, rows):
         stop = min(batch, start + rows)
         chunk = DynamicCache()  # full-length layers: every position is kept, the copy picks what each layer needs
