@@ -768,6 +768,7 @@ def compile_rerun(args: argparse.Namespace, rows: list[dict[str, Any]]) -> dict[
         "compile_cache_dir": args.compile_cache_dir,
         "first_run_warmup_seconds": None if first is None else first["warmup_seconds"],
         "rerun_warmup_seconds": child["warmup_seconds"],
+        "warmup_seconds": child["warmup_seconds"],  # the table's warm-up column: the rerun's
         "rerun_process_seconds": round(wall, 1),
         "rerun_engine_load_seconds": child["engine_load_seconds"],
         "rerun_setup_seconds": child["setup_seconds"],
