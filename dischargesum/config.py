@@ -519,6 +519,23 @@ class InferenceConfig(BaseConfig):
         "static`. Pays off on GPU for long runs; the first batch includes minutes of compilation.",
         default=False,
     )
+    sliding_window_cache: Literal["ring", "full"] = _help(
+        "Static cache only: sliding-window layers (Gemma 3: 5 of every 6) as ring buffers of `sliding_window` "
+        "slots (`ring`: their KV memory and the attention's reads stop growing with the prompt; needs "
+        "`attn_implementation: auto` on a grouped-query model, else `full` is used) or full-length layers (`full`).",
+        default="ring",
+    )
+    prefill_chunk_rows: int = _help(
+        "Static cache only: prefill a batch this many notes at a time (0 = all at once). Bounds the prefill's "
+        "activation peak, which is what runs out of memory first at large batches.",
+        default=32,
+    )
+    compile_cache_dir: str | None = _help(
+        "Where torch.compile keeps its compiled artifacts between runs (inductor/FX/AOT caches), so a rerun or a "
+        "resumed run does not pay the compilation again. `none` = $TORCHINDUCTOR_CACHE_DIR if set, else "
+        "~/.cache/dischargesum/torch_compile.",
+        default=None,
+    )
     # --- run ----------------------------------------------------------------------------------------------------
     limit: int = _help("Process only the first N notes of the input (0 = all).", default=0)
     overwrite: bool = _help(
@@ -537,6 +554,10 @@ class InferenceConfig(BaseConfig):
             raise ConfigError(
                 f"{stage}: `batch_token_budget` = {self.batch_token_budget} leaves no room for a prompt with "
                 f"`max_new_tokens` = {self.max_new_tokens}; raise the budget (e.g. 131072) or lower max_new_tokens."
+            )
+        if self.prefill_chunk_rows < 0:
+            raise ConfigError(
+                f"{stage}: `prefill_chunk_rows` is {self.prefill_chunk_rows}; use 0 (whole batch) or a positive count."
             )
         if self.limit < 0:
             raise ConfigError(f"{stage}: `limit` is {self.limit}; use 0 (all notes) or a positive count.")

@@ -66,6 +66,15 @@ from transformers import GenerationConfig, LogitsProcessor, StoppingCriteria
 
 from dischargesum.cli import UserError
 from dischargesum.config import ConfigError, InferenceConfig
+from dischargesum.kv_cache import (
+    attach_ring,
+    build_static_cache,
+    memory_plan,
+    prefill_in_chunks,
+    ring_layers,
+    ring_supported,
+    set_row_starts,
+)
 from dischargesum.logging_utils import get_logger
 from dischargesum.manifest import (
     ArtifactError,
@@ -136,6 +145,10 @@ class EngineSettings:
     top_k: int = 0
     cache_implementation: Literal["dynamic", "static"] = "dynamic"
     compile: bool = False
+    # Static cache only: sliding-window layers as ring buffers of `window` slots, or full-length layers.
+    sliding_window_cache: Literal["ring", "full"] = "ring"
+    # Static cache only: prefill this many rows at a time (0 = the whole batch at once).
+    prefill_chunk_rows: int = 0
     # Forces every row to generate at least this many tokens (stop tokens are masked until then). Benchmarks only:
     # random weights never emit a stop token at a realistic point, so tokens/s needs a fixed length.
     min_new_tokens: int = 0
@@ -151,6 +164,8 @@ class EngineSettings:
             top_k=cfg.top_k,
             cache_implementation=cfg.cache_implementation,
             compile=cfg.compile,
+            sliding_window_cache=cfg.sliding_window_cache,
+            prefill_chunk_rows=cfg.prefill_chunk_rows,
         )
 
 
@@ -419,6 +434,8 @@ class InferenceEngine:
         self._cache_kwarg = _cache_kwarg_name(inner)
         self._static_cache: Any = None
         self._static_shape: tuple[int, int] | None = None
+        self._max_new_tokens = 0  # of the planned requests: the prompt part of the cache length, for the memory plan
+        self.memory_plan: dict[str, float] | None = None
 
     @property
     def device(self) -> torch.device:
@@ -428,6 +445,8 @@ class InferenceEngine:
     def plan(self, requests: Sequence[GenerationRequest]) -> list[list[GenerationRequest]]:
         """Batches for ``requests`` (:func:`plan_requests`); sizes the static cache for them when there is one."""
         plan = plan_requests(self.settings, requests)
+        if requests:
+            self._max_new_tokens = max(r.max_new_tokens for r in requests)
         if plan.static_shape is not None:
             self._ensure_static_shape(*plan.static_shape)
         return plan.batches
@@ -458,24 +477,35 @@ class InferenceEngine:
         return [by_key[r.key] for r in requests]
 
     def run_batch(self, batch: Sequence[GenerationRequest]) -> list[GenerationResult]:
-        """Generate one batch. A CUDA out-of-memory error splits the batch in halves (dynamic cache) and retries.
+        """Generate one batch. A CUDA out-of-memory error splits the batch in halves and retries; with a static cache
+        the cache's batch size is halved too (new shapes: the compiled step recompiles once for them), and every
+        later batch runs in pieces of that size.
 
         Raises:
-            UserError: a single note does not fit in GPU memory, or a static-cache batch does not.
+            UserError: a single note does not fit in GPU memory.
         """
+        static = self.settings.cache_implementation == "static"
+        if static and self._static_shape is not None and len(batch) > self._static_shape[0]:
+            size = self._static_shape[0]  # an earlier out-of-memory halved the cache: run in pieces that fit it
+            return [r for i in range(0, len(batch), size) for r in self.run_batch(batch[i : i + size])]
         try:
             return self._run_batch(batch)
         except torch.cuda.OutOfMemoryError:
-            if self.settings.cache_implementation == "static" or len(batch) == 1:
+            if len(batch) == 1:
                 raise UserError(
                     f"out of GPU memory generating a batch of {len(batch)} (longest prompt "
                     f"{max(len(r.prompt_ids) for r in batch)} tokens, max_new_tokens "
                     f"{max(r.max_new_tokens for r in batch)}); lower `batch_token_budget` / `max_batch_size` or "
                     "`max_new_tokens`, or use `load_in_4bit: true`."
                 ) from None
-            gc.collect()
-            torch.cuda.empty_cache()
             half = len(batch) // 2
+            if static and self._static_shape is not None:
+                self._static_shape = (max(1, min(self._static_shape[0] // 2, half)), self._static_shape[1])
+                self._static_cache = None  # and the compiled graphs of the old shape with it
+                release_memory()
+            else:
+                gc.collect()
+                torch.cuda.empty_cache()
             logger.warning(
                 "out of GPU memory on a batch of %d (cost %d tokens): splitting it in halves; lower "
                 "batch_token_budget to avoid the retry",
@@ -515,8 +545,9 @@ class InferenceEngine:
             bos_token_id=self.tokenizer.bos_token_id,
         )
         kwargs: dict[str, Any] = {}
+        cache = None
         if s.cache_implementation == "static":
-            kwargs[self._cache_kwarg] = self._reset_static_cache()
+            cache = kwargs[self._cache_kwarg] = self._reset_static_cache()
             if s.compile:
                 compile_config = CompileConfig(fullgraph=False, dynamic=False, mode="reduce-overhead")
                 if self.device.type != "cuda":
@@ -535,10 +566,18 @@ class InferenceEngine:
             stopping.append(RowTokenLimits(limits, length))
         device = self.device
         start = time.perf_counter()
-        with torch.inference_mode():
+        with torch.inference_mode(), attach_ring(self.model, cache):
+            input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+            if cache is not None:
+                set_row_starts(cache, attention_mask)
+                if 0 < s.prefill_chunk_rows < len(rows):
+                    prefill_in_chunks(
+                        self.model, cache, input_ids, attention_mask,
+                        rows=s.prefill_chunk_rows, cache_kwarg=self._cache_kwarg,
+                    )  # fmt: skip
             output = self.model.generate(
-                input_ids=input_ids.to(device),
-                attention_mask=attention_mask.to(device),
+                input_ids=input_ids,
+                attention_mask=attention_mask,
                 generation_config=config,
                 logits_processor=processors,
                 stopping_criteria=stopping,
@@ -572,7 +611,23 @@ class InferenceEngine:
     def _reset_static_cache(self) -> Any:
         assert self._static_shape is not None
         if self._static_cache is None:
-            self._static_cache = compile_friendly_static_cache(self._text_config, self._static_shape[1])
+            ring = self.settings.sliding_window_cache == "ring" and ring_supported(self.model)
+            if self.settings.sliding_window_cache == "ring" and not ring:
+                logger.info("sliding_window_cache: ring needs attn_implementation auto on a grouped-query model; "
+                            "using full-length sliding-window layers")  # fmt: skip
+            self._static_cache = build_static_cache(self._text_config, self._static_shape[1], ring=ring)
+            self.memory_plan = memory_plan(
+                self.model, self._text_config, batch=self._static_shape[0], cache_len=self._static_shape[1],
+                ring=bool(ring_layers(self._static_cache)), prompt_len=self._static_shape[1] - self._max_new_tokens,
+                prefill_rows=min(self._static_shape[0], self.settings.prefill_chunk_rows or self._static_shape[0]),
+            )  # fmt: skip
+            logger.info(
+                "static KV cache for batch %d x %d positions: weights %.2f GiB, KV cache %.2f GiB, prefill working "
+                "set ~%.2f GiB (estimate)%s",
+                *self._static_shape, self.memory_plan["weights"], self.memory_plan["kv_cache"],
+                self.memory_plan["prefill"],
+                f", GPU memory free for them {self.memory_plan['free']:.2f} GiB" if "free" in self.memory_plan else "",
+            )  # fmt: skip
         else:
             with torch.inference_mode():  # the cache tensors were created under inference mode
                 self._static_cache.reset()
@@ -606,18 +661,10 @@ def compile_friendly_static_cache(text_config: Any, max_cache_len: int) -> Any:
     the sliding cache). A full-length :class:`StaticLayer` writes each token in place at its absolute position
     (``index_copy_`` with a tensor position: no Python-int guard) and the sliding-window mask, built from absolute
     positions, keeps attention to the last ``sliding_window`` tokens — the same outputs (tested against the dynamic
-    cache), for (max_cache_len / window) x the memory of those layers.
+    cache), for (max_cache_len / window) x the memory of those layers. ``sliding_window_cache: ring`` replaces these
+    layers by ring buffers of ``window`` slots (:mod:`dischargesum.kv_cache`), without the per-step guard.
     """
-    from transformers import StaticCache
-    from transformers.cache_utils import StaticLayer, StaticSlidingWindowLayer
-
-    cache = StaticCache(config=text_config, max_cache_len=max_cache_len)
-    layer_types = getattr(text_config, "layer_types", None) or []
-    for i, layer in enumerate(cache.layers):
-        kind = layer_types[i] if i < len(layer_types) else None
-        if isinstance(layer, StaticSlidingWindowLayer) and kind == "sliding_attention":
-            cache.layers[i] = StaticLayer(max_cache_len=max_cache_len)
-    return cache
+    return build_static_cache(text_config, max_cache_len, ring=False)
 
 
 def _cache_kwarg_name(model: Any) -> str:
@@ -625,6 +672,37 @@ def _cache_kwarg_name(model: Any) -> str:
     import inspect
 
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def default_compile_cache_dir() -> Path:
+    """``$TORCHINDUCTOR_CACHE_DIR`` when set, else ``$XDG_CACHE_HOME`` (or ~/.cache)/dischargesum/torch_compile."""
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
+        return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "dischargesum" / "torch_compile"
+
+
+def configure_compile_cache(directory: str | Path | None = None) -> Path:
+    """Point torch.compile's on-disk caches at ``directory`` (default :func:`default_compile_cache_dir`) and make sure
+    they are on, so a second run on this machine loads the compiled decoding step instead of compiling it again.
+
+    What is cached there: inductor's FX-graph cache (generated kernels and wrappers), AOTAutograd's cache and
+    Triton's compiled kernels (inductor puts them under the same directory unless ``TRITON_CACHE_DIR`` is set).
+    What a rerun still pays: dynamo's tracing of the model's Python and the CUDA-graph capture (neither is cached by
+    torch). torch's default directory is under /tmp (``/tmp/torchinductor_<user>``), which many machines wipe; a
+    per-user directory survives. Must run before the first compilation (inductor reads the variable lazily).
+    Returns the directory.
+    """
+    path = Path(directory).expanduser() if directory else default_compile_cache_dir()
+    path.mkdir(parents=True, exist_ok=True)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path.resolve())
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+
+    inductor_config.fx_graph_cache = True
+    functorch_config.enable_autograd_cache = True
+    logger.info("torch.compile caches: %s (a rerun reuses the compiled decoding step)", path)
+    return path
 
 
 def release_memory() -> None:
@@ -824,6 +902,8 @@ def load_engine(
 
 
 def engine_from_config(cfg: InferenceConfig, source: ModelSource, device: Any) -> InferenceEngine:
+    if cfg.compile:
+        configure_compile_cache(cfg.compile_cache_dir)
     return load_engine(
         source,
         EngineSettings.from_config(cfg),
@@ -1163,6 +1243,9 @@ _RESUME_NEUTRAL = (
     "max_batch_size",
     "cache_implementation",
     "compile",
+    "sliding_window_cache",
+    "prefill_chunk_rows",
+    "compile_cache_dir",
     "chunk_notes",
 )
 

@@ -1,5 +1,6 @@
 """The engine on CUDA (tiny model): GPU memory returns to its baseline after a stage and between pipeline stages;
-the static-cache and compiled (CUDA graphs) paths run and agree with the dynamic cache; the 4-bit path runs.
+the static-cache and compiled (CUDA graphs) paths — full-length and ring-buffer sliding layers, chunked prefill — run
+and agree with the dynamic cache; the 4-bit path runs.
 
 Run on the GPU machine: ``python -m pytest -m gpu tests/gpu/test_inference_gpu.py``.
 """
@@ -65,9 +66,14 @@ def test_static_cache_and_compiled_decoding_agree_with_dynamic(tiny_model_dir: P
     reference = [r.token_ids for r in dynamic.generate_all(requests)]
     model, tokenizer = dynamic.model, dynamic.tokenizer
     shapes = {"max_batch_size": 4, "batch_token_budget": 4096, "cache_implementation": "static"}
-    static = InferenceEngine(model, tokenizer, EngineSettings(**shapes))
-    compiled = InferenceEngine(model, tokenizer, EngineSettings(**shapes, compile=True))
-    for engine in (static, compiled):
+    static = InferenceEngine(model, tokenizer, EngineSettings(**shapes, sliding_window_cache="full"))
+    compiled = InferenceEngine(model, tokenizer, EngineSettings(**shapes, compile=True, sliding_window_cache="full"))
+    # ring-buffer sliding layers (the tiny model's window is 64; prompts run past it) with a chunked prefill, under
+    # CUDA graphs
+    ring = InferenceEngine(
+        model, tokenizer, EngineSettings(**shapes, compile=True, sliding_window_cache="ring", prefill_chunk_rows=2)
+    )
+    for engine in (static, compiled, ring):
         got = [r.token_ids for r in engine.generate_all(requests)]
         same = sum(a == b for a, b in zip(got, reference))
         # fp32 on both paths; only kernel-level numerics differ (longer masked cache, fused kernels)

@@ -563,7 +563,18 @@ def test_out_of_memory_batches_are_split_and_retried(tokenizer) -> None:
     assert [r.key for r in results] == [f"n{i}" for i in range(5)]
     assert all(r.finish_reason == "eos" and r.new_tokens == 2 for r in results)
     assert max(call["input_ids"].shape[0] for call in model.calls) == 2
-    static = InferenceEngine(model, tokenizer, EngineSettings(max_batch_size=8, cache_implementation="static"))
-    static._reset_static_cache = lambda: "cache"  # type: ignore[method-assign]
+    # Static cache (the compiled path): the cache's batch size is halved (4 -> 2) and every later batch of the plan
+    # runs in pieces of that size; each call has the (new) fixed shape.
+    model.calls.clear()
+    static = InferenceEngine(model, tokenizer, EngineSettings(max_batch_size=4, cache_implementation="static"))
+    static._reset_static_cache = lambda: None  # type: ignore[method-assign]  # a scripted model needs no cache
+    results = static.generate_all(_requests([5, 6, 7, 8, 9, 10, 11, 12], max_new=4))
+    assert [r.key for r in results] == [f"n{i}" for i in range(8)]
+    assert all(r.new_tokens == 2 for r in results)
+    assert static._static_shape is not None and static._static_shape[0] == 2
+    assert [call["input_ids"].shape[0] for call in model.calls] == [2, 2, 2, 2]  # after the OOM at 4: pieces of 2
+    # A single note that does not fit is the user's to fix.
+    alone = OutOfMemoryAboveTwo([[7, 1]])
+    alone.generate = lambda *a, **k: (_ for _ in ()).throw(torch.cuda.OutOfMemoryError("simulated"))  # type: ignore
     with pytest.raises(UserError, match="batch_token_budget"):
-        static.generate_all(_requests([5, 6, 7], max_new=4))
+        InferenceEngine(alone, tokenizer, EngineSettings()).generate_all(_requests([5], max_new=4))
