@@ -24,7 +24,7 @@ Default variants (issue 14's levers one at a time; they run in this order, and t
   of the decoding step, our decoding attention ``sdpa_gqa_fold``; batch 64 under the default budget.
 * ``engine_ring_b2x_chunked`` — plus ring-buffer sliding-window layers (dischargesum/kv_cache.py: 1,024 slots
   instead of the cache length), at twice the budget and batch cap (batch 128) with the prefill in chunks of
-  ``--prefill_chunk_rows`` (32) notes: the recipe's configuration.
+  ``--prefill_chunk_rows`` (32) notes: the candidate for the medgemma recipe (not its default until measured).
 * ``compile_rerun`` — ``--rerun_variant`` (the row above) loaded and warmed up again in a second process on the same
   torch.compile cache directory: ``first_run_warmup_seconds`` (that row, compiled into this run's fresh, empty
   ``--compile_cache_dir``) vs ``rerun_warmup_seconds``.
