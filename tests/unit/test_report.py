@@ -152,3 +152,49 @@ def test_report_renders_with_only_a_reference_or_only_a_source(tmp_path: Path, k
         assert "rouge" not in overall and result.metrics["not_computed"] == ["rouge"]
         assert overall["hallucination"]["rate_micro"] == 0.0
     assert MARKER in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_entity_with_its_abbreviation_is_not_expanded_twice() -> None:
+    from dischargesum.entities import extract_entities
+
+    (spelled,) = extract_entities("An electrocardiogram (ECG) showed sinus rhythm.")
+    assert spelled.describe() == "electrocardiogram (ECG)"  # was "electrocardiogram (ECG) (electrocardiogram)"
+    (short,) = extract_entities("ECG showed sinus rhythm.")
+    assert short.describe() == "ECG (electrocardiogram)"
+
+
+def test_report_labels_the_sample_std_and_lists_warnings(full) -> None:
+    cfg, result, _outputs = full
+    report = (Path(cfg.output_dir) / "report.md").read_text()
+    assert "mean ± sample std" in report and "| sample std |" in report
+    f1 = [r["bertscore_f1"] for r in result.rows if r.get("status") == "scored"]
+    import statistics
+
+    assert result.metrics["overall"]["bertscore"]["f1"]["std"] == pytest.approx(statistics.stdev(f1))
+    from dischargesum.report import render_report_md
+
+    result.metrics["warnings"] = ["no source note contains a digit"]
+    try:
+        assert "- **warning**: no source note contains a digit" in render_report_md(result, cfg)
+    finally:
+        result.metrics["warnings"] = []
+
+
+def test_plots_show_zero_bars_and_no_offset_axis() -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from dischargesum.report import _plain_axis, bar_value_labels
+
+    assert bar_value_labels([0.0, None, 0.5]) == ["0", "n/a", "0.50"]
+    fig, ax = plt.subplots()
+    values = [1.0 - 1e-7, 1.0, 1.0 + 1e-7]  # stage-2 BERTScore of summaries kept unchanged
+    ax.hist(values)
+    _plain_axis(ax, values)
+    fig.canvas.draw()
+    assert ax.xaxis.get_major_formatter().get_offset() == ""
+    low, high = ax.get_xlim()
+    assert high - low == pytest.approx(0.1)
+    plt.close(fig)
