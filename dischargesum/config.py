@@ -1074,6 +1074,15 @@ def format_help(cls: type[BaseConfig], prog: str | None = None) -> str:
 def load_yaml_recipe(path: str | Path, cls: type[BaseConfig]) -> dict[str, Any]:
     """Read a recipe; raise ConfigError for a missing file, bad YAML, a non-mapping or an unknown key."""
     p = Path(path)
+    if p.is_dir():
+        # `--config recipes/demo` names the recipe folder; point at the stage's file in it.
+        same_stage = p / f"{cls.STAGE}.yaml"
+        if same_stage.is_file():
+            fix = f"use `--config {same_stage}`"
+        else:
+            found = sorted(str(f) for f in p.glob("*.yaml"))
+            fix = f"name one recipe file: {', '.join(found)}" if found else "it holds no .yaml recipe"
+        raise ConfigError(f"{cls.STAGE}: recipe `--config {path}` is a directory, not a recipe file; {fix}.")
     if not p.is_file():
         raise ConfigError(f"{cls.STAGE}: recipe `--config {path}` does not exist.")
     try:

@@ -64,7 +64,7 @@ from transformers import GenerationConfig, LogitsProcessor, StoppingCriteria
 
 from dischargesum.cli import UserError
 from dischargesum.config import ConfigError, InferenceConfig
-from dischargesum.logging_utils import get_logger
+from dischargesum.logging_utils import get_logger, show_progress
 from dischargesum.manifest import ArtifactError, atomic_write_json, canonical_hash, read_manifest, require_artifact
 
 if TYPE_CHECKING:
@@ -1086,7 +1086,8 @@ class RunStats:
 def progress_bar(total: int, desc: str, procs: Processes) -> Any:
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit="note", disable=not procs.is_main, dynamic_ncols=True)
+    shown = procs.is_main and show_progress()
+    return tqdm(total=total, desc=desc, unit="note", disable=not shown, dynamic_ncols=True)
 
 
 def run_generation(

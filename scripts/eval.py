@@ -18,7 +18,7 @@ import sys
 
 from dischargesum.cli import UserError, run_stage
 from dischargesum.config import EvalConfig
-from dischargesum.manifest import finish_run, start_run
+from dischargesum.manifest import finish_run, start_run, warn_if_replacing
 
 
 def run(cfg: EvalConfig) -> int:
@@ -31,6 +31,7 @@ def run(cfg: EvalConfig) -> int:
             "`--num_processes 1` or accelerate_configs/single_gpu.yaml / cpu.yaml."
         )
     inputs = load_eval_inputs(cfg)  # every input check happens here, before any model is loaded
+    warn_if_replacing(cfg.output_dir, cfg.STAGE)
     start_run(cfg.output_dir, cfg, inputs=inputs.inputs)
     result = evaluate(inputs, cfg)
     outputs = write_report(result, cfg)

@@ -73,9 +73,12 @@ def test_eval_script_bad_input_exits_2_naming_the_problem(tmp_path: Path, datase
     preds = tmp_path / "preds.jsonl"
     preds.write_text(json.dumps({"note_id": "x-DS-1", "generated": "text"}) + "\n")
     common = ["--output_dir", str(tmp_path / "eval"), "--dataset_dir", str(dataset_dir), "--predictions", str(preds)]
-    proc = run_script("eval.py", common, timeout=120)
+    # Through scripts/launch.sh's launcher: the stage's code reaches the shell and its message is the last line.
+    proc = accelerate_launch("eval.py", common, timeout=120, launcher="dischargesum.launch")
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "column 'summary' (for prediction)" in proc.stderr and "generated" in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "column 'summary' (for prediction)" in last and "generated" in last and last.endswith("(exit code 2)")
+    assert "Traceback" not in proc.stderr and "CalledProcessError" not in proc.stderr
     proc = run_script("eval.py", [*common, "--column_mapping", '{"prediction": "generated"}'], timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "note_id_not_in_references: 1" in proc.stderr and "check `dataset_dir`" in proc.stderr

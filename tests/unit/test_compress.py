@@ -229,3 +229,10 @@ def test_compress_with_a_half_written_input_exits_2_before_loading(
         logging.getLogger("dischargesum").removeHandler(handler)
     assert rc == 2
     assert any("`input`" in m and "Rerun it to completion" in m for m in messages)
+
+
+def test_pipeline_memory_note_on_cpu_and_gpu() -> None:
+    from dischargesum.compress import _memory_note
+
+    assert _memory_note(None, None) == "no CUDA device: memory not measured"  # was "CUDA allocated: None bytes"
+    assert _memory_note(2048, 0) == "CUDA allocated: 2,048 bytes before stage 1, 0 after"

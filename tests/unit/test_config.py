@@ -118,6 +118,10 @@ def test_help_lists_every_field_and_every_field_has_help(capsys: pytest.CaptureF
 def test_missing_recipe_and_non_mapping_recipe(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         parse_config(SFTConfig, ["--config", str(tmp_path / "nope.yaml")])
+    # `--config recipes/demo` (the folder) exists: say it is a folder and name the stage's file in it.
+    (tmp_path / "sft_qlora.yaml").write_text("dataset_dir: d\n")
+    with pytest.raises(ConfigError, match=r"is a directory, not a recipe file; use `--config .*sft_qlora\.yaml`"):
+        parse_config(SFTConfig, ["--config", str(tmp_path)])
     bad = tmp_path / "list.yaml"
     bad.write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="must be a mapping"):
@@ -163,3 +167,25 @@ def test_manifest_masks_token_arguments(monkeypatch: pytest.MonkeyPatch, tmp_pat
     manifest = start_run(tmp_path, cfg)
     assert "secret123" not in json.dumps(manifest)
     assert "abc" not in json.dumps(manifest["argv"])
+
+
+def test_a_run_into_a_finished_directory_says_it_replaces_it(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from dischargesum.config import EvalConfig, GenerateConfig
+    from dischargesum.manifest import warn_if_replacing
+
+    out = tmp_path / "eval"
+    warn_if_replacing(out, "eval")  # nothing there yet: silent
+    start_run(out, EvalConfig(predictions="p.jsonl", dataset_dir="d", output_dir=str(out)))
+    finish_run(out)
+    logging.getLogger("dischargesum").addHandler(caplog.handler)
+    try:
+        warn_if_replacing(out, "eval")
+    finally:
+        logging.getLogger("dischargesum").removeHandler(caplog.handler)
+    assert "already holds `eval` outputs (complete, finished 20" in caplog.text and "replaced" in caplog.text
+    other = tmp_path / "generate"
+    start_run(other, GenerateConfig(dataset_dir="d", model_name_or_path="m", output_dir=str(other)))
+    with pytest.raises(ArtifactError, match=r"holds `generate` outputs, not `eval` outputs.*another `output_dir`"):
+        warn_if_replacing(other, "eval")
