@@ -8,7 +8,8 @@ Stage 1 scores generate's summaries against the reference BHC and the source not
 summaries against their stage-1 summary and the source note. Any CSV / TSV / JSONL / Parquet of another system's
 outputs is scored the same way through `column_mapping` (`note_id: __row__` when it has no id column) and
 `references` or `dataset_dir`. Writes metrics.json, per_sample.csv, report.md (contains patient text on MIMIC), PNG
-plots and TensorBoard into `output_dir` (a finished eval there is replaced, with a warning). Runs in one process (CPU or one GPU); entity extraction and ROUGE use `num_workers` CPU processes.
+plots and TensorBoard into `output_dir` (a finished eval there is replaced, with a warning). Runs in one process
+(CPU or one GPU); entity extraction and ROUGE use `num_workers` CPU processes.
 """
 
 from __future__ import annotations
