@@ -122,8 +122,9 @@ def write_plots(result: EvalResult, out: Path) -> list[Path]:
         rows_n = math.ceil(len(series) / cols)
         fig, axes = plt.subplots(rows_n, cols, figsize=(4.2 * cols, 3.0 * rows_n), squeeze=False)
         for ax, (_name, label, values) in zip(axes.flat, series):
-            ax.hist(values, bins=min(30, max(5, len(values) // 3)), color="#4C72B0", edgecolor="white")
-            _plain_axis(ax, values)
+            bins = min(30, max(5, len(values) // 3))
+            ax.hist(values, bins=bins, range=_hist_range(values), color="#4C72B0", edgecolor="white")
+            ax.ticklabel_format(axis="x", useOffset=False, style="plain")
             ax.set_title(f"{label} (n={len(values)})", fontsize=9)
             ax.axvline(sum(values) / len(values), color="#C44E52", linestyle="--", linewidth=1)
         for ax in list(axes.flat)[len(series) :]:
@@ -193,17 +194,17 @@ def bar_value_labels(values: Sequence[float | None]) -> list[str]:
     return ["n/a" if v is None else ("0" if v == 0 else f"{v:.2f}") for v in values]
 
 
-def _plain_axis(ax: Any, values: Sequence[float]) -> None:
-    """Tick labels without matplotlib's offset notation (``1e-7+1``) and a readable range for near-constant data.
+def _hist_range(values: Sequence[float]) -> tuple[float, float] | None:
+    """The x range of a histogram: matplotlib's own, except for near-constant data, which gets a readable ±0.05.
 
-    Stage-2 BERTScore of a summary kept unchanged is 1 within float error; matplotlib then zooms into a 1e-7 wide
-    range and labels the axis with an offset nobody can read.
+    Stage-2 BERTScore of a summary kept unchanged is 1 within float error; left alone, matplotlib zooms into a 1e-7
+    wide range and labels the axis with an offset (``1e-7+1``) nobody can read.
     """
-    ax.ticklabel_format(axis="x", useOffset=False, style="plain")
     low, high = min(values), max(values)
-    if high - low < 1e-3:
-        centre = (low + high) / 2
-        ax.set_xlim(centre - 0.05, centre + 0.05)
+    if high - low >= 1e-3:
+        return None
+    centre = (low + high) / 2
+    return centre - 0.05, centre + 0.05
 
 
 def _bucket_order(result: EvalResult) -> Any:

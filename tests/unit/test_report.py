@@ -186,15 +186,16 @@ def test_plots_show_zero_bars_and_no_offset_axis() -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from dischargesum.report import _plain_axis, bar_value_labels
+    from dischargesum.report import _hist_range, bar_value_labels
 
     assert bar_value_labels([0.0, None, 0.5]) == ["0", "n/a", "0.50"]
-    fig, ax = plt.subplots()
     values = [1.0 - 1e-7, 1.0, 1.0 + 1e-7]  # stage-2 BERTScore of summaries kept unchanged
-    ax.hist(values)
-    _plain_axis(ax, values)
+    assert _hist_range(values) == pytest.approx((0.95, 1.05))
+    assert _hist_range([0.2, 0.9]) is None  # ordinary data: matplotlib's range
+    fig, ax = plt.subplots()
+    counts, _edges, _patches = ax.hist(values, bins=5, range=_hist_range(values))
+    ax.ticklabel_format(axis="x", useOffset=False, style="plain")
     fig.canvas.draw()
     assert ax.xaxis.get_major_formatter().get_offset() == ""
-    low, high = ax.get_xlim()
-    assert high - low == pytest.approx(0.1)
+    assert max(counts) == 3  # one visible bar holding all three, not three 4e-8 wide slivers
     plt.close(fig)
