@@ -143,6 +143,7 @@ class EvalInputs:
     references_without_prediction: int | None
     columns: dict[str, str]  # role -> "predictions:<col>" / "dataset:<col>" / "references:<col>"
     inputs: dict[str, Any]  # for the manifest
+    unpredicted_reason: str | None = None  # why references lack a prediction, when a run's `limit` explains it
 
     @property
     def has_reference(self) -> bool:
@@ -486,11 +487,8 @@ def load_eval_inputs(cfg: EvalConfig) -> EvalInputs:
         limited = _limited_run(Path(cfg.predictions).parent) if manifest is not None else None
         if limited is not None:
             # By design (the demo's generate recipe has `limit: 8`): not worth a warning, worth a sentence.
-            logger.info(
-                "%d reference notes have no prediction: the %s run limited itself to %d notes (`limit` in %s)",
-                without,
-                *limited,
-            )
+            result.unpredicted_reason = "the {} run limited itself to {} notes (`limit` in {})".format(*limited)
+            logger.info("%d reference notes have no prediction: %s", without, result.unpredicted_reason)
         else:
             logger.warning("%d reference notes have no prediction (generation incomplete or a subset?)", without)
     return result
@@ -1512,6 +1510,7 @@ def evaluate(inputs: EvalInputs, cfg: EvalConfig, *, progress: bool | None = Non
             "skipped_fraction": len(inputs.skipped) / inputs.prediction_rows,
             "empty_predictions_scored": sum(1 for s in samples if not s.prediction.strip()),
             "references_without_prediction": inputs.references_without_prediction,
+            "references_without_prediction_reason": inputs.unpredicted_reason,
             "notes_shortened": sum(1 for s in samples if s.extra.get("note_shortened")),
             "compression_fallbacks": (
                 sum(1 for s in samples if s.extra.get("fallback"))

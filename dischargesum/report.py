@@ -375,7 +375,11 @@ def render_report_md(result: EvalResult, cfg: EvalConfig, plot_names: Sequence[s
         f"failures: {counts['empty_predictions_scored']}",
     ]
     if counts.get("references_without_prediction"):
-        lines.append(f"- references without a prediction: {counts['references_without_prediction']}")
+        reason = counts.get("references_without_prediction_reason")
+        lines.append(
+            f"- references without a prediction: {counts['references_without_prediction']}"
+            + (f" (expected: {reason})" if reason else "")
+        )
     if counts.get("compression_fallbacks") is not None:
         lines.append(
             f"- compression fallbacks (compress kept the stage-1 summary: no attempt kept enough entities): "

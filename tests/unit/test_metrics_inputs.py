@@ -328,3 +328,14 @@ def test_limit_explains_references_without_prediction(tmp_path: Path, caplog: py
     assert inputs.references_without_prediction == len(NOTES) - 2
     record = next(r for r in caplog.records if "have no prediction" in r.getMessage())
     assert record.levelname == "INFO" and "limited itself to 2 notes" in record.getMessage()
+    assert (
+        inputs.unpredicted_reason is not None and "generate run limited itself to 2 notes" in inputs.unpredicted_reason
+    )
+    config = cfg(tmp_path, predictions=str(run / "stage1.jsonl"), dataset_dir=str(data))
+    result = evaluate(inputs, config, progress=False)
+    assert result.metrics["counts"]["references_without_prediction_reason"] == inputs.unpredicted_reason
+    from dischargesum.report import render_report_md
+
+    assert f"references without a prediction: {len(NOTES) - 2} (expected: the generate run" in render_report_md(
+        result, config
+    )
