@@ -2,14 +2,17 @@
 
 Exit codes: 0 success; 2 a user error found before or during the run (bad config, missing column, invalid input
 artifact — the message says what to fix); 3 training stopped on a non-finite loss or gradient norm (the last finite
-state is committed; lower learning_rate / set max_grad_norm); 143 preempted after a checkpoint was committed
-(scheduler requeues); 1 anything else (a bug: the traceback is printed).
+state is committed; lower learning_rate / set max_grad_norm); 130 interrupted with Ctrl-C (one line saying how to
+resume, no traceback); 143 preempted after a checkpoint was committed (scheduler requeues); 1 anything else (a bug:
+the traceback is printed). ``accelerate launch`` turns every non-zero code into its own 1 plus a traceback of its
+own; ``scripts/launch.sh`` (dischargesum.launch) passes the stage's code through and prints nothing after its message.
 """
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TypeVar
 
 from dischargesum.config import BaseConfig, ConfigError, parse_config
@@ -21,7 +24,10 @@ logger = get_logger(__name__)
 
 EXIT_USER_ERROR = 2
 EXIT_NONFINITE = 3
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
 EXIT_PREEMPTED = 143
+# Stages whose rerun continues where an interrupted run stopped (sft_qlora: from its newest valid checkpoint).
+_RESUMING_STAGES = {"generate", "compress", "pipeline"}
 
 
 class UserError(RuntimeError):
@@ -39,6 +45,28 @@ def run_stage(cls: type[C], body: Callable[[C], int | None], argv: Sequence[str]
     try:
         rc = body(cfg)
     except (ConfigError, ArtifactError, UserError) as exc:
-        logger.error("%s", exc)
+        logger.error("%s (exit code %d)", exc, EXIT_USER_ERROR)
         return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        # Ctrl-C is not a bug: one line on how to go on instead of a traceback through the training stack.
+        logger.error("%s", interrupted_message(cfg))
+        return EXIT_INTERRUPTED
     return 0 if rc is None else rc
+
+
+def interrupted_message(cfg: BaseConfig) -> str:
+    """What to tell a user who pressed Ctrl-C: rerun, and from where it resumes."""
+    output_dir = getattr(cfg, "output_dir", "")
+    if output_dir and any(Path(output_dir).glob("checkpoint-*")):
+        # Imported here: it pulls in torch, which prepare_data / eval users should not wait for on Ctrl-C.
+        from dischargesum.training.checkpointing import list_checkpoint_dirs, validate_checkpoint
+
+        for _step, path in reversed(list_checkpoint_dirs(output_dir)):
+            # Sizes only: hashing a large adapter would keep the user waiting after Ctrl-C; the rerun verifies.
+            if validate_checkpoint(path, verify_checksums=False).valid:
+                return f"interrupted — rerun the same command to resume from {path.name} ({path})"
+    if cfg.STAGE == "sft_qlora":
+        return "interrupted before the first checkpoint was committed — rerun the same command to start again"
+    if cfg.STAGE in _RESUMING_STAGES:
+        return "interrupted — rerun the same command to resume (notes already written are kept)"
+    return "interrupted — rerun the same command to start again"

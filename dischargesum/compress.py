@@ -292,6 +292,9 @@ def summarize_stage2(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     if not n:
         return {"notes": 0}
     retentions = [r["retention"] for r in records if r.get("retention") is not None]
+    # A fallback keeps the stage-1 summary, so its retention is trivially 1.0: the mean over accepted compressions
+    # is the one that says how well compression kept entities.
+    accepted = [r["retention"] for r in records if r.get("retention") is not None and not r["fallback"]]
     ratios = [r["ratio_chars"] for r in records if r.get("ratio_chars") is not None]
     stage1_chars = sum(r["stage1_chars"] for r in records)
     return {
@@ -300,6 +303,8 @@ def summarize_stage2(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "fallback_rate": round(sum(1 for r in records if r["fallback"]) / n, 4),
         "mean_attempts": round(sum(r["attempts"] for r in records) / n, 3),
         "mean_retention": round(sum(retentions) / len(retentions), 4) if retentions else None,
+        "notes_with_entities": len(retentions),
+        "mean_retention_accepted": round(sum(accepted) / len(accepted), 4) if accepted else None,
         "ratio_chars_of_totals": round(sum(r["chars"] for r in records) / stage1_chars, 4) if stage1_chars else None,
         "ratio_chars_mean": round(sum(ratios) / len(ratios), 4) if ratios else None,
         "new_tokens": sum(r["new_tokens"] for r in records),
@@ -416,17 +421,24 @@ def run_compress(cfg: CompressConfig) -> dict[str, Any]:
         summary["this_run"] = {"notes": len(todo), "wall_seconds": round(time.perf_counter() - started, 3)}
         finish_run(cfg.output_dir, {STAGE2_FILE: fingerprint_file(output.path, cfg.output_dir)}, summary=summary)
         output.mark_complete()
-        logger.info(
-            "wrote %s: %d notes, %d fallbacks, mean entity retention %s, length ratio (of totals) %s",
-            output.path,
-            summary["notes"],
-            summary["fallbacks"],
-            summary["mean_retention"],
-            summary["ratio_chars_of_totals"],
-        )
+        logger.info("wrote %s: %s", output.path, describe_stage2(summary))
     else:
         output.wait_until_complete()
     return summary
+
+
+def describe_stage2(summary: dict[str, Any]) -> str:
+    """One log line for :func:`summarize_stage2`: retention says over which notes it was measured (notes whose
+    stage-1 summary has no entity have none, recorded as ``retention: null``) and apart from the fallbacks."""
+    n, fallbacks = summary["notes"], summary.get("fallbacks", 0)
+    with_entities = summary.get("notes_with_entities", 0)
+    accepted = summary.get("mean_retention_accepted")
+    return (
+        f"{n} notes, {fallbacks} fallbacks (stage-1 summary kept); entity retention: "
+        + (f"mean {accepted} over the accepted compressions" if accepted is not None else "no accepted compression")
+        + f", {with_entities} of {n} stage-1 summaries have entities to retain; "
+        + f"length ratio (of totals) {summary.get('ratio_chars_of_totals')}"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -438,6 +450,13 @@ def _cuda_allocated() -> int | None:
     import torch
 
     return int(torch.cuda.memory_allocated()) if torch.cuda.is_available() else None
+
+
+def _memory_note(before: int | None, after: int | None) -> str:
+    """How the stage-1 release is reported: CUDA bytes, or why there are none (CPU runs have no CUDA allocator)."""
+    if before is None or after is None:
+        return "no CUDA device: memory not measured"
+    return f"CUDA allocated: {before:,} bytes before stage 1, {after:,} after"
 
 
 def stage_configs(cfg: PipelineConfig) -> tuple[GenerateConfig, CompressConfig]:
@@ -487,11 +506,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
     alive = live_model_count()
     if alive:
         raise RuntimeError(f"{alive} stage-1 model(s) are still referenced after release; stage 2 would not fit")
-    logger.info(
-        "stage-1 model released (CUDA allocated: %s bytes before stage 1, %s after)",
-        memory["before_stage1"],
-        memory["after_stage1"],
-    )
+    logger.info("stage-1 model released (%s)", _memory_note(memory["before_stage1"], memory["after_stage1"]))
     stage2 = run_compress(comp_cfg)
     release_memory()
     memory["after_stage2"] = _cuda_allocated()

@@ -732,13 +732,17 @@ class EvalConfig(BaseConfig):
     )
     mode: Literal["auto", "stage1", "stage2"] = _help(
         "`stage1`: output vs reference BHC and source note; `stage2`: compressed summary vs its stage-1 summary and "
-        "the source note; `auto`: from the manifest next to `predictions` (compress -> stage2, otherwise stage1).",
+        "the source note; `auto`: from the manifest next to `predictions` (compress -> stage2, generate -> stage1), "
+        "for another system's file from its mapped columns (a `stage1_summary` column, a prediction column named "
+        "compressed / stage2, a reference column named generated / stage1 / output -> stage2), then its file name; "
+        "the decision and its reason are logged.",
         default="auto",
     )
     column_mapping: dict[str, str] = _help(
         "Columns of the predictions file for our names note_id, prediction, reference, source, e.g. "
         "{prediction: generated_text, reference: gold}. Unset names take the mode's defaults (stage1: note_id, "
-        "summary; stage2: the fields compress writes); reference / source unset here come from the dataset.",
+        "summary; stage2: the fields compress writes); reference / source unset here come from the dataset. "
+        "`note_id: __row__` keys a file without an id column by its 1-based row number.",
         default_factory=dict,
     )
     dataset_dir: str = _help(
@@ -754,7 +758,7 @@ class EvalConfig(BaseConfig):
     )
     reference_column_mapping: dict[str, str] = _help(
         "Columns of the dataset split / references file for our names note_id, reference, source; defaults are "
-        "prepare_data's: {note_id: note_id, reference: summary, source: note}.",
+        "prepare_data's: {note_id: note_id, reference: summary, source: note}. `note_id: __row__`: the row number.",
         default_factory=dict,
     )
     empty_prediction: Literal["score", "skip"] = _help(
@@ -1130,6 +1134,15 @@ def format_help(cls: type[BaseConfig], prog: str | None = None) -> str:
 def load_yaml_recipe(path: str | Path, cls: type[BaseConfig]) -> dict[str, Any]:
     """Read a recipe; raise ConfigError for a missing file, bad YAML, a non-mapping or an unknown key."""
     p = Path(path)
+    if p.is_dir():
+        # `--config recipes/demo` names the recipe folder; point at the stage's file in it.
+        same_stage = p / f"{cls.STAGE}.yaml"
+        if same_stage.is_file():
+            fix = f"use `--config {same_stage}`"
+        else:
+            found = sorted(str(f) for f in p.glob("*.yaml"))
+            fix = f"name one recipe file: {', '.join(found)}" if found else "it holds no .yaml recipe"
+        raise ConfigError(f"{cls.STAGE}: recipe `--config {path}` is a directory, not a recipe file; {fix}.")
     if not p.is_file():
         raise ConfigError(f"{cls.STAGE}: recipe `--config {path}` does not exist.")
     try:

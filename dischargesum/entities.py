@@ -131,8 +131,10 @@ class Entity:
         else:
             # The surface form is what a summary will write ("AKI", "pneumonia"); the canonical name, when it
             # differs, tells a reader (or an LLM) what the abbreviation stands for.
+            # A surface that already spells the name out ("electrocardiogram (ECG)") is not repeated.
             surface = " ".join(self.text.split())
-            parts = [surface if surface.lower() == self.name.lower() else f"{surface} ({self.name})"]
+            spelled_out = re.search(rf"\b{re.escape(self.name)}\b", surface, re.IGNORECASE)
+            parts = [surface if spelled_out else f"{surface} ({self.name})"]
         text = " ".join(part for part in parts if part)
         return f"{text} [negated]" if self.negated else text
 

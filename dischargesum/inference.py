@@ -75,7 +75,7 @@ from dischargesum.kv_cache import (
     ring_supported,
     set_row_starts,
 )
-from dischargesum.logging_utils import get_logger
+from dischargesum.logging_utils import get_logger, show_progress
 from dischargesum.manifest import (
     ArtifactError,
     atomic_write_json,
@@ -1185,7 +1185,8 @@ class RunStats:
 def progress_bar(total: int, desc: str, procs: Processes) -> Any:
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit="note", disable=not procs.is_main, dynamic_ncols=True)
+    shown = procs.is_main and show_progress()
+    return tqdm(total=total, desc=desc, unit="note", disable=not shown, dynamic_ncols=True)
 
 
 def run_generation(

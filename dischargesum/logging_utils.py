@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 
 _FORMAT = "%(asctime)s %(levelname)s [%(name)s%(rank)s] %(message)s"
 _configured = False
@@ -34,13 +35,38 @@ class _RankFilter(logging.Filter):
         return True
 
 
+def show_progress() -> bool:
+    """Whether this process draws progress bars: the main process, and only when stderr is a terminal.
+
+    A log file (stderr redirected, a SLURM output file) gets no bars: tqdm's carriage returns and cursor-up codes
+    (``[A``) interleave with the log lines there and make the file unreadable.
+    """
+    return is_main_process() and sys.stderr.isatty()
+
+
+# Third-party warnings that say nothing a user of this project can act on. peft 0.21's get_peft_model reads
+# transformers' deprecated `is_gradient_checkpointing` alias (transformers 5.24 renamed it); our own code uses the
+# new name. Matched by message so any other FutureWarning still shows.
+_SILENCED_WARNINGS: tuple[tuple[str, type[Warning]], ...] = (
+    (r"`is_gradient_checkpointing` is deprecated", FutureWarning),
+)
+
+
 def setup_logging(level: str = "info") -> None:
     """Configure the ``dischargesum`` logger once per process (idempotent; later calls only change the level).
 
     Library loggers (transformers, datasets, accelerate) follow the same rule: their info messages on the main
-    process only, warnings everywhere.
+    process only, warnings everywhere. When stderr is not a terminal, the libraries' progress bars are switched
+    off too (see :func:`show_progress`), and a few third-party warnings nobody here can act on are filtered.
     """
     global _configured
+    for message, category in _SILENCED_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)
+    if not show_progress():
+        # Read when these libraries create a bar (datasets / huggingface_hub read them at import); the Trainer's
+        # bars follow `disable_tqdm` (dischargesum.training.sft).
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     numeric = getattr(logging, level.upper(), logging.INFO)
     if not is_main_process():
         numeric = max(numeric, logging.WARNING)
@@ -57,6 +83,8 @@ def setup_logging(level: str = "info") -> None:
         import transformers
 
         transformers.utils.logging.set_verbosity(logging.WARNING if numeric <= logging.INFO else numeric)
+        if not show_progress():
+            transformers.utils.logging.disable_progress_bar()
     except ImportError:  # pragma: no cover - transformers is a hard dependency
         pass
 

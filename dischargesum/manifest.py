@@ -32,7 +32,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dischargesum.logging_utils import is_main_process
+from dischargesum.logging_utils import get_logger, is_main_process
 
 if TYPE_CHECKING:
     from dischargesum.config import BaseConfig
@@ -216,6 +216,30 @@ def _sanitised_argv(argv: list[str]) -> list[str]:
 
 def _now() -> str:
     return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+
+
+def warn_if_replacing(output_dir: str | Path, stage: str) -> None:
+    """Say so before a run replaces an earlier run's outputs in ``output_dir``; refuse another stage's directory.
+
+    Raises:
+        ArtifactError: ``output_dir`` holds the outputs of a different stage (writing there would destroy them).
+    """
+    previous = read_manifest(output_dir)
+    if previous is None:
+        return
+    if previous.get("stage") != stage:
+        raise ArtifactError(
+            f"`output_dir` = {output_dir} holds `{previous.get('stage')}` outputs, not `{stage}` outputs; writing "
+            f"there would replace its manifest. Choose another `output_dir`."
+        )
+    finished = previous.get("finished_at") or "never"
+    get_logger(__name__).warning(
+        "%s already holds `%s` outputs (%s, finished %s); they are replaced",
+        output_dir,
+        stage,
+        previous.get("status"),
+        finished,
+    )
 
 
 def start_run(output_dir: str | Path, cfg: BaseConfig, inputs: Mapping[str, Any] | None = None) -> dict[str, Any]:

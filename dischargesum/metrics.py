@@ -58,7 +58,7 @@ Numeric fidelity
 Compression
     Per sample, ratio = output length / reference length (and / source length), in characters and in tokens
     (``tokenizer_name_or_path``, else the BERTScore encoder's tokenizer, else whitespace words — metrics.json names
-    the counter). Reported as mean / median / std (population) of the per-sample ratios *and* the ratio of totals
+    the counter). Reported as mean / median / sample std (n - 1) of the per-sample ratios *and* the ratio of totals
     (sum of output lengths / sum of the other lengths): one short note with a long summary moves the mean of ratios
     a lot and the ratio of totals barely (the seed's mean of ratios was 1.71 while its ratio of totals was 0.62).
 
@@ -70,6 +70,7 @@ Length buckets
 
 from __future__ import annotations
 
+import difflib
 import itertools
 import json
 import math
@@ -88,8 +89,8 @@ from typing import TYPE_CHECKING, Any
 from dischargesum.cli import UserError
 from dischargesum.config import ConfigError, EvalConfig
 from dischargesum.data.schema import SPLIT_FILES
-from dischargesum.logging_utils import get_logger, is_main_process
-from dischargesum.manifest import fingerprint_file, read_manifest, require_artifact
+from dischargesum.logging_utils import get_logger, show_progress
+from dischargesum.manifest import RESOLVED_CONFIG_NAME, fingerprint_file, read_manifest, require_artifact
 
 if TYPE_CHECKING:
     from dischargesum.entities import EntityComparison
@@ -143,6 +144,7 @@ class EvalInputs:
     references_without_prediction: int | None
     columns: dict[str, str]  # role -> "predictions:<col>" / "dataset:<col>" / "references:<col>"
     inputs: dict[str, Any]  # for the manifest
+    unpredicted_reason: str | None = None  # why references lack a prediction, when a run's `limit` explains it
 
     @property
     def has_reference(self) -> bool:
@@ -231,12 +233,30 @@ def _id_value(value: Any) -> str:
     return str(value).strip()
 
 
-def resolve_mode(cfg: EvalConfig) -> tuple[str, dict[str, Any] | None]:
-    """The mode to score in and the manifest of the stage that wrote ``predictions`` (None for a foreign file).
+# `column_mapping.note_id: __row__` (or `reference_column_mapping.note_id: __row__`): a file without an id column
+# is keyed by its 1-based data row number, so a peer's CSV can be scored without editing it.
+ROW_NUMBER_ID = "__row__"
+# An id longer than this (characters or words), or one with a line break, is text: a mapping like `note_id: input`
+# would otherwise put whole notes into per_sample.csv's id column (and into the report).
+MAX_ID_CHARS = 128
+MAX_ID_WORDS = 8
+# Column-name evidence for `mode: auto` on a foreign file: the prediction is a compressed (stage-2) summary, or the
+# text it is compared with is a model's (stage-1) output rather than a reference BHC.
+_STAGE2_PREDICTION_RE = re.compile(r"compress|stage[ _-]?2|short", re.IGNORECASE)
+_STAGE1_OUTPUT_RE = re.compile(r"stage[ _-]?1|generat|predict|model|output", re.IGNORECASE)
+_REFERENCE_NAME_RE = re.compile(r"ref|target|gold|bhc|truth|label", re.IGNORECASE)
+
+
+def resolve_mode(cfg: EvalConfig, columns: Sequence[str] = ()) -> tuple[str, dict[str, Any] | None, str]:
+    """The mode to score in, the manifest of the stage that wrote ``predictions`` (None for a foreign file) and why.
 
     A predictions file that a generate / compress run writes (its output file name, or a file its manifest
-    records) must come from a completed run. ``mode: auto`` is stage2 for compress's output, stage1 for generate's,
-    and for a foreign file stage2 only when its name contains "stage2".
+    records) must come from a completed run. ``mode: auto`` is stage2 for compress's output, stage1 for generate's;
+    for a foreign file it is decided from its ``columns`` as mapped: stage2 when the file has compress's
+    ``stage1_summary`` column (and ``column_mapping.reference`` is unset), when the prediction column names a
+    compressed / stage-2 text, or when the column it is compared with names a model output rather than a reference
+    (``stage1``, ``generated``, ``prediction``, ``output``); then by the file name (``stage2`` / ``compress``);
+    otherwise stage1.
 
     Raises:
         ArtifactError: the predictions come from a generate / compress run that did not complete.
@@ -253,19 +273,71 @@ def resolve_mode(cfg: EvalConfig) -> tuple[str, dict[str, Any] | None]:
     else:
         manifest, stage = None, None
     if cfg.mode != "auto":
-        return cfg.mode, manifest
+        return cfg.mode, manifest, "set by `mode`"
     if stage is not None:
-        return ("stage2" if stage == "compress" else "stage1"), manifest
-    return ("stage2" if "stage2" in path.name else "stage1"), manifest
+        return ("stage2" if stage == "compress" else "stage1"), manifest, f"written by a {stage} run (its manifest)"
+    mapping = cfg.column_mapping
+    stage1_column = DEFAULT_PREDICTION_COLUMNS["stage2"]["reference"]
+    if "reference" not in mapping and stage1_column in columns:
+        return "stage2", None, f"the file has compress's `{stage1_column}` column (compared with it as the reference)"
+    prediction = mapping.get("prediction", "")
+    if _STAGE2_PREDICTION_RE.search(prediction):
+        return "stage2", None, f"the prediction column `{prediction}` names a compressed / stage-2 summary"
+    reference = mapping.get("reference", "")
+    if _STAGE1_OUTPUT_RE.search(reference) and not _REFERENCE_NAME_RE.search(reference):
+        return "stage2", None, f"the reference column `{reference}` names a model's summary, not a reference BHC"
+    if re.search(r"stage[ _-]?2|compress", path.name, re.IGNORECASE):
+        return "stage2", None, f"the file name `{path.name}` says stage 2"
+    return "stage1", None, "no mapped column or the file name names a stage-2 (compressed) summary"
+
+
+def _has_digit(text: str) -> bool:
+    return any(ch.isdigit() for ch in text)
 
 
 def _require_column(rows: list[dict[str, Any]], column: str, *, role: str, key: str, path: str) -> None:
-    if rows and column not in _table_columns(rows):
-        available = ", ".join(_table_columns(rows)) or "(none)"
-        raise UserError(
-            f"`{key}`: column {column!r} (for {role}) is not in {path}; its columns are: {available}. "
-            f"Set `{key}` to the right column."
-        )
+    """Raise UserError when ``column`` is not in ``rows``, suggesting the closest existing column.
+
+    Raises:
+        UserError: the column is missing; the message lists the columns and names a case-insensitive or close match.
+    """
+    if column == ROW_NUMBER_ID or not rows:
+        return
+    columns = _table_columns(rows)
+    if column in columns:
+        return
+    available = ", ".join(columns) or "(none)"
+    same_case = [c for c in columns if c.lower() == column.lower()]
+    close = same_case or difflib.get_close_matches(column, columns, n=1, cutoff=0.6)
+    suggestion = f" Did you mean {close[0]!r}?" if close else ""
+    if role == "note_id" and not close:
+        mapping_key = key.split(".")[0]
+        suggestion = f" A file without an id column can use the row number: `{mapping_key}.note_id: {ROW_NUMBER_ID}`."
+    raise UserError(
+        f"`{key}`: column {column!r} (for {role}) is not in {path}; its columns are: {available}.{suggestion} "
+        f"Set `{key}` to the right column."
+    )
+
+
+def _row_ids(rows: list[dict[str, Any]], column: str, *, key: str, path: str) -> list[str]:
+    """The id of every row: the ``column`` cell, or the 1-based row number for :data:`ROW_NUMBER_ID`.
+
+    Raises:
+        UserError: the id column holds text (a line break, more than :data:`MAX_ID_CHARS` characters or
+            :data:`MAX_ID_WORDS` words).
+    """
+    if column == ROW_NUMBER_ID:
+        return [str(number) for number in range(1, len(rows) + 1)]
+    ids = [_id_value(row.get(column)) for row in rows]
+    for number, note_id in enumerate(ids, 1):
+        words = len(note_id.split())
+        if "\n" in note_id or len(note_id) > MAX_ID_CHARS or words >= MAX_ID_WORDS:
+            shape = "has line breaks" if "\n" in note_id else f"is {len(note_id)} characters / {words} words long"
+            raise UserError(
+                f"`{key}` = {column!r}: the value in row {number} of {path} {shape} — that column holds text, not "
+                f"an id. Map `{key}` to an id column, or use the row number: `{key}: {ROW_NUMBER_ID}`."
+            )
+    return ids
 
 
 def load_eval_inputs(cfg: EvalConfig) -> EvalInputs:
@@ -282,17 +354,20 @@ def load_eval_inputs(cfg: EvalConfig) -> EvalInputs:
         ArtifactError: ``dataset_dir`` is not a completed prepare_data output with the split, or the predictions
             come from an incomplete generate / compress run.
     """
-    mode, manifest = resolve_mode(cfg)
+    rows = read_table(cfg.predictions, field_name="predictions")
+    if not rows:
+        raise UserError(f"`predictions` = {cfg.predictions} has no rows: nothing to score.")
+    mode, manifest, why = resolve_mode(cfg, _table_columns(rows))
+    labels = ROLE_LABELS[mode]
+    logger.info("mode %s (%s vs %s): %s", mode, labels["prediction"], labels["reference"], why)
     inputs: dict[str, Any] = {
-        "predictions": fingerprint_file(cfg.predictions) if Path(cfg.predictions).is_file() else None
+        "predictions": fingerprint_file(cfg.predictions) if Path(cfg.predictions).is_file() else None,
+        "mode_reason": why,
     }
     if manifest is not None:
         inputs["predictions_manifest"] = {k: manifest.get(k) for k in ("stage", "config_hash", "finished_at")}
 
     pred_columns = {**DEFAULT_PREDICTION_COLUMNS[mode], **cfg.column_mapping}
-    rows = read_table(cfg.predictions, field_name="predictions")
-    if not rows:
-        raise UserError(f"`predictions` = {cfg.predictions} has no rows: nothing to score.")
     for role, column in pred_columns.items():
         key = f"column_mapping.{role}" if role in cfg.column_mapping else "column_mapping"
         _require_column(rows, column, role=role, key=key, path=cfg.predictions)
@@ -321,7 +396,7 @@ def load_eval_inputs(cfg: EvalConfig) -> EvalInputs:
         for role, column in mapping.items():
             if role != "note_id" and role in pred_columns:
                 continue  # the predictions file supplies it
-            if column in available:
+            if column in available or (role == "note_id" and column == ROW_NUMBER_ID):
                 ref_columns[role] = column
             elif role in cfg.reference_column_mapping or role == "note_id" or cfg.dataset_dir:
                 _require_column(ref_rows, column, role=role, key=f"reference_column_mapping.{role}", path=ref_path)
@@ -338,8 +413,8 @@ def load_eval_inputs(cfg: EvalConfig) -> EvalInputs:
 
     ref_index: dict[str, dict[str, Any]] = {}
     if ref_rows is not None:
-        for row in ref_rows:
-            note_id = _id_value(row.get(ref_columns["note_id"]))
+        ref_ids = _row_ids(ref_rows, ref_columns["note_id"], key="reference_column_mapping.note_id", path=ref_path)
+        for note_id, row in zip(ref_ids, ref_rows):
             if note_id in ref_index:
                 raise UserError(
                     f"`{'dataset_dir' if cfg.dataset_dir else 'references'}`: note_id {note_id!r} appears twice in "
@@ -350,8 +425,8 @@ def load_eval_inputs(cfg: EvalConfig) -> EvalInputs:
     samples: list[EvalSample] = []
     skipped: list[tuple[str, str]] = []
     seen: set[str] = set()
-    for number, row in enumerate(rows, 1):
-        note_id = _id_value(row.get(pred_columns["note_id"]))
+    pred_ids = _row_ids(rows, pred_columns["note_id"], key="column_mapping.note_id", path=cfg.predictions)
+    for number, (row, note_id) in enumerate(zip(rows, pred_ids), 1):
         if not note_id:
             skipped.append((f"row {number}", "missing_note_id"))
             continue
@@ -410,8 +485,36 @@ def load_eval_inputs(cfg: EvalConfig) -> EvalInputs:
     if skipped:
         logger.warning("skipped %d of %d predictions: %s", len(skipped), len(rows), result.skip_counts())
     if without:
-        logger.warning("%d reference notes have no prediction (generation incomplete or a subset?)", without)
+        limited = _limited_run(Path(cfg.predictions).parent) if manifest is not None else None
+        if limited is not None:
+            # By design (the demo's generate recipe has `limit: 8`): not worth a warning, worth a sentence.
+            result.unpredicted_reason = "the {} run limited itself to {} notes (`limit` in {})".format(*limited)
+            logger.info("%d reference notes have no prediction: %s", without, result.unpredicted_reason)
+        else:
+            logger.warning("%d reference notes have no prediction (generation incomplete or a subset?)", without)
     return result
+
+
+def _limited_run(run_dir: Path, depth: int = 2) -> tuple[str, int, str] | None:
+    """``(stage, limit, config file)`` when the generate / compress run that wrote ``run_dir`` (or, for compress,
+    the run that wrote its input) was given a positive ``limit``; None otherwise."""
+    import yaml
+
+    config_path = run_dir / RESOLVED_CONFIG_NAME
+    try:
+        resolved = yaml.safe_load(config_path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return None
+    if not isinstance(resolved, dict):
+        return None
+    limit = resolved.get("limit")
+    if isinstance(limit, int) and limit > 0:
+        manifest = read_manifest(run_dir) or {}
+        return str(manifest.get("stage", "generate")), limit, str(config_path)
+    upstream = resolved.get("input")
+    if depth > 1 and isinstance(upstream, str) and upstream:
+        return _limited_run(Path(upstream).parent, depth - 1)
+    return None
 
 
 # ================================================================================================================
@@ -462,7 +565,11 @@ def rouge_scores(scorer: Any, prediction: str, reference: str) -> dict[str, floa
 
 
 def describe(values: Iterable[float | int | None]) -> dict[str, float | int | None]:
-    """n / mean / median / std (population) / min / max of the defined values (None and NaN are left out)."""
+    """n / mean / median / std / min / max of the defined values (None and NaN are left out).
+
+    std is the sample standard deviation (n - 1 in the denominator, what pandas and most papers report; 0.0 for a
+    single value), so the numbers compare with a peer's ``df.std()``.
+    """
     defined = [float(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
     if not defined:
         return {"n": 0, "mean": None, "median": None, "std": None, "min": None, "max": None}
@@ -470,7 +577,7 @@ def describe(values: Iterable[float | int | None]) -> dict[str, float | int | No
         "n": len(defined),
         "mean": statistics.fmean(defined),
         "median": statistics.median(defined),
-        "std": statistics.pstdev(defined) if len(defined) > 1 else 0.0,
+        "std": statistics.stdev(defined) if len(defined) > 1 else 0.0,
         "min": min(defined),
         "max": max(defined),
     }
@@ -625,6 +732,7 @@ class TextScores:
 class TextScoringOptions:
     entities: bool = True
     numbers: bool = True
+    numbers_vs_source: bool = True
     rouge: bool = True
     rouge_tokenizer: str = "clinical"
     rouge_use_stemmer: bool = False
@@ -690,7 +798,7 @@ def _score_text_chunk(chunk: list[tuple[str, str | None, str | None]]) -> list[T
 
         for result, (prediction, reference, source) in zip(results, chunk):
             output_numbers = extract_numbers(prediction)
-            if source is not None:
+            if source is not None and options.numbers_vs_source:
                 source_numbers = extract_numbers(source)
                 result.numbers_vs_source = numeric_fidelity(output_numbers, source_numbers)
                 if reference is not None:
@@ -1224,7 +1332,7 @@ def _aggregate(
             }
     if "numbers" in families:
         numbers: dict[str, Any] = {}
-        if has_src:
+        if any(s.numbers_vs_source is not None for s in scores):  # not computed for sources without digits
             fid = [s.numbers_vs_source for s in scores if s.numbers_vs_source is not None]
             total = sum(f["output_numbers"] for f in fid)
             unsupported = sum(f["unsupported"] for f in fid)
@@ -1318,7 +1426,7 @@ def evaluate(inputs: EvalInputs, cfg: EvalConfig, *, progress: bool | None = Non
         ConfigError: the BERTScore encoder or the token-count tokenizer cannot be loaded, or a layer is invalid.
         UserError: ``generic_entities`` is on but scispaCy's en_core_sci_sm is not installed.
     """
-    show = is_main_process() if progress is None else progress
+    show = show_progress() if progress is None else progress
     families = set(cfg.metrics)
     samples = inputs.samples
     timing: dict[str, float] = {}
@@ -1334,6 +1442,17 @@ def evaluate(inputs: EvalInputs, cfg: EvalConfig, *, progress: bool | None = Non
     not_computed = []
     if not inputs.has_reference:
         not_computed += [f for f in ("bertscore", "rouge") if f in families]
+    warnings: list[str] = []
+    numbers_vs_source = "numbers" in families and inputs.has_source
+    if numbers_vs_source and not any(_has_digit(s.source or "") for s in samples):
+        # A preprocessing that stripped digits (the seed's NLTK cleaning does) would make every number of every
+        # summary "unsupported": a numeric fidelity of 0 that measures the preprocessing, not the summaries.
+        numbers_vs_source = False
+        warnings.append(
+            f"no {ROLE_LABELS[inputs.mode]['source']} contains a digit (were digits stripped in preprocessing?): "
+            "numeric fidelity vs the source is not computed"
+        )
+        logger.warning("%s", warnings[-1])
     scorer: BertScorer | None = None
     started = time.perf_counter()
     if "bertscore" in families and inputs.has_reference:
@@ -1362,6 +1481,7 @@ def evaluate(inputs: EvalInputs, cfg: EvalConfig, *, progress: bool | None = Non
     options = TextScoringOptions(
         entities="entities" in families,
         numbers="numbers" in families,
+        numbers_vs_source=numbers_vs_source,
         rouge="rouge" in families and inputs.has_reference,
         rouge_tokenizer=cfg.rouge_tokenizer,
         rouge_use_stemmer=cfg.rouge_use_stemmer,
@@ -1446,6 +1566,7 @@ def evaluate(inputs: EvalInputs, cfg: EvalConfig, *, progress: bool | None = Non
             "skipped_fraction": len(inputs.skipped) / inputs.prediction_rows,
             "empty_predictions_scored": sum(1 for s in samples if not s.prediction.strip()),
             "references_without_prediction": inputs.references_without_prediction,
+            "references_without_prediction_reason": inputs.unpredicted_reason,
             "notes_shortened": sum(1 for s in samples if s.extra.get("note_shortened")),
             "compression_fallbacks": (
                 sum(1 for s in samples if s.extra.get("fallback"))
@@ -1454,6 +1575,7 @@ def evaluate(inputs: EvalInputs, cfg: EvalConfig, *, progress: bool | None = Non
             ),
         },
         "not_computed": not_computed,
+        "warnings": warnings,
         "length_buckets": {"basis": f"{basis} characters", "bounds": list(cfg.length_buckets)},
         "token_counter": counter_name,
     }

@@ -122,7 +122,9 @@ def write_plots(result: EvalResult, out: Path) -> list[Path]:
         rows_n = math.ceil(len(series) / cols)
         fig, axes = plt.subplots(rows_n, cols, figsize=(4.2 * cols, 3.0 * rows_n), squeeze=False)
         for ax, (_name, label, values) in zip(axes.flat, series):
-            ax.hist(values, bins=min(30, max(5, len(values) // 3)), color="#4C72B0", edgecolor="white")
+            bins = min(30, max(5, len(values) // 3))
+            ax.hist(values, bins=bins, range=_hist_range(values), color="#4C72B0", edgecolor="white")
+            ax.ticklabel_format(axis="x", useOffset=False, style="plain")
             ax.set_title(f"{label} (n={len(values)})", fontsize=9)
             ax.axvline(sum(values) / len(values), color="#C44E52", linestyle="--", linewidth=1)
         for ax in list(axes.flat)[len(series) :]:
@@ -168,7 +170,11 @@ def write_plots(result: EvalResult, out: Path) -> list[Path]:
         x = np.arange(len(buckets))
         width = 0.8 / len(bars)
         for k, (_name, bar_label, bar_values) in enumerate(bars):
-            ax.bar(x + k * width, [float(v) if v is not None else 0.0 for v in bar_values], width, label=bar_label)
+            drawn = ax.bar(
+                x + k * width, [float(v) if v is not None else 0.0 for v in bar_values], width, label=bar_label
+            )
+            # A bar of height 0 is invisible and looks like a missing value: every bar carries its number.
+            ax.bar_label(drawn, labels=bar_value_labels(bar_values), fontsize=6, padding=1)
         ax.set_xticks(x + width * (len(bars) - 1) / 2)
         ax.set_xticklabels([f"{label}\n(n={agg['n']})" for label, agg in buckets], fontsize=8)
         ax.set_xlabel(result.metrics["length_buckets"]["basis"])
@@ -181,6 +187,24 @@ def write_plots(result: EvalResult, out: Path) -> list[Path]:
         plt.close(fig)
         written.append(path)
     return written
+
+
+def bar_value_labels(values: Sequence[float | None]) -> list[str]:
+    """The text over each bar of length_buckets.png: the value, ``0`` for a zero bar, ``n/a`` for a missing one."""
+    return ["n/a" if v is None else ("0" if v == 0 else f"{v:.2f}") for v in values]
+
+
+def _hist_range(values: Sequence[float]) -> tuple[float, float] | None:
+    """The x range of a histogram: matplotlib's own, except for near-constant data, which gets a readable ±0.05.
+
+    Stage-2 BERTScore of a summary kept unchanged is 1 within float error; left alone, matplotlib zooms into a 1e-7
+    wide range and labels the axis with an offset (``1e-7+1``) nobody can read.
+    """
+    low, high = min(values), max(values)
+    if high - low >= 1e-3:
+        return None
+    centre = (low + high) / 2
+    return centre - 0.05, centre + 0.05
 
 
 def _bucket_order(result: EvalResult) -> Any:
@@ -351,7 +375,11 @@ def render_report_md(result: EvalResult, cfg: EvalConfig, plot_names: Sequence[s
         f"failures: {counts['empty_predictions_scored']}",
     ]
     if counts.get("references_without_prediction"):
-        lines.append(f"- references without a prediction: {counts['references_without_prediction']}")
+        reason = counts.get("references_without_prediction_reason")
+        lines.append(
+            f"- references without a prediction: {counts['references_without_prediction']}"
+            + (f" (expected: {reason})" if reason else "")
+        )
     if counts.get("compression_fallbacks") is not None:
         lines.append(
             f"- compression fallbacks (compress kept the stage-1 summary: no attempt kept enough entities): "
@@ -364,6 +392,8 @@ def render_report_md(result: EvalResult, cfg: EvalConfig, plot_names: Sequence[s
         )
     if metrics.get("not_computed"):
         lines.append(f"- not computed (no {ref_label}): {', '.join(metrics['not_computed'])}")
+    for warning in metrics.get("warnings", []):
+        lines.append(f"- **warning**: {warning}")
     lines.append("")
 
     lines += ["## Headline", ""]
@@ -372,7 +402,7 @@ def render_report_md(result: EvalResult, cfg: EvalConfig, plot_names: Sequence[s
     if bs:
         rows.append(
             [
-                "BERTScore F1 (mean ± std)",
+                "BERTScore F1 (mean ± sample std)",
                 f"{_fmt(head['bertscore_f1_mean'])} ± {_fmt(head['bertscore_f1_std'])}",
                 f"vs {ref_label}; `{bs['model']}` layer {bs['num_layers']}, window {bs['window_tokens']} tokens, "
                 f"long texts: {bs['long_text']} ({bs['samples_over_window']} samples over the window, "
@@ -499,7 +529,9 @@ def render_report_md(result: EvalResult, cfg: EvalConfig, plot_names: Sequence[s
                         st["n"],
                     ]
                 )
-        lines += _table(["comparison", "unit", "mean of ratios", "median", "std", "ratio of totals", "n"], comp_rows)
+        lines += _table(
+            ["comparison", "unit", "mean of ratios", "median", "sample std", "ratio of totals", "n"], comp_rows
+        )
         lines += [
             "The mean of per-sample ratios weighs every sample equally (a short note with a long output pulls it "
             "up); the ratio of totals is total output length over total other length. Report both.",

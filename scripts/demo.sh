@@ -11,7 +11,17 @@ fi
 PYTHON="${PYTHON:-${VENV:-.venv}/bin/python}"
 # The demo never needs the network: no Hub, no telemetry.
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 TOKENIZERS_PARALLELISM=false
-launch() { "$PYTHON" -m accelerate.commands.launch --config_file accelerate_configs/cpu.yaml "$@"; }
+# The demo runs on the CPU by design: tell DeepSpeed (imported by accelerate/transformers) so, instead of letting it
+# warn at every stage that it "was unable to detect" a GPU.
+export DS_ACCELERATOR=cpu
+# accelerate warns at every launch that it picked --num_cpu_threads_per_process for us: pass the value it would pick
+# (physical cores; the demo runs one process).
+THREADS="$("$PYTHON" -c 'import psutil; print(psutil.cpu_count(logical=False) or 1)')"
+# dischargesum.launch = `accelerate launch` (same arguments) that exits with the stage's code (2: a user error) and
+# prints nothing after the stage's own message (scripts/launch.sh runs it without activating .venv).
+launch() {
+  "$PYTHON" -m dischargesum.launch --config_file accelerate_configs/cpu.yaml --num_cpu_threads_per_process "$THREADS" "$@"
+}
 
 step() { printf '\n=== %s ===\n' "$1"; }
 step "1/7 build the tiny Gemma-3 + tiny BERT encoder"

@@ -6,9 +6,10 @@
 
 Stage 1 scores generate's summaries against the reference BHC and the source note; stage 2 scores compress's
 summaries against their stage-1 summary and the source note. Any CSV / TSV / JSONL / Parquet of another system's
-outputs is scored the same way through `column_mapping` (and `references` or `dataset_dir`). Writes
-metrics.json, per_sample.csv, report.md (contains patient text on MIMIC), PNG plots and TensorBoard into
-`output_dir`. Runs in one process (CPU or one GPU); entity extraction and ROUGE use `num_workers` CPU processes.
+outputs is scored the same way through `column_mapping` (`note_id: __row__` when it has no id column) and
+`references` or `dataset_dir`. Writes metrics.json, per_sample.csv, report.md (contains patient text on MIMIC), PNG
+plots and TensorBoard into `output_dir` (a finished eval there is replaced, with a warning). Runs in one process
+(CPU or one GPU); entity extraction and ROUGE use `num_workers` CPU processes.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import sys
 
 from dischargesum.cli import UserError, run_stage
 from dischargesum.config import EvalConfig
-from dischargesum.manifest import finish_run, start_run
+from dischargesum.manifest import finish_run, start_run, warn_if_replacing
 
 
 def run(cfg: EvalConfig) -> int:
@@ -31,6 +32,7 @@ def run(cfg: EvalConfig) -> int:
             "`--num_processes 1` or accelerate_configs/single_gpu.yaml / cpu.yaml."
         )
     inputs = load_eval_inputs(cfg)  # every input check happens here, before any model is loaded
+    warn_if_replacing(cfg.output_dir, cfg.STAGE)
     start_run(cfg.output_dir, cfg, inputs=inputs.inputs)
     result = evaluate(inputs, cfg)
     outputs = write_report(result, cfg)

@@ -55,12 +55,14 @@ def accelerate_launch(
     extra_launch_args: Sequence[str] = (),
     timeout: float = 900,
     env: dict[str, str] | None = None,
+    launcher: str = "accelerate.commands.launch",
 ) -> subprocess.CompletedProcess[str]:
-    """``accelerate launch --config_file accelerate_configs/<config_file> scripts/<script> args...``."""
+    """``accelerate launch --config_file accelerate_configs/<config_file> scripts/<script> args...``; ``launcher``
+    ``dischargesum.launch`` is scripts/launch.sh's (the stage's exit code, no launcher traceback)."""
     launch = [
         sys.executable,
         "-m",
-        "accelerate.commands.launch",
+        launcher,
         "--config_file",
         str(ACCELERATE_CONFIGS / config_file),
     ]

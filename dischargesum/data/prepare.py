@@ -48,7 +48,7 @@ from dischargesum.data.readers import RawChunk, SourceInfo, inspect_source, iter
 from dischargesum.data.shorten import MARKER, shorten_note
 from dischargesum.data.split import SplitTracker, assign_split
 from dischargesum.data.validate import ValidatedChunk, ValidationOptions, reject_record, validate_chunk
-from dischargesum.logging_utils import get_logger, is_main_process
+from dischargesum.logging_utils import get_logger, is_main_process, show_progress
 from dischargesum.manifest import (
     MANIFEST_NAME,
     atomic_write_json,
@@ -61,6 +61,7 @@ from dischargesum.manifest import (
     read_manifest,
     sha256_file,
     start_run,
+    warn_if_replacing,
 )
 
 logger = get_logger(__name__)
@@ -310,7 +311,7 @@ def _bounded_imap(fn: Callable[[Any], Any], items: Iterable[Any], workers: int, 
 def _progress(desc: str, total: int | None) -> Any:
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit="rows", disable=not is_main_process(), mininterval=2.0)
+    return tqdm(total=total, desc=desc, unit="rows", disable=not show_progress(), mininterval=2.0)
 
 
 @dataclass
@@ -552,8 +553,7 @@ def run_prepare_data(cfg: PrepareDataConfig) -> PrepareResult:
     info = inspect_source(cfg)
     tokenizer = load_tokenizer(cfg.tokenizer_name_or_path)
     out = Path(cfg.output_dir)
-    if read_manifest(out) is not None:
-        logger.warning("%s already holds a run; its prepare_data outputs are replaced", out)
+    warn_if_replacing(out, cfg.STAGE)
     inputs = {
         "source": _source_fingerprint(info, cfg),
         "tokenizer": {

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 from dischargesum.cli import EXIT_NONFINITE, UserError
 from dischargesum.config import ConfigError, SFTConfig
 from dischargesum.data import schema
-from dischargesum.logging_utils import get_logger, is_main_process
+from dischargesum.logging_utils import get_logger, is_main_process, show_progress
 from dischargesum.manifest import (
     MANIFEST_NAME,
     RESOLVED_CONFIG_NAME,
@@ -269,7 +269,8 @@ def _trl_args(cfg: SFTConfig, plan: TrainingPlan, data: DataInputs):
         dataset_num_proc=cfg.dataset_num_proc if cfg.dataset_num_proc > 1 else None,
         use_liger_kernel=cfg.use_liger_kernel,
         activation_offloading=cfg.activation_offloading,
-        disable_tqdm=not is_main_process(),
+        # No bars in a log file (not a terminal): the Trainer then prints its {'loss': ...} lines plainly.
+        disable_tqdm=not show_progress(),
         log_level="warning",
     )
     # transformers 5.24 renamed gradient_checkpointing to activation_checkpointing (the old name warns); 5.17 only

@@ -13,6 +13,7 @@ from dischargesum.compress import (
     CompressionSettings,
     compress_notes,
     compression_messages,
+    describe_stage2,
     read_stage1,
     summarize_stage2,
 )
@@ -162,6 +163,20 @@ def test_summary_statistics_distinguish_ratio_of_totals_from_mean_of_ratios() ->
     assert stats["ratio_chars_of_totals"] == round(70 / 110, 4)
     assert stats["fallbacks"] == 1 and stats["fallback_rate"] == 0.5 and stats["mean_attempts"] == 2.0
     assert stats["mean_retention"] == 0.75
+    assert stats["mean_retention_accepted"] == 1.0 and stats["notes_with_entities"] == 2
+
+
+def test_stage2_log_line_does_not_pass_fallbacks_off_as_retention() -> None:
+    # The demo's case: every compression failed; three kept stage-1 summaries have entities (retention 1.0 against
+    # themselves), five have none (retention null). "mean entity retention 1.0" said the opposite of what happened.
+    records = [
+        {"retention": 1.0 if k < 3 else None, "ratio_chars": 1.0, "chars": 10, "stage1_chars": 10, "fallback": True,
+         "attempts": 2, "new_tokens": 4, "seconds": 0.1}
+        for k in range(8)
+    ]  # fmt: skip
+    line = describe_stage2(summarize_stage2(records))
+    assert "8 fallbacks" in line and "no accepted compression" in line and "3 of 8 stage-1 summaries" in line
+    assert "1.0" not in line.split("length ratio")[0]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -214,3 +229,10 @@ def test_compress_with_a_half_written_input_exits_2_before_loading(
         logging.getLogger("dischargesum").removeHandler(handler)
     assert rc == 2
     assert any("`input`" in m and "Rerun it to completion" in m for m in messages)
+
+
+def test_pipeline_memory_note_on_cpu_and_gpu() -> None:
+    from dischargesum.compress import _memory_note
+
+    assert _memory_note(None, None) == "no CUDA device: memory not measured"  # was "CUDA allocated: None bytes"
+    assert _memory_note(2048, 0) == "CUDA allocated: 2,048 bytes before stage 1, 0 after"

@@ -118,6 +118,10 @@ def test_help_lists_every_field_and_every_field_has_help(capsys: pytest.CaptureF
 def test_missing_recipe_and_non_mapping_recipe(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         parse_config(SFTConfig, ["--config", str(tmp_path / "nope.yaml")])
+    # `--config recipes/demo` (the folder) exists: say it is a folder and name the stage's file in it.
+    (tmp_path / "sft_qlora.yaml").write_text("dataset_dir: d\n")
+    with pytest.raises(ConfigError, match=r"is a directory, not a recipe file; use `--config .*sft_qlora\.yaml`"):
+        parse_config(SFTConfig, ["--config", str(tmp_path)])
     bad = tmp_path / "list.yaml"
     bad.write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="must be a mapping"):
@@ -185,3 +189,25 @@ def test_non_finite_floats_are_refused_in_every_config(tmp_path: Path, value: st
     recipe = _recipe(tmp_path, {"learning_rate": float("inf")})
     with pytest.raises(ConfigError, match="`learning_rate` = inf is not a finite number"):
         parse_config(SFTConfig, ["--config", recipe, "--output_dir", str(tmp_path)])
+
+
+def test_a_run_into_a_finished_directory_says_it_replaces_it(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from dischargesum.config import EvalConfig, GenerateConfig
+    from dischargesum.manifest import warn_if_replacing
+
+    out = tmp_path / "eval"
+    warn_if_replacing(out, "eval")  # nothing there yet: silent
+    start_run(out, EvalConfig(predictions="p.jsonl", dataset_dir="d", output_dir=str(out)))
+    finish_run(out)
+    logging.getLogger("dischargesum").addHandler(caplog.handler)
+    try:
+        warn_if_replacing(out, "eval")
+    finally:
+        logging.getLogger("dischargesum").removeHandler(caplog.handler)
+    assert "already holds `eval` outputs (complete, finished 20" in caplog.text and "replaced" in caplog.text
+    other = tmp_path / "generate"
+    start_run(other, GenerateConfig(dataset_dir="d", model_name_or_path="m", output_dir=str(other)))
+    with pytest.raises(ArtifactError, match=r"holds `generate` outputs, not `eval` outputs.*another `output_dir`"):
+        warn_if_replacing(other, "eval")

@@ -41,7 +41,7 @@ def test_compression_mean_of_ratios_differs_from_ratio_of_totals() -> None:
     stats = compression_statistics([10, 100], [5, 200])
     assert stats["mean_of_ratios"] == pytest.approx(1.25)
     assert stats["median_ratio"] == pytest.approx(1.25)
-    assert stats["std_ratio"] == pytest.approx(0.75)  # population std of (2.0, 0.5)
+    assert stats["std_ratio"] == pytest.approx(1.0606602)  # sample std (n - 1) of (2.0, 0.5); population: 0.75
     assert stats["ratio_of_totals"] == pytest.approx(110 / 205)
     assert (stats["output_total"], stats["other_total"], stats["n"]) == (110, 205, 2)
     assert (stats["min_ratio"], stats["max_ratio"]) == (0.5, 2.0)
@@ -57,7 +57,8 @@ def test_compression_skips_zero_denominators_and_checks_lengths() -> None:
 
 def test_describe_ignores_undefined_values() -> None:
     stats = describe([1.0, None, 3.0, float("nan")])
-    assert stats == {"n": 2, "mean": 2.0, "median": 2.0, "std": 1.0, "min": 1.0, "max": 3.0}
+    # Sample std (n - 1), what pandas' df.std() and a peer's report give: sqrt(2) for (1, 3); population: 1.0.
+    assert stats == {"n": 2, "mean": 2.0, "median": 2.0, "std": pytest.approx(2**0.5), "min": 1.0, "max": 3.0}
     assert describe([None])["mean"] is None
 
 

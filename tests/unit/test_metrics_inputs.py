@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pandas as pd
@@ -224,3 +225,117 @@ def test_stage2_mode_and_foreign_csv(tmp_path: Path) -> None:
     result = evaluate(foreign, cfg(tmp_path, predictions=str(other), column_mapping=mapping), progress=False)
     assert result.metrics["overall"]["rouge"]["rougeL"]["f1"]["mean"] == pytest.approx(1.0)
     assert "hallucination" not in result.metrics["overall"]  # no source: not computed, not faked
+
+
+def test_row_number_as_id_and_text_never_becomes_an_id(tmp_path: Path) -> None:
+    # A peer's published CSV: no id column at all, predictions and references side by side.
+    peer = tmp_path / "peer.csv"
+    refs = [v[1] for v in NOTES.values()]
+    pd.DataFrame({"input": [v[0] for v in NOTES.values()], "generated": refs, "target": refs}).to_csv(
+        peer, index=False
+    )
+    mapping = {"prediction": "generated", "reference": "target", "source": "input"}
+    with pytest.raises(UserError, match=r"column 'note_id' \(for note_id\).*`column_mapping.note_id: __row__`"):
+        load_eval_inputs(cfg(tmp_path, predictions=str(peer), column_mapping=mapping))
+    inputs = load_eval_inputs(cfg(tmp_path, predictions=str(peer), column_mapping={**mapping, "note_id": "__row__"}))
+    assert [s.note_id for s in inputs.samples] == [str(i) for i in range(1, len(NOTES) + 1)]
+    assert inputs.samples[0].reference == refs[0] and inputs.samples[0].source == NOTES["1000-DS-1"][0]
+    # Mapping the id to a text column (what `note_id: input` did) is refused, not written into per_sample.csv.
+    with pytest.raises(UserError, match=r"`column_mapping.note_id` = 'input'.*holds text, not an id.*__row__"):
+        load_eval_inputs(cfg(tmp_path, predictions=str(peer), column_mapping={**mapping, "note_id": "input"}))
+    # References keyed by row number too.
+    preds = tmp_path / "preds.csv"
+    pd.DataFrame({"generated": refs}).to_csv(preds, index=False)
+    both = cfg(
+        tmp_path,
+        predictions=str(preds),
+        references=str(peer),
+        column_mapping={"note_id": "__row__", "prediction": "generated"},
+        reference_column_mapping={"note_id": "__row__", "reference": "target", "source": "input"},
+    )
+    joined = load_eval_inputs(both)
+    assert [s.reference for s in joined.samples] == refs and joined.references_without_prediction == 0
+
+
+def test_wrongly_cased_column_gets_a_suggestion(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "p.jsonl", [{"note_id": k, "Generated_Summary": "x"} for k in NOTES])
+    data = make_dataset_dir(tmp_path)
+    bad = cfg(
+        tmp_path, predictions=str(path), dataset_dir=str(data), column_mapping={"prediction": "generated_summary"}
+    )
+    with pytest.raises(UserError, match=r"column 'generated_summary'.*Did you mean 'Generated_Summary'\?"):
+        load_eval_inputs(bad)
+
+
+@pytest.mark.parametrize(
+    ("name", "mapping", "expected", "why"),
+    [
+        ("peer.csv", {"prediction": "compressed_summary", "reference": "generated_summary"}, "stage2", "prediction"),
+        ("peer.csv", {"prediction": "summary", "reference": "generated_summary"}, "stage2", "reference column"),
+        ("peer.csv", {"prediction": "generated_summary", "reference": "target"}, "stage1", "no mapped column"),
+        ("peer_stage2.csv", {"prediction": "out", "reference": "target"}, "stage2", "file name"),
+    ],
+)
+def test_auto_mode_of_a_foreign_file_follows_its_columns(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, name: str, mapping: dict, expected: str, why: str
+) -> None:
+    path = tmp_path / name
+    frame = {"id": list(NOTES)} | {column: [v[1] for v in NOTES.values()] for column in mapping.values()}
+    pd.DataFrame(frame).to_csv(path, index=False)
+    logging.getLogger("dischargesum").addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.INFO, logger="dischargesum"):
+            inputs = load_eval_inputs(
+                cfg(tmp_path, predictions=str(path), column_mapping={"note_id": "id", **mapping})
+            )
+    finally:
+        logging.getLogger("dischargesum").removeHandler(caplog.handler)
+    assert inputs.mode == expected
+    decided = [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"mode {expected}")]
+    assert decided and why in decided[0], caplog.text
+    assert inputs.inputs["mode_reason"] in decided[0]
+
+
+def test_sources_without_digits_are_reported_not_scored_as_zero(tmp_path: Path) -> None:
+    # A preprocessing that stripped digits from the notes (the seed's NLTK cleaning): every number of every summary
+    # would be "unsupported" and numeric fidelity 0.000.
+    csv_path = tmp_path / "stripped.csv"
+    stripped = [v[0].translate(str.maketrans("", "", "0123456789")) for v in NOTES.values()]
+    pd.DataFrame({"id": list(NOTES), "pred": [v[1] for v in NOTES.values()], "src": stripped}).to_csv(
+        csv_path, index=False
+    )
+    config = cfg(
+        tmp_path, predictions=str(csv_path), column_mapping={"note_id": "id", "prediction": "pred", "source": "src"}
+    )
+    result = evaluate(load_eval_inputs(config), config, progress=False)
+    assert any("contains a digit" in w for w in result.metrics["warnings"])
+    assert "vs_source" not in result.metrics["overall"]["numbers"]
+    assert all("numeric_fidelity_vs_source" not in row for row in result.rows)
+
+
+def test_limit_explains_references_without_prediction(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    data = make_dataset_dir(tmp_path)
+    run = tmp_path / "generate"
+    start_run(run, GenerateConfig(dataset_dir=str(data), output_dir=str(run), model_name_or_path="m", limit=2))
+    predictions(run / "stage1.jsonl", ids=list(NOTES)[:2])
+    finish_run(run, {"stage1.jsonl": {"path": "stage1.jsonl"}})
+    logging.getLogger("dischargesum").addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.INFO, logger="dischargesum"):
+            inputs = load_eval_inputs(cfg(tmp_path, predictions=str(run / "stage1.jsonl"), dataset_dir=str(data)))
+    finally:
+        logging.getLogger("dischargesum").removeHandler(caplog.handler)
+    assert inputs.references_without_prediction == len(NOTES) - 2
+    record = next(r for r in caplog.records if "have no prediction" in r.getMessage())
+    assert record.levelname == "INFO" and "limited itself to 2 notes" in record.getMessage()
+    assert (
+        inputs.unpredicted_reason is not None and "generate run limited itself to 2 notes" in inputs.unpredicted_reason
+    )
+    config = cfg(tmp_path, predictions=str(run / "stage1.jsonl"), dataset_dir=str(data))
+    result = evaluate(inputs, config, progress=False)
+    assert result.metrics["counts"]["references_without_prediction_reason"] == inputs.unpredicted_reason
+    from dischargesum.report import render_report_md
+
+    assert f"references without a prediction: {len(NOTES) - 2} (expected: the generate run" in render_report_md(
+        result, config
+    )

@@ -163,3 +163,50 @@ def test_per_sample_csv_is_owner_only(tmp_path: Path) -> None:
     write_per_sample_csv([{"note_id": "1-DS-1", "prediction": "Admitted for chest pain."}], path)
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert next(csv.reader(path.open())) == ["note_id", "prediction"]
+
+
+def test_entity_with_its_abbreviation_is_not_expanded_twice() -> None:
+    from dischargesum.entities import extract_entities
+
+    (spelled,) = extract_entities("An electrocardiogram (ECG) showed sinus rhythm.")
+    assert spelled.describe() == "electrocardiogram (ECG)"  # was "electrocardiogram (ECG) (electrocardiogram)"
+    (short,) = extract_entities("ECG showed sinus rhythm.")
+    assert short.describe() == "ECG (electrocardiogram)"
+
+
+def test_report_labels_the_sample_std_and_lists_warnings(full) -> None:
+    cfg, result, _outputs = full
+    report = (Path(cfg.output_dir) / "report.md").read_text()
+    assert "mean ± sample std" in report and "| sample std |" in report
+    f1 = [r["bertscore_f1"] for r in result.rows if r.get("status") == "scored"]
+    import statistics
+
+    assert result.metrics["overall"]["bertscore"]["f1"]["std"] == pytest.approx(statistics.stdev(f1))
+    from dischargesum.report import render_report_md
+
+    result.metrics["warnings"] = ["no source note contains a digit"]
+    try:
+        assert "- **warning**: no source note contains a digit" in render_report_md(result, cfg)
+    finally:
+        result.metrics["warnings"] = []
+
+
+def test_plots_show_zero_bars_and_no_offset_axis() -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from dischargesum.report import _hist_range, bar_value_labels
+
+    assert bar_value_labels([0.0, None, 0.5]) == ["0", "n/a", "0.50"]
+    values = [1.0 - 1e-7, 1.0, 1.0 + 1e-7]  # stage-2 BERTScore of summaries kept unchanged
+    assert _hist_range(values) == pytest.approx((0.95, 1.05))
+    assert _hist_range([0.2, 0.9]) is None  # ordinary data: matplotlib's range
+    fig, ax = plt.subplots()
+    counts, _edges, _patches = ax.hist(values, bins=5, range=_hist_range(values))
+    ax.ticklabel_format(axis="x", useOffset=False, style="plain")
+    fig.canvas.draw()
+    assert ax.xaxis.get_major_formatter().get_offset() == ""
+    assert max(counts) == 3  # one visible bar holding all three, not three 4e-8 wide slivers
+    plt.close(fig)
