@@ -22,7 +22,12 @@ import sys
 
 from dischargesum.cli import run_stage
 from dischargesum.config import SFTConfig
-from dischargesum.training.preemption import install_preemption_handlers, record_exit
+from dischargesum.training.preemption import (
+    PREEMPTED_EXIT_CODE,
+    exit_preempted,
+    install_preemption_handlers,
+    record_exit,
+)
 
 
 def body(cfg: SFTConfig) -> int:
@@ -39,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
         code = run_stage(SFTConfig, body, argv, prog="sft_qlora.py")
     finally:
         record_exit(code)
+    if code == PREEMPTED_EXIT_CODE:
+        exit_preempted()  # within the grace period: skip the slow interpreter teardown
     return code
 
 

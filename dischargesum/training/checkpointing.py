@@ -22,7 +22,8 @@ rotation can delete the last good checkpoint while keeping a broken one. Here:
   flag; at the next micro-batch, step end or prediction step of an evaluation the ranks agree (all-reduce MAX),
   commit a full checkpoint and stop; the entry point exits with :data:`PREEMPTED_EXIT_CODE` (143). Between
   micro-batches the partial accumulation is dropped and the last completed step is saved (with the RNG state it
-  left), so the stop does not wait for a long optimizer step.
+  left), so the stop does not wait for a long optimizer step. A signal that lands during a save is seen right
+  after the commit (``on_save``): that checkpoint is the one to resume from, nothing more is trained or saved.
 * **Exact resume**: weights, optimizer, scheduler, per-rank RNG and data position continue exactly; nothing runs
   between a preemption checkpoint and the exit (no epoch-end evaluation, no second save) and a resume at or past
   ``max_steps`` trains nothing (HF would train one extra step), so a resumed run equals an uninterrupted one.

@@ -96,6 +96,9 @@ def install_preemption_handlers() -> bool:
             return False
         for sig in PREEMPTION_SIGNALS:
             signal.signal(sig, _handler)
+        # The supervisor starts the launcher with these signals blocked (the mask is inherited): take them here;
+        # one that arrived while they were blocked is delivered now, to the handler above.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, PREEMPTION_SIGNALS)
         _state["installed"] = True
     _register_with_supervisor()
     return True
@@ -151,6 +154,24 @@ def record_exit(exit_code: int) -> None:
         _write_json(launch_dir / f"{EXIT_FILE_PREFIX}{os.getpid()}.json", record)
     except OSError as exc:  # the supervisor then treats this process as failed: never hide that
         logger.warning("could not write the exit record into %s: %s", launch_dir, exc)
+
+
+def exit_preempted() -> None:
+    """End a preempted process now with :data:`PREEMPTED_EXIT_CODE`, without the interpreter's teardown.
+
+    Why: tearing down torch, transformers, datasets and DeepSpeed took 2-10 s per process on a loaded CPU (measured
+    here), time taken from the grace period for nothing — the checkpoint, the manifests and the exit record are
+    already written and fsynced, and the TensorBoard writer was closed at the end of training.
+    """
+    import contextlib
+    import logging
+    import sys
+
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    os._exit(PREEMPTED_EXIT_CODE)
 
 
 def stop_if_preempted(stage: str) -> None:

@@ -503,7 +503,10 @@ def _run(
     t0 = time.perf_counter()
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     invocation_seconds = time.perf_counter() - t0
-    if preemption_requested():
+    # A signal after the last step's checks (the loop has finished): the run is complete, so write final/ and exit 0
+    # rather than drop the steps since the last periodic checkpoint.
+    finished = trainer.state.max_steps > 0 and trainer.state.global_step >= trainer.state.max_steps
+    if preemption_requested() and not (finished and _stopped_at_step(trainer) is None):
         committed = find_latest_valid_checkpoint(out, verify_checksums=False)
         set_preemption_outcome(f"committed {committed}" if committed else "nothing to save yet")
         if state.is_main_process:
@@ -539,6 +542,16 @@ def _run(
     }
     write_final(trainer, cfg, data, base_path, summary)
     return 0
+
+
+def _stopped_at_step(trainer: Any) -> int | None:
+    """The step at which the preemption callback stopped the run (None: it did not)."""
+    from dischargesum.training.checkpointing import PreemptionCallback
+
+    for cb in trainer.callback_handler.callbacks:
+        if isinstance(cb, PreemptionCallback):
+            return cb.stopped_at_step
+    return None
 
 
 def _device_description(plan: TrainingPlan) -> str:

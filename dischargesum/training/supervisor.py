@@ -10,7 +10,9 @@ ends the moment PID 1 exits, so a launcher that exits before the checkpoint is c
 What this process does (``scripts/launch.py``, or a container's ``ENTRYPOINT``):
 
 * runs ``python -m accelerate.commands.launch ARGS`` in a new session, so a terminal's Ctrl-C or a ``kill`` of this
-  process group reaches only this process, which then decides who is told what;
+  process group reaches only this process, which then decides who is told what, and with SIGTERM / SIGUSR1
+  blocked, so that even a signal sent to every process (systemd stopping a VM's services) does not reach the
+  launcher's kill-after-a-timeout logic; the training processes unblock them first thing;
 * makes itself the child subreaper (Linux; PID 1 is one anyway): training processes whose launcher died are
   re-parented here, and this process exits only after every one of them has;
 * the training processes register in a per-launch directory (``DISCHARGESUM_LAUNCH_DIR``, see
@@ -50,7 +52,13 @@ from types import FrameType
 from typing import Any
 
 from dischargesum.cli import EXIT_PREEMPTED, EXIT_USER_ERROR
-from dischargesum.training.preemption import EXIT_FILE_PREFIX, LAUNCH_DIR_ENV, STOP_FILE, TRAINER_FILE_PREFIX
+from dischargesum.training.preemption import (
+    EXIT_FILE_PREFIX,
+    LAUNCH_DIR_ENV,
+    PREEMPTION_SIGNALS,
+    STOP_FILE,
+    TRAINER_FILE_PREFIX,
+)
 
 GRACE_ENV = "DISCHARGESUM_GRACE_SECONDS"
 # The launcher command (default: this Python's `accelerate launch`); as in scripts/slurm_train.sh, tests replace it.
@@ -202,6 +210,13 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _all_preempted_and_gone(run_dir: Path, registered: Sequence[int]) -> bool:
+    if not registered:
+        return False
+    exits = _read_records(run_dir, EXIT_FILE_PREFIX)
+    return all(exits.get(pid, {}).get("exit_code") == EXIT_PREEMPTED and not _alive(pid) for pid in registered)
+
+
 def decide_exit_code(
     launcher_code: int, signalled: bool, registered: Sequence[int], exits: dict[int, dict[str, Any]]
 ) -> int:
@@ -235,7 +250,16 @@ def supervise(launcher_args: Sequence[str], grace_seconds: float, *, launch_dir:
     cmd = [*(shlex.split(launch) if launch else [sys.executable, "-m", "accelerate.commands.launch"]), *launcher_args]
     _log(f"grace period {grace_seconds:g} s; running: accelerate launch {' '.join(launcher_args)}")
     try:
-        launcher = subprocess.Popen(cmd, env=env, start_new_session=True)
+        # The launcher starts with the preemption signals blocked (a mask survives fork and exec; Python handlers
+        # do not change it): a SIGTERM that reaches every process of the job cannot make accelerate's launcher
+        # SIGKILL its child 5 s later, nor torchrun's agent after its shutdown timeout. The training processes
+        # unblock them as their first act (install_preemption_handlers); this process forwards the signal to them.
+        # Signals that arrive here in between stay pending and are handled right after.
+        unblock = signal.pthread_sigmask(signal.SIG_BLOCK, PREEMPTION_SIGNALS)
+        try:
+            launcher = subprocess.Popen(cmd, env=env, start_new_session=True)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, unblock)
         code = _wait(launcher, run_dir, signals, grace_seconds, subreaper)
     finally:
         for sig, handler in previous.items():
@@ -249,7 +273,7 @@ def supervise(launcher_args: Sequence[str], grace_seconds: float, *, launch_dir:
 def _wait(launcher: subprocess.Popen, run_dir: Path, signals: _Signals, grace: float, subreaper: bool) -> int:
     deadline: float | None = None
     told: set[int] = set()
-    launcher_told = killed = False
+    launcher_stopped = killed = False
     while True:
         if signals.count > signals.handled:
             if signals.handled == 0:
@@ -269,17 +293,29 @@ def _wait(launcher: subprocess.Popen, run_dir: Path, signals: _Signals, grace: f
             fresh = [pid for pid in registered if pid not in told and _alive(pid)]
             told.update(fresh)
             _signal_pids(fresh, signal.SIGTERM)
-            if not registered and not launcher_told and launcher.poll() is None:
-                # No training process has even installed its handlers: there is nothing to save. Stop the launcher
-                # now (it stops its children) rather than let it start processes only to stop them.
-                launcher_told = True
-                _signal_pids([launcher.pid], signal.SIGTERM)
+            if not registered and not launcher_stopped:
+                # No training process has even installed its handlers (the launcher or they are still importing):
+                # there is nothing to save, and the launcher does not take SIGTERM (blocked, above). Stop it all now
+                # rather than let it start processes only to stop them.
+                launcher_stopped = True
+                _log("no training process has started yet: nothing to save yet, stopping the launcher")
+                for proc in _descendants():
+                    with contextlib.suppress(Exception):
+                        proc.kill()
         if subreaper:
             _reap(launcher.pid)
         launcher_done = launcher.poll() is not None
         rest = _descendants() if launcher_done else []
         if launcher_done and not rest:
             break
+        if _all_preempted_and_gone(run_dir, registered):
+            # Every training process committed (or had nothing to save) and exited 143: what is left is the
+            # launcher reporting a failure and tearing itself down (seconds of the grace period). Not needed.
+            for proc in _descendants():
+                with contextlib.suppress(Exception):
+                    proc.kill()
+            launcher.wait()
+            continue
         if deadline is not None and time.monotonic() >= deadline and not killed:
             victims = _descendants()
             _log(

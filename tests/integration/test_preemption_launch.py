@@ -30,5 +30,6 @@ def test_every_signal_target_in_this_phase_commits_and_exits_143(
 ) -> None:
     scenarios = run_phase(phase, 1, tmp_path, dataset_dir, tiny_model_dir)
     table = "\n".join(s.row() for s in scenarios)
+    print(table)  # the scenario table (pytest -rP shows it)
     for s in scenarios:
         check_scenario(s, table)

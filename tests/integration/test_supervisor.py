@@ -1,10 +1,10 @@
 """scripts/launch.py (the supervisor) with stand-in launchers: the cases real accelerate here cannot show.
 
-The launcher command is replaced (``DISCHARGESUM_LAUNCH``) by a fake that, like accelerate < 1.1x's single-process
-launcher, dies at once on SIGTERM and reports its child's failure as 1. Its child is a fake training process that
-speaks the real protocol (:mod:`dischargesum.training.preemption`: registers, records its exit) and "commits a
-checkpoint" (sleeps) when signalled. Seconds per test, no torch. The real launcher and trainer are in
-test_preemption_launch.py and tests/distributed/test_preemption_launch_ddp.py.
+The launcher command is replaced (``DISCHARGESUM_LAUNCH``) by a fake that, like accelerate's single-process
+launcher, reports its child's failure as 1. Its child is a fake training process that speaks the real protocol
+(:mod:`dischargesum.training.preemption`: registers, records its exit) and "commits a checkpoint" (sleeps) when
+signalled. Seconds per test, no torch. The real launcher and trainer are in test_preemption_launch.py and
+tests/distributed/test_preemption_launch_ddp.py.
 """
 
 from __future__ import annotations
@@ -122,9 +122,16 @@ def test_exit_code_rule() -> None:
     assert decide_exit_code(2, False, [], {}) == 2
 
 
-def test_launcher_that_dies_at_once_the_supervisor_waits_for_the_commit(fakes: dict) -> None:
+def test_launcher_that_dies_the_supervisor_adopts_and_waits_for_the_commit(fakes: dict) -> None:
+    import psutil
+
     proc = start(fakes, "commit")
     wait_ready(fakes, proc)
+    # The launcher dies (accelerate < 1.1x on SIGTERM, the OOM killer, ...): its training process is adopted.
+    launcher = [c for c in psutil.Process(proc.pid).children() if "launcher.py" in " ".join(c.cmdline())]
+    assert len(launcher) == 1
+    launcher[0].kill()
+    launcher[0].wait(10)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 143, out
