@@ -279,6 +279,22 @@ def finish_run(output_dir: str | Path, outputs: Mapping[str, Any] | None = None,
     return manifest
 
 
+def mark_interrupted(output_dir: str | Path, **extra: Any) -> dict[str, Any] | None:
+    """Mark a ``running`` manifest ``interrupted`` (preempted; rerun to resume) with extra fields (main process only).
+
+    A manifest in any other state (none, complete) is left alone and None is returned.
+    """
+    manifest = read_manifest(output_dir)
+    if not manifest or manifest.get("status") != "running":
+        return None
+    manifest.update(extra)
+    manifest["status"] = "interrupted"
+    manifest["interrupted_at"] = _now()
+    if is_main_process():
+        atomic_write_json(Path(output_dir) / MANIFEST_NAME, manifest)
+    return manifest
+
+
 def read_manifest(directory: str | Path) -> dict[str, Any] | None:
     path = Path(directory) / MANIFEST_NAME
     if not path.is_file():

@@ -22,7 +22,8 @@ rotation can delete the last good checkpoint while keeping a broken one. Here:
   flag; at the next micro-batch, step end or prediction step of an evaluation the ranks agree (all-reduce MAX),
   commit a full checkpoint and stop; the entry point exits with :data:`PREEMPTED_EXIT_CODE` (143). Between
   micro-batches the partial accumulation is dropped and the last completed step is saved (with the RNG state it
-  left), so the stop does not wait for a long optimizer step.
+  left), so the stop does not wait for a long optimizer step. A signal that lands during a save is seen right
+  after the commit (``on_save``): that checkpoint is the one to resume from, nothing more is trained or saved.
 * **Exact resume**: weights, optimizer, scheduler, per-rank RNG and data position continue exactly; nothing runs
   between a preemption checkpoint and the exit (no epoch-end evaluation, no second save) and a resume at or past
   ``max_steps`` trains nothing (HF would train one extra step), so a resumed run equals an uninterrupted one.
@@ -30,7 +31,10 @@ rotation can delete the last good checkpoint while keeping a broken one. Here:
 Test-only fault injection: ``DISCHARGESUM_FAULT_AFTER_FILE=N`` SIGKILLs the committing process at the N-th event of
 a checkpoint save (each file appearing in the staging directory, then ``manifest``, ``commit`` and each rotation
 deletion), in the save at step ``DISCHARGESUM_FAULT_AT_STEP`` (default: the first save of the process);
-``DISCHARGESUM_FAULT_TRACE=FILE`` appends that save's events to FILE. Never set them outside tests.
+``DISCHARGESUM_FAULT_TRACE=FILE`` appends that save's events to FILE. ``DISCHARGESUM_FAULT_PAUSE=PHASE`` sleeps
+``DISCHARGESUM_FAULT_PAUSE_SECONDS`` (default 3) once, in ``load`` (sft_qlora, before the model is loaded), ``save``
+(after the first file of that save) or ``evaluate`` (at the first prediction step), and appends ``pause:PHASE`` to
+the trace first: the signal tests use it to land a signal inside that phase. Never set them outside tests.
 """
 
 from __future__ import annotations
@@ -53,7 +57,7 @@ from typing import Any
 from transformers.trainer_callback import TrainerCallback
 
 from dischargesum.cli import UserError
-from dischargesum.logging_utils import get_logger
+from dischargesum.logging_utils import get_logger, process_rank
 from dischargesum.manifest import canonical_hash, library_versions
 from dischargesum.training.preemption import (
     PREEMPTED_EXIT_CODE,
@@ -95,6 +99,8 @@ _CHECKPOINT_RE = re.compile(rf"^{CHECKPOINT_PREFIX}-(\d+)$")
 FAULT_AFTER_FILE_ENV = "DISCHARGESUM_FAULT_AFTER_FILE"
 FAULT_AT_STEP_ENV = "DISCHARGESUM_FAULT_AT_STEP"
 FAULT_TRACE_ENV = "DISCHARGESUM_FAULT_TRACE"
+FAULT_PAUSE_ENV = "DISCHARGESUM_FAULT_PAUSE"
+FAULT_PAUSE_SECONDS_ENV = "DISCHARGESUM_FAULT_PAUSE_SECONDS"
 
 # Libraries whose versions go into RunFacts: a change can alter numerics, so a resume across versions warns.
 _FACT_LIBRARIES = ("dischargesum", "torch", "transformers", "trl", "peft", "accelerate", "bitsandbytes", "deepspeed")
@@ -468,6 +474,23 @@ def _remove_tree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
+_paused_phases: set[str] = set()
+
+
+def fault_pause(phase: str) -> None:
+    """Test-only: sleep once in ``phase`` when ``DISCHARGESUM_FAULT_PAUSE`` names it (see the module docstring)."""
+    if os.environ.get(FAULT_PAUSE_ENV, "") != phase or phase in _paused_phases:
+        return
+    _paused_phases.add(phase)
+    seconds = float(os.environ.get(FAULT_PAUSE_SECONDS_ENV, "") or 3)
+    trace = os.environ.get(FAULT_TRACE_ENV, "")
+    if trace:
+        with open(trace, "a", encoding="utf-8") as fh:
+            fh.write(f"pause:{phase}\trank{process_rank()}\n")
+    logger.warning("fault injection: pausing %.1f s in %s", seconds, phase)
+    time.sleep(seconds)  # a signal runs its handler and the sleep goes on (PEP 475): the pause keeps its length
+
+
 class _FaultInjector:
     """Test-only crash points in the save path (see the module docstring). Inert unless the env var is set."""
 
@@ -480,12 +503,13 @@ class _FaultInjector:
         armed = int(at_step) == step if at_step else _FaultInjector._saves_seen == 1
         self.trace = os.environ.get(FAULT_TRACE_ENV, "") if armed else ""
         self.crash_at = int(raw) if raw and armed else 0
+        self.pause = armed and os.environ.get(FAULT_PAUSE_ENV, "") == "save"
         self.events = 0
         self.seen: set[str] = set()
 
     @property
     def active(self) -> bool:
-        return bool(self.crash_at or self.trace)
+        return bool(self.crash_at or self.trace or self.pause)
 
     def event(self, name: str) -> None:
         if not self.active:
@@ -497,6 +521,8 @@ class _FaultInjector:
         if self.crash_at and self.events >= self.crash_at:
             logger.warning("fault injection: SIGKILL after save event %d (%s)", self.events, name)
             os.kill(os.getpid(), signal.SIGKILL)
+        if self.pause:
+            fault_pause("save")
 
     def files_appeared(self, staging: Path) -> None:
         if not self.active or not staging.is_dir():
@@ -720,8 +746,11 @@ class PreemptionCallback(TrainerCallback):
             self._stop(state, control, mid_step=False)
         return control
 
-    def _stop(self, state: Any, control: Any, *, mid_step: bool) -> None:
-        where = f"during step {state.global_step + 1} (partial accumulation dropped)" if mid_step else "at step end"
+    def _stop(self, state: Any, control: Any, *, mid_step: bool, where: str = "") -> None:
+        if not where:
+            where = (
+                f"during step {state.global_step + 1} (partial accumulation dropped)" if mid_step else "at step end"
+            )
         logger.warning(
             "preemption (%s) agreed across ranks at step %d, %s: committing a checkpoint, then stopping",
             preemption_signal_name() or "signal on another rank",
@@ -738,9 +767,16 @@ class PreemptionCallback(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
         if self.stopped_at_step is not None:
             self.saved_after_stop = True
+        elif agree_across_ranks(preemption_requested()):
+            # The signal landed while this checkpoint was being written (every rank calls on_save after the
+            # commit): it is the state to resume from, so stop now instead of training on to save another.
+            self._stop(state, control, mid_step=False, where="while its checkpoint was being written")
+            control.should_save = False
+            self.saved_after_stop = True
         return control
 
     def on_prediction_step(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+        fault_pause("evaluate")
         if agree_across_ranks(preemption_requested()):
             raise PreemptedDuringEvaluation
         return control
@@ -944,6 +980,9 @@ class CheckpointingTrainerMixin:
                 "preempted during evaluation at step %d: committing a checkpoint, then stopping",
                 self.state.global_step,
             )
+            preemption = self._preemption_callback()
+            if preemption is not None:  # before on_save, which would otherwise take this for a new preemption
+                preemption.stopped_at_step = self.state.global_step
             self._save_checkpoint(getattr(self, "model_wrapped", None), trial=None)
             self.control = self.callback_handler.on_save(self.args, self.state, self.control)
             # Already saved; HF must neither save this step again nor re-run the evaluation at the epoch end (that
@@ -951,9 +990,7 @@ class CheckpointingTrainerMixin:
             self.control.should_save = False
             self.control.should_evaluate = False
             self.control.should_training_stop = True
-            preemption = self._preemption_callback()
             if preemption is not None:
-                preemption.stopped_at_step = self.state.global_step
                 preemption.saved_after_stop = True
             return {}
 

@@ -46,6 +46,7 @@ from dischargesum.manifest import (
     config_hash,
     fingerprint_file,
     finish_run,
+    mark_interrupted,
     private_dir,
     private_umask,
     read_manifest,
@@ -329,8 +330,9 @@ def build_trainer(
         load_tokenizer,
         lora_config,
     )
-    from dischargesum.training.checkpointing import make_checkpoint_callbacks
+    from dischargesum.training.checkpointing import fault_pause, make_checkpoint_callbacks
     from dischargesum.training.nonfinite import NonFiniteGuard
+    from dischargesum.training.preemption import stop_if_preempted
     from dischargesum.training.trainer import (
         BatchExtrasCollator,
         DischargeSFTTrainer,
@@ -372,8 +374,12 @@ def build_trainer(
         if cfg.eval_steps:
             eval_ds, eval_note_ids = load_split(data, "validation", cache_dir=cache_dir, limit=cfg.max_eval_samples)
     args = _trl_args(cfg, plan, data)
+    fault_pause("load")
+    # Between loading stages (collective): a preemption signal received so far stops every rank here.
+    stop_if_preempted("tokenizer and datasets loaded")
     if model is None:
         model = load_model_for_training(cfg, plan)
+        stop_if_preempted("model loaded")
     log = MetricsLog(out / METRICS_FILE, resume_step=resume_step)
     with private_umask():
         trainer = DischargeSFTTrainer(
@@ -436,20 +442,47 @@ def train(cfg: SFTConfig) -> int:
 
     from accelerate import PartialState
 
-    from dischargesum.modeling import base_weights_digest, resolve_model_path
-    from dischargesum.training.checkpointing import (
-        checkpoint_global_step,
-        preemption_requested,
-        resolve_resume_checkpoint,
+    from dischargesum.training.preemption import (
+        PREEMPTED_EXIT_CODE,
+        PreemptedBeforeTraining,
+        preemption_signal_name,
+        set_preemption_outcome,
+        stop_if_preempted,
     )
-    from dischargesum.training.preemption import PREEMPTED_EXIT_CODE
 
     # cpu=True on a CPU run: otherwise accelerate ignores the launcher's ranks on a machine without a GPU (torchrun
     # on CPU, e.g. multi_node.yaml's two machines) and the run facts would record world size 1.
     state = PartialState(cpu=plan.device == "cpu")
     # Every rank has read the output directory's state before the main process starts rewriting it.
     state.wait_for_everyone()
-    facts = run_facts(cfg, data, plan, state.num_processes)
+    started = False
+    try:
+        # A signal during the imports and the preflight stops here, before output_dir is touched.
+        stop_if_preempted("startup")
+        started = True
+        trainer, resume, base_path = _start_and_build(cfg, data, plan, state.num_processes)
+        stop_if_preempted("trainer built")
+    except PreemptedBeforeTraining as exc:
+        if started and state.is_main_process:
+            mark_interrupted(out, interrupted_by=preemption_signal_name(), interrupted_in=exc.stage, checkpoint=None)
+        set_preemption_outcome("nothing to save yet")
+        logger.warning(
+            "preempted (%s) before the first step, %s: nothing to save yet; exiting with %d so the scheduler requeues",
+            preemption_signal_name() or "signal on another rank",
+            exc.stage,
+            PREEMPTED_EXIT_CODE,
+        )
+        return PREEMPTED_EXIT_CODE
+    return _run(cfg, data, plan, state, trainer, resume, base_path)
+
+
+def _start_and_build(cfg: SFTConfig, data: DataInputs, plan: TrainingPlan, world_size: int) -> tuple[Any, Any, str]:
+    """Resolve the resume checkpoint, start the run's manifest, build the trainer (the loading half of train)."""
+    from dischargesum.modeling import resolve_model_path
+    from dischargesum.training.checkpointing import checkpoint_global_step, resolve_resume_checkpoint
+
+    out = Path(cfg.output_dir)
+    facts = run_facts(cfg, data, plan, world_size)
     resume = resolve_resume_checkpoint(cfg.resume_from_checkpoint, out, facts, cfg.allow_resume_mismatch)
     resume_step = (checkpoint_global_step(resume) or 0) if resume is not None else 0
     base_path = resolve_model_path(cfg.model_name_or_path)
@@ -464,6 +497,18 @@ def train(cfg: SFTConfig) -> int:
         },
     )
     trainer = build_trainer(cfg, data, plan, facts=facts, resume_step=resume_step)
+    return trainer, resume, base_path
+
+
+def _run(
+    cfg: SFTConfig, data: DataInputs, plan: TrainingPlan, state: Any, trainer: Any, resume: Any, base_path: str
+) -> int:
+    """Train, then write final/ (or, when preempted, mark the manifest interrupted and return 143)."""
+    from dischargesum.modeling import base_weights_digest
+    from dischargesum.training.checkpointing import find_latest_valid_checkpoint, preemption_requested
+    from dischargesum.training.preemption import PREEMPTED_EXIT_CODE, preemption_signal_name, set_preemption_outcome
+
+    out = Path(cfg.output_dir)
     digest_before = base_weights_digest(trainer.model) if cfg.check_base_unchanged and state.is_main_process else None
     n_trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     logger.info(
@@ -483,7 +528,19 @@ def train(cfg: SFTConfig) -> int:
     t0 = time.perf_counter()
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     invocation_seconds = time.perf_counter() - t0
-    if preemption_requested():
+    # A signal after the last step's checks (the loop has finished): the run is complete, so write final/ and exit 0
+    # rather than drop the steps since the last periodic checkpoint.
+    finished = trainer.state.max_steps > 0 and trainer.state.global_step >= trainer.state.max_steps
+    if preemption_requested() and not (finished and _stopped_at_step(trainer) is None):
+        committed = find_latest_valid_checkpoint(out, verify_checksums=False)
+        set_preemption_outcome(f"committed {committed}" if committed else "nothing to save yet")
+        if state.is_main_process:
+            mark_interrupted(
+                out,
+                interrupted_by=preemption_signal_name(),
+                interrupted_in="training",
+                checkpoint=str(committed) if committed else None,
+            )
         logger.warning(
             "preempted: checkpoint committed, exiting with %d so the scheduler requeues", PREEMPTED_EXIT_CODE
         )
@@ -523,6 +580,16 @@ def train(cfg: SFTConfig) -> int:
     }
     write_final(trainer, cfg, data, base_path, summary)
     return 0
+
+
+def _stopped_at_step(trainer: Any) -> int | None:
+    """The step at which the preemption callback stopped the run (None: it did not)."""
+    from dischargesum.training.checkpointing import PreemptionCallback
+
+    for cb in trainer.callback_handler.callbacks:
+        if isinstance(cb, PreemptionCallback):
+            return cb.stopped_at_step
+    return None
 
 
 def _device_description(plan: TrainingPlan) -> str:

@@ -244,6 +244,47 @@ def test_signal_sets_flag_without_raising_and_second_signal_is_harmless() -> Non
         preemption.reset_preemption_state()
 
 
+def test_supervisor_protocol_registration_stop_file_exit_record_and_loading_stop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    old = {sig: signal.getsignal(sig) for sig in preemption.PREEMPTION_SIGNALS}
+    preemption.reset_preemption_state()
+    preemption._state["installed"] = False
+    monkeypatch.setenv(preemption.LAUNCH_DIR_ENV, str(tmp_path))
+    (tmp_path / preemption.STOP_FILE).write_text("SIGTERM")  # the supervisor was signalled before we registered
+    try:
+        preemption.install_preemption_handlers()
+        registered = json.loads((tmp_path / f"trainer-{os.getpid()}.json").read_text())
+        assert registered["pid"] == os.getpid() and registered["rank"] == 0
+        assert preemption.preemption_requested() and preemption.preemption_signal_name() == "SIGTERM"
+        with pytest.raises(preemption.PreemptedBeforeTraining, match=r"\(model loaded\): nothing to save yet"):
+            preemption.stop_if_preempted("model loaded")
+        preemption.set_preemption_outcome("nothing to save yet")
+        preemption.record_exit(143)
+        record = json.loads((tmp_path / f"exit-{os.getpid()}.json").read_text())
+        assert record["exit_code"] == 143 and record["preempted"] and record["outcome"] == "nothing to save yet"
+        assert record["signal"] == "SIGTERM" and record["signal_at"] > 0
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+        preemption._state["installed"] = False
+        preemption.reset_preemption_state()
+    preemption.stop_if_preempted("no signal")  # no flag: nothing raised
+
+
+def test_mark_interrupted_only_touches_a_running_manifest(tmp_path: Path) -> None:
+    from dischargesum.manifest import MANIFEST_NAME, mark_interrupted, read_manifest
+
+    assert mark_interrupted(tmp_path, checkpoint=None) is None  # no manifest: nothing written
+    (tmp_path / MANIFEST_NAME).write_text(json.dumps({"stage": "sft_qlora", "status": "complete"}))
+    assert mark_interrupted(tmp_path) is None and read_manifest(tmp_path)["status"] == "complete"
+    (tmp_path / MANIFEST_NAME).write_text(json.dumps({"stage": "sft_qlora", "status": "running"}))
+    mark_interrupted(tmp_path, interrupted_by="SIGTERM", checkpoint="checkpoint-4")
+    manifest = read_manifest(tmp_path)
+    assert manifest["status"] == "interrupted" and manifest["checkpoint"] == "checkpoint-4"
+    assert manifest["interrupted_by"] == "SIGTERM" and manifest["interrupted_at"]
+
+
 def test_run_facts_normalise_and_reject_incomplete() -> None:
     facts = _facts(lora={"r": 8, "target_modules": ("q_proj",)})
     assert facts.lora["target_modules"] == ["q_proj"]

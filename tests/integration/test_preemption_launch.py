@@ -1,0 +1,35 @@
+"""SIGTERM to the launcher, to the training process or to every process, in each phase of a run, one process.
+
+Through the real launcher: ``scripts/launch.py`` -> ``accelerate launch`` (accelerate's single-process launcher) ->
+``scripts/sft_qlora.py`` on the tiny Gemma-3. Each phase's three targets run side by side (see
+:mod:`tests.preemption_scenarios`); every scenario must end with exit 143 from the outermost process within the
+grace period and a committed checkpoint of the phase's step, or — during loading — none, "nothing to save yet" and
+the run's manifest marked interrupted.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.fixtures_data import make_prepared_dataset
+from tests.preemption_scenarios import PHASES, check_scenario, run_phase
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def dataset_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
+    return make_prepared_dataset(tmp_path_factory.mktemp("signals-data"), tiny_model_dir)
+
+
+@pytest.mark.parametrize("phase", PHASES)
+def test_every_signal_target_in_this_phase_commits_and_exits_143(
+    phase: str, tmp_path: Path, dataset_dir: Path, tiny_model_dir: Path
+) -> None:
+    scenarios = run_phase(phase, 1, tmp_path, dataset_dir, tiny_model_dir)
+    table = "\n".join(s.row() for s in scenarios)
+    print(table)  # the scenario table (pytest -rP shows it)
+    for s in scenarios:
+        check_scenario(s, table)
