@@ -7,8 +7,9 @@ Same arguments, same launchers (accelerate's own parser and ``launch_command``).
 when the stage fails: ``accelerate launch`` raises ``CalledProcessError`` (or torch's ``ChildFailedError``) after
 the stage has printed its one-line error, so the user sees a launcher traceback last and the shell sees 1 whatever
 the stage returned (2 a user error, 143 preempted, 130 interrupted). Here the stage's stderr has already streamed
-through, so nothing more is printed and the stage's code becomes the launcher's. Signals are accelerate's business
-(its simple launcher turns SIGTERM into 143 and Ctrl-C into 130 after stopping the stage).
+through, so nothing more is printed and the stage's code becomes the launcher's. Signals are the business of the
+supervisor above it (``scripts/launch.py``, :mod:`dischargesum.training.supervisor`), which runs this module as its
+launcher; run alone, accelerate's own handling applies.
 """
 
 from __future__ import annotations

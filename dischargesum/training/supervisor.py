@@ -66,6 +66,8 @@ LAUNCH_COMMAND_ENV = "DISCHARGESUM_LAUNCH"
 DEFAULT_GRACE_SECONDS = 25.0
 FORWARDED_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
 POLL_SECONDS = 0.05
+# Exit codes whose stage already printed the message that matters last (user error, non-finite stop, Ctrl-C).
+QUIET_EXIT_CODES = (2, 3, 130)
 _PR_SET_CHILD_SUBREAPER = 36
 
 USAGE = """\
@@ -247,7 +249,9 @@ def supervise(launcher_args: Sequence[str], grace_seconds: float, *, launch_dir:
     # job gets SIGTERM): not before our own deadline.
     env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(max(1, int(grace_seconds))))
     launch = os.environ.get(LAUNCH_COMMAND_ENV, "")
-    cmd = [*(shlex.split(launch) if launch else [sys.executable, "-m", "accelerate.commands.launch"]), *launcher_args]
+    # dischargesum.launch is accelerate's own launcher with the stage's exit code kept (2 a user error, 3 non-finite
+    # loss, 143 preempted) instead of accelerate's 1 + traceback: one launcher chain for scripts/launch.sh and .py.
+    cmd = [*(shlex.split(launch) if launch else [sys.executable, "-m", "dischargesum.launch"]), *launcher_args]
     _log(f"grace period {grace_seconds:g} s; running: accelerate launch {' '.join(launcher_args)}")
     try:
         # The launcher starts with the preemption signals blocked (a mask survives fork and exec; Python handlers
@@ -337,7 +341,7 @@ def _wait(launcher: subprocess.Popen, run_dir: Path, signals: _Signals, grace: f
             f"training processes {sorted(int(r['exit_code']) for r in exits.values())}); exiting {EXIT_PREEMPTED}: "
             "rerun the same command to resume"
         )
-    elif code != 0:
+    elif code not in (0, *QUIET_EXIT_CODES):
         _log(f"launcher exited {launcher.returncode}; exiting {code}")
     return code
 
