@@ -18,6 +18,8 @@ for _var, _value in {
 
 import pytest  # noqa: E402
 
+TIERS = frozenset({"unit", "integration", "distributed", "gpu"})
+
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     try:
@@ -27,6 +29,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     except ImportError:
         has_cuda = False
     skip_gpu = pytest.mark.skip(reason="needs CUDA (run the gpu tier on the GPU machine)")
+    untiered = sorted({item.nodeid.split("::")[0] for item in items if not TIERS.intersection(item.keywords)})
+    if untiered:
+        # `pytest -m unit` (the inner loop) and every tier command would silently skip such a file.
+        raise pytest.UsageError(f"test files without a tier marker ({', '.join(sorted(TIERS))}): {untiered}")
     for item in items:
         if "gpu" in item.keywords and not has_cuda:
             item.add_marker(skip_gpu)

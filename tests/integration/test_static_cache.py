@@ -19,6 +19,8 @@ from dischargesum.inference import (
     resolve_model_source,
 )
 
+pytestmark = pytest.mark.integration
+
 
 @pytest.fixture(scope="module")
 def dynamic_engine(tiny_model_dir: Path) -> InferenceEngine:

@@ -10,6 +10,8 @@ import torch
 from dischargesum import attention
 from dischargesum.attention import NAME, sdpa_gqa_fold_forward, use_gqa_fold
 
+pytestmark = pytest.mark.unit
+
 
 class _Module(torch.nn.Module):
     def __init__(self, n_rep: int):
