@@ -174,7 +174,7 @@ def _supported(module: torch.nn.Module) -> bool:
     return _is_bnb_4bit(base) or type(base) is torch.nn.Linear
 
 
-def enable_fused_lora(model: torch.nn.Module) -> int:
+def enable_fused_lora(model: Any) -> int:
     """Route every LoRA projection on a ``bitsandbytes`` 4-bit or plain ``nn.Linear`` base through
     :class:`LoraLinearFunction`; returns how many layers were switched (idempotent)."""
     count = 0
@@ -183,8 +183,9 @@ def enable_fused_lora(model: torch.nn.Module) -> int:
             if getattr(module, "_dischargesum_fused", False):
                 count += 1
                 continue
-            module.forward = types.MethodType(_fused_forward, module)
-            module._dischargesum_fused = True
+            # Instance attributes, not nn.Module state: object.__setattr__ keeps them out of parameters/buffers.
+            object.__setattr__(module, "forward", types.MethodType(_fused_forward, module))
+            object.__setattr__(module, "_dischargesum_fused", True)
             count += 1
     return count
 
