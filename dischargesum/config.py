@@ -93,6 +93,12 @@ class PrepareDataConfig(BaseConfig):
         "{input: text, target: bhc}. subject_id may be absent: it is derived from MIMIC note ids (10000032-DS-21).",
         default_factory=dict,
     )
+    sample_fraction: float = _help(
+        "Keep this fraction of the input rows (0 < f <= 1), chosen by a keyed hash of (seed, row number): the same "
+        "file, seed and fraction give the same rows, spread over the whole file. 1 keeps every row. For a quick "
+        "end-to-end run on real data, e.g. 0.01.",
+        default=1.0,
+    )
     synthetic_rows: int = _help("Rows to generate when `source: synthetic`.", default=2000)
     synthetic_profile: Literal["kaggle", "physionet", "tiny"] = _help(
         "Length profile of synthetic rows (kaggle ≈ 2.6k/1.2k chars, physionet ≈ 9k/2.3k, tiny ≈ 500/150).",
@@ -183,6 +189,10 @@ class PrepareDataConfig(BaseConfig):
         _check_fraction(self, "validation_fraction", self.validation_fraction)
         _check_fraction(self, "test_fraction", self.test_fraction)
         _check_fraction(self, "max_reject_fraction", self.max_reject_fraction)
+        if not 0.0 < self.sample_fraction <= 1.0:
+            raise ConfigError(
+                f"prepare_data: `sample_fraction` is {self.sample_fraction}; it must be in (0, 1] (1 keeps every row)."
+            )
         if self.validation_fraction + self.test_fraction >= 1.0:
             raise ConfigError(
                 f"prepare_data: validation_fraction + test_fraction = "
