@@ -910,6 +910,39 @@ class TinyModelConfig(BaseConfig):
     with_encoder: bool = _help("Also write a tiny BERT encoder to <output_dir>/encoder for BERTScore.", default=True)
 
 
+@dataclass
+class ExportConfig(BaseConfig):
+    """export: merge a LoRA adapter into its base and write a standalone safetensors model with a model card."""
+
+    STAGE: typing.ClassVar[str] = "export"
+
+    adapter: str = _help(
+        "sft_qlora's <output_dir>/final (or a validated checkpoint-N directory) to merge.", default=""
+    )
+    base_model: str | None = _help(
+        "Base model to merge into; none: the base recorded in the adapter (adapter_config.json).", default=None
+    )
+    dtype: Literal["bfloat16", "float32"] = _help(
+        "dtype of the written weights. bfloat16 (Gemma 3's training dtype; half the size) for serving; float32 keeps "
+        "the merge exact for checking.",
+        default="bfloat16",
+    )
+    eval_dir: list[str] = _help(
+        "eval output directories (each with metrics.json) whose headline metrics go into the model card, e.g. "
+        "[outputs/run/eval, outputs/run/eval_stage2]; empty: no metrics section.",
+        default_factory=list,
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.adapter:
+            raise ConfigError("export: `adapter` is empty. Pass `--adapter runs/<name>/final`.")
+        if Path(self.output_dir).resolve() == Path(self.adapter).resolve():
+            raise ConfigError(
+                f"export: `output_dir` = {self.output_dir!r} is the adapter directory; choose a new directory."
+            )
+
+
 STAGE_CONFIGS: dict[str, type[BaseConfig]] = {
     cls.STAGE: cls
     for cls in (
@@ -920,6 +953,7 @@ STAGE_CONFIGS: dict[str, type[BaseConfig]] = {
         PipelineConfig,
         EvalConfig,
         TinyModelConfig,
+        ExportConfig,
     )
 }
 

@@ -120,5 +120,5 @@ run finished: $OUT
   stage-1 summaries                  $OUT/generate/stage1.jsonl
   stage-2 compressed summaries       $OUT/compress/stage2.jsonl
   eval reports                       $OUT/eval/report.md  $OUT/eval_stage2/report.md
-  standalone merged model            $PYTHON $ROOT/scripts/export.py --adapter $OUT/sft/final --output_dir $OUT/merged --eval_dir $OUT/eval
+  standalone merged model            $PYTHON $ROOT/scripts/export.py --adapter $OUT/sft/final --output_dir $OUT/merged --eval_dir '[$OUT/eval, $OUT/eval_stage2]'
 EOF
