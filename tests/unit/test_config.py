@@ -163,3 +163,31 @@ def test_manifest_masks_token_arguments(monkeypatch: pytest.MonkeyPatch, tmp_pat
     manifest = start_run(tmp_path, cfg)
     assert "secret123" not in json.dumps(manifest)
     assert "abc" not in json.dumps(manifest["argv"])
+
+
+def test_completed_run_status_and_the_stage_status_script(tmp_path: Path) -> None:
+    """What scripts/run_medgemma.sh skips: a completed run of this stage with the same config hash, outputs intact."""
+    from dischargesum.config import GenerateConfig
+    from dischargesum.manifest import completed_run_status, fingerprint_file
+    from tests.helpers import run_script
+
+    out = tmp_path / "gen"
+    cfg = GenerateConfig(output_dir=str(out), dataset_dir="d", adapter="a")
+    assert completed_run_status(cfg)[0] is False  # nothing there yet
+    start_run(out, cfg)
+    complete, why = completed_run_status(cfg)
+    assert not complete and "running" in why
+    (out / "stage1.jsonl").write_text("{}\n")
+    finish_run(out, {"stage1.jsonl": fingerprint_file(out / "stage1.jsonl", out)})
+    assert completed_run_status(cfg) == (True, "complete")
+    # `overwrite` says what to do with old outputs, not what they are: same hash
+    assert completed_run_status(dataclasses.replace(cfg, overwrite=True))[0]
+    assert not completed_run_status(dataclasses.replace(cfg, max_new_tokens=7))[0]
+    (out / "stage1.jsonl").write_text("{}\n{}\n")  # output changed since
+    assert not completed_run_status(cfg)[0]
+    proc = run_script(
+        "stage_status.py", ["generate", "--output_dir", str(out), "--dataset_dir", "d", "--adapter", "a"]
+    )
+    assert proc.returncode == 1 and "changed or vanished" in proc.stdout
+    proc = run_script("stage_status.py", ["nope"])
+    assert proc.returncode == 2 and "unknown stage" in proc.stderr
