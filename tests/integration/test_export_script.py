@@ -144,10 +144,16 @@ def test_merged_float32_export_equals_the_adapter(quickstart_notebook: ExecutedN
     for g, w in zip(got["logits"], want["logits"]):
         torch.testing.assert_close(torch.tensor(g), w, rtol=0, atol=1e-5)
     assert got["greedy"] == want["greedy"]
-    from dischargesum.modeling import resolve_adapter_base
+    from dischargesum.modeling import load_base_model, load_tokenizer, resolve_adapter_base
 
-    base = _plain_load(Path(resolve_adapter_base(run / "sft/final")), prompts)
-    moved = max((torch.tensor(b) - w).abs().max().item() for b, w in zip(base["logits"], want["logits"]))
+    base = load_base_model(resolve_adapter_base(run / "sft/final"), dtype="float32")
+    tok = load_tokenizer(str(run / "sft/final"))
+    moved = 0.0
+    for note, w in zip(prompts, want["logits"]):
+        messages = [{"role": "user", "content": note}]
+        ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        with torch.no_grad():
+            moved = max(moved, (base(**ids).logits[0] - w).abs().max().item())
     assert moved > 1e-3, f"the adapter barely changes the model ({moved}): the equality above would prove nothing"
     assert "## Evaluation" not in (out / "README.md").read_text()  # no eval_dir given: no metrics section
 
