@@ -94,6 +94,12 @@ class PrepareDataConfig(BaseConfig):
         "{input: text, target: bhc}. subject_id may be absent: it is derived from MIMIC note ids (10000032-DS-21).",
         default_factory=dict,
     )
+    sample_fraction: float = _help(
+        "Keep this fraction of the input rows (0 < f <= 1), chosen by a keyed hash of (seed, row number): the same "
+        "file, seed and fraction give the same rows, spread over the whole file. 1 keeps every row. For a quick "
+        "end-to-end run on real data, e.g. 0.01.",
+        default=1.0,
+    )
     synthetic_rows: int = _help("Rows to generate when `source: synthetic`.", default=2000)
     synthetic_profile: Literal["kaggle", "physionet", "tiny"] = _help(
         "Length profile of synthetic rows (kaggle ≈ 2.6k/1.2k chars, physionet ≈ 9k/2.3k, tiny ≈ 500/150).",
@@ -184,6 +190,10 @@ class PrepareDataConfig(BaseConfig):
         _check_fraction(self, "validation_fraction", self.validation_fraction)
         _check_fraction(self, "test_fraction", self.test_fraction)
         _check_fraction(self, "max_reject_fraction", self.max_reject_fraction)
+        if not 0.0 < self.sample_fraction <= 1.0:
+            raise ConfigError(
+                f"prepare_data: `sample_fraction` is {self.sample_fraction}; it must be in (0, 1] (1 keeps every row)."
+            )
         if self.validation_fraction + self.test_fraction >= 1.0:
             raise ConfigError(
                 f"prepare_data: validation_fraction + test_fraction = "
@@ -954,6 +964,39 @@ class TinyModelConfig(BaseConfig):
     with_encoder: bool = _help("Also write a tiny BERT encoder to <output_dir>/encoder for BERTScore.", default=True)
 
 
+@dataclass
+class ExportConfig(BaseConfig):
+    """export: merge a LoRA adapter into its base and write a standalone safetensors model with a model card."""
+
+    STAGE: typing.ClassVar[str] = "export"
+
+    adapter: str = _help(
+        "sft_qlora's <output_dir>/final (or a validated checkpoint-N directory) to merge.", default=""
+    )
+    base_model: str | None = _help(
+        "Base model to merge into; none: the base recorded in the adapter (adapter_config.json).", default=None
+    )
+    dtype: Literal["bfloat16", "float32"] = _help(
+        "dtype of the written weights. bfloat16 (Gemma 3's training dtype; half the size) for serving; float32 keeps "
+        "the merge exact for checking.",
+        default="bfloat16",
+    )
+    eval_dir: list[str] = _help(
+        "eval output directories (each with metrics.json) whose headline metrics go into the model card, e.g. "
+        "[outputs/run/eval, outputs/run/eval_stage2]; empty: no metrics section.",
+        default_factory=list,
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.adapter:
+            raise ConfigError("export: `adapter` is empty. Pass `--adapter runs/<name>/final`.")
+        if Path(self.output_dir).resolve() == Path(self.adapter).resolve():
+            raise ConfigError(
+                f"export: `output_dir` = {self.output_dir!r} is the adapter directory; choose a new directory."
+            )
+
+
 STAGE_CONFIGS: dict[str, type[BaseConfig]] = {
     cls.STAGE: cls
     for cls in (
@@ -964,6 +1007,7 @@ STAGE_CONFIGS: dict[str, type[BaseConfig]] = {
         PipelineConfig,
         EvalConfig,
         TinyModelConfig,
+        ExportConfig,
     )
 }
 

@@ -116,7 +116,11 @@ def canonical_hash(data: Any) -> str:
     return hashlib.sha256(blob).hexdigest()
 
 
-def config_hash(cfg: BaseConfig, exclude: Iterable[str] = ("output_dir", "log_level")) -> str:
+# Fields that say where a run writes, how much it logs or what to do with earlier outputs, not what it computes.
+HASH_EXCLUDED_FIELDS = ("output_dir", "log_level", "overwrite")
+
+
+def config_hash(cfg: BaseConfig, exclude: Iterable[str] = HASH_EXCLUDED_FIELDS) -> str:
     skip = set(exclude)
     return canonical_hash({k: v for k, v in cfg.to_dict().items() if k not in skip})
 
@@ -304,6 +308,19 @@ def read_manifest(directory: str | Path) -> dict[str, Any] | None:
     except (OSError, json.JSONDecodeError):
         return None
     return data if isinstance(data, dict) else None
+
+
+def completed_run_status(cfg: BaseConfig) -> tuple[bool, str]:
+    """Whether ``cfg.output_dir`` holds a completed run of ``cfg``'s stage with exactly these settings (the same
+    :func:`config_hash`) and intact recorded outputs: ``(True, "complete")`` or ``(False, why not)``. Read-only;
+    ``scripts/run_medgemma.sh`` uses it to decide where a rerun continues."""
+    try:
+        manifest = require_artifact(cfg.output_dir, stage=cfg.STAGE, field="output_dir")
+    except ArtifactError as exc:
+        return False, str(exc)
+    if manifest.get("config_hash") != config_hash(cfg):
+        return False, f"`output_dir` = {cfg.output_dir} holds a completed {cfg.STAGE} run with other settings"
+    return True, "complete"
 
 
 def require_artifact(

@@ -103,6 +103,8 @@ def build_card(
             "rows_rejected": len(rejects),
             "invariant_holds": rows_read == kept + len(rejects),
         },
+        # `sample_fraction` < 1: the accounting covers the sampled rows; the other rows were skipped unvalidated.
+        "sample": {"fraction": cfg.sample_fraction, "rows_skipped": stats.get("sample_rows_skipped", 0)},
         "reject_fraction": round(len(rejects) / max(1, rows_read), 6),
         "max_reject_fraction": cfg.max_reject_fraction,
         "rejects_by_reason": {reason: by_reason.get(reason, 0) for reason in REASONS},

@@ -44,7 +44,7 @@ from dischargesum.data.budget import (
     tokenize_examples,
 )
 from dischargesum.data.normalize import filter_rare_words, seed_backends
-from dischargesum.data.readers import RawChunk, SourceInfo, inspect_source, iter_chunks
+from dischargesum.data.readers import RawChunk, SourceInfo, inspect_source, iter_chunks, sample_chunks
 from dischargesum.data.shorten import MARKER, shorten_note
 from dischargesum.data.split import SplitTracker, assign_split
 from dischargesum.data.validate import ValidatedChunk, ValidationOptions, reject_record, validate_chunk
@@ -335,6 +335,8 @@ def _fitted_chunks(
     """Validated, normalised and fitted chunks in input order (seed mode: via a staging file, see below)."""
     params = ChunkParams.from_config(cfg)
     raw = iter_chunks(info, cfg)
+    if cfg.sample_fraction < 1.0:
+        raw = sample_chunks(raw, cfg.sample_fraction, cfg.seed, totals.stats)
     if cfg.normalization == "clinical":
         for chunk, fitted in _bounded_imap(_validate_and_fit, raw, cfg.num_workers, params):
             totals.absorb(chunk)

@@ -35,11 +35,13 @@ from __future__ import annotations
 
 import csv
 import gzip
+import hashlib
 import io
 import itertools
 import json
 import zlib
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -90,14 +92,19 @@ class SourceInfo:
 
 @dataclass
 class RawChunk:
-    """Raw values of consecutive input records: ``values[field][i]`` belongs to row ``start_row + i``."""
+    """Raw values of input records: ``values[field][i]`` belongs to row :meth:`row_number` ``(i)``."""
 
     start_row: int
     values: dict[str, list[Any]]
     malformed: list[str] = field(default_factory=list)  # details of records the parser skipped (row unknown)
+    # Source row of each value when the rows are not consecutive (after `sample_fraction`); None: start_row + i.
+    row_numbers: list[int] | None = None
 
     def __len__(self) -> int:
         return len(self.values["note_id"])
+
+    def row_number(self, i: int) -> int:
+        return self.start_row + i if self.row_numbers is None else self.row_numbers[i]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -334,6 +341,32 @@ def iter_chunks(info: SourceInfo, cfg: PrepareDataConfig) -> Iterator[RawChunk]:
         "synthetic": _iter_synthetic,
     }[info.format]
     yield from reader(info, cfg)
+
+
+def _sample_unit(key: str) -> float:
+    digest = hashlib.sha256(key.encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64
+
+
+def row_in_sample(row: int, fraction: float, seed: int) -> bool:
+    """Whether source row ``row`` is in the ``fraction`` sample: a keyed hash of (seed, row number), so the same
+    file, seed and fraction always give the same rows, a larger fraction keeps every row of a smaller one, and the
+    sample is spread over the whole file (MIMIC exports are ordered by patient)."""
+    return _sample_unit(f"sample:{seed}:{row}") < fraction
+
+
+def sample_chunks(chunks: Iterable[RawChunk], fraction: float, seed: int, stats: Counter[str]) -> Iterator[RawChunk]:
+    """Keep the rows of ``chunks`` that :func:`row_in_sample` selects; ``stats["sample_rows_skipped"]`` counts the
+    others. Records the parser could not attribute to a row are kept when their detail text hashes into the sample,
+    so a sample's reject fraction stays an estimate of the file's."""
+    for chunk in chunks:
+        rows = [chunk.row_number(i) for i in range(len(chunk))]
+        keep = [i for i, row in enumerate(rows) if row_in_sample(row, fraction, seed)]
+        malformed = [d for d in chunk.malformed if _sample_unit(f"sample:{seed}:{d}") < fraction]
+        stats["sample_rows_skipped"] += len(chunk) - len(keep) + len(chunk.malformed) - len(malformed)
+        if keep or malformed:
+            values = {name: [column[i] for i in keep] for name, column in chunk.values.items()}
+            yield RawChunk(chunk.start_row, values, malformed, row_numbers=[rows[i] for i in keep])
 
 
 def _iter_synthetic(info: SourceInfo, cfg: PrepareDataConfig) -> Iterator[RawChunk]:

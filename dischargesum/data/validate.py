@@ -214,7 +214,7 @@ def validate_chunk(chunk: RawChunk, opts: ValidationOptions) -> ValidatedChunk:
     names = list(chunk.values)
     for i, values in enumerate(zip(*(chunk.values[name] for name in names))):
         raw = dict(zip(names, values))
-        row = chunk.start_row + i
+        row = chunk.row_number(i)
         try:
             note_id, subject_id, note, summary, entities, split = _validate_row(raw, opts, out.stats, out.prefixes)
         except RowRejected as rejected:

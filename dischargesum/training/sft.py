@@ -704,7 +704,7 @@ def model_card(cfg: SFTConfig, data: DataInputs, base_path: str, summary: dict[s
         "```",
         "",
         "The base model is recorded in `adapter_config.json` (`base_model_name_or_path`). To export a standalone "
-        "bf16 model: `dischargesum.modeling.merge_adapter(<this directory>, <output>)`.",
+        "merged bf16 model: `python scripts/export.py --adapter <this directory> --output_dir <output>`.",
         "",
         "## Limitations",
         "",

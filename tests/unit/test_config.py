@@ -211,3 +211,31 @@ def test_a_run_into_a_finished_directory_says_it_replaces_it(tmp_path: Path, cap
     start_run(other, GenerateConfig(dataset_dir="d", model_name_or_path="m", output_dir=str(other)))
     with pytest.raises(ArtifactError, match=r"holds `generate` outputs, not `eval` outputs.*another `output_dir`"):
         warn_if_replacing(other, "eval")
+
+
+def test_completed_run_status_and_the_stage_status_script(tmp_path: Path) -> None:
+    """What scripts/run_medgemma.sh skips: a completed run of this stage with the same config hash, outputs intact."""
+    from dischargesum.config import GenerateConfig
+    from dischargesum.manifest import completed_run_status, fingerprint_file
+    from tests.helpers import run_script
+
+    out = tmp_path / "gen"
+    cfg = GenerateConfig(output_dir=str(out), dataset_dir="d", adapter="a")
+    assert completed_run_status(cfg)[0] is False  # nothing there yet
+    start_run(out, cfg)
+    complete, why = completed_run_status(cfg)
+    assert not complete and "running" in why
+    (out / "stage1.jsonl").write_text("{}\n")
+    finish_run(out, {"stage1.jsonl": fingerprint_file(out / "stage1.jsonl", out)})
+    assert completed_run_status(cfg) == (True, "complete")
+    # `overwrite` says what to do with old outputs, not what they are: same hash
+    assert completed_run_status(dataclasses.replace(cfg, overwrite=True))[0]
+    assert not completed_run_status(dataclasses.replace(cfg, max_new_tokens=7))[0]
+    (out / "stage1.jsonl").write_text("{}\n{}\n")  # output changed since
+    assert not completed_run_status(cfg)[0]
+    proc = run_script(
+        "stage_status.py", ["generate", "--output_dir", str(out), "--dataset_dir", "d", "--adapter", "a"]
+    )
+    assert proc.returncode == 1 and "changed or vanished" in proc.stdout
+    proc = run_script("stage_status.py", ["nope"])
+    assert proc.returncode == 2 and "unknown stage" in proc.stderr

@@ -212,3 +212,31 @@ def test_make_prepared_dataset_fixture(tmp_path: Path, tiny_model_dir: Path) -> 
     manifest = require_artifact(out, stage="prepare_data", field="dataset_dir", files=schema.SPLIT_FILES.values())
     assert manifest["data_fingerprint"]
     assert sum(len(v) for v in _read(out).values()) == 24
+
+
+def test_sample_fraction_keeps_the_same_rows_whatever_the_chunking(tmp_path: Path, tiny_model_dir: Path) -> None:
+    from dischargesum.data.readers import row_in_sample
+
+    src = tmp_path / "in.csv"
+    write_synthetic(src, 80, profile="tiny", seed=5, defects=("empty_note",), show_progress=False, workers=1)
+    kept: dict[tuple[float, int], set[str]] = {}
+    for fraction, chunk_rows in [(0.3, 7), (0.3, 64)]:
+        out = _cfg(
+            tmp_path, tiny_model_dir, f"s{fraction}-{chunk_rows}", source=str(src), sample_fraction=fraction,
+            chunk_rows=chunk_rows, seed=5,
+        )  # fmt: skip
+        card = run_prepare_data(out).card
+        expected = [r for r in range(80) if row_in_sample(r, fraction, 5)]
+        assert card["accounting"]["rows_read"] == len(expected)
+        assert card["sample"] == {"fraction": fraction, "rows_skipped": 80 - len(expected)}
+        assert card["accounting"]["invariant_holds"]
+        rows = _read(Path(out.output_dir))
+        kept[(fraction, chunk_rows)] = {r["note_id"] for split in rows.values() for r in split}
+        # rejects keep their row number in the file, not in the sample
+        assert {r["row"] for r in _rejects(Path(out.output_dir))} <= set(expected)
+    assert 0 < len(kept[(0.3, 7)]) < 80
+    assert kept[(0.3, 7)] == kept[(0.3, 64)]
+    # a larger sample keeps every row of a smaller one
+    assert all(row_in_sample(r, 0.6, 5) for r in range(1000) if row_in_sample(r, 0.3, 5))
+    with pytest.raises(ValueError, match="sample_fraction"):
+        _cfg(tmp_path, tiny_model_dir, "bad", sample_fraction=0.0)
