@@ -57,7 +57,7 @@ from dataclasses import dataclass
 from functools import cache, lru_cache
 from typing import Any
 
-from dischargesum.data import lexicon
+from dischargesum.data import lexicon, vocabularies
 
 logger = logging.getLogger(__name__)
 
@@ -416,7 +416,7 @@ def _find_dates(text: str) -> list[_Date]:
 # ----------------------------------------------------------------------------------------------------------------
 
 _MED_UNIT = (
-    r"mcg/kg/min|mg/kg|mg/hr|mg/h|mcg/min|units/hr|units/h|mcg|ug|µg|μg|mg|mgs|grams?|gm|g|units?|iu|u|meq|ml|cc|"
+    r"mcg/kg/min|mg\s?PE/kg|mg/m2|units/kg|g/kg|cc/hr|ml/hr|mL/h|mg/kg|mg/hr|mg/h|mcg/min|units/hr|units/h|mcg|ug|µg|μg|mg|mgs|grams?|gm|g|units?|iu|u|meq|ml|cc|"
     r"puffs?|tablets?|tabs?|capsules?|caps?|drops?|sprays?|patch|l"
 )
 _ROUTE = (
@@ -426,12 +426,13 @@ _ROUTE = (
 _FREQ_ONE = (
     r"(?:once|twice|three times|four times)\s+(?:a\s+)?(?:daily|day)|daily|nightly|weekly|every\s+other\s+day|"
     r"q\.d\.|qday|qd|qAM|qPM|qHS|HS|at\s+bedtime|b\.i\.d\.|BID|t\.i\.d\.|TID|QID|"
-    r"q\s?\d+(?:-\d+)?\s?h(?:ours|rs|r)?|every\s+\d+(?:-\d+)?\s+hours?|once|x\s?1|with\s+meals|PRN|as\s+needed|continuous"
+    r"q\s?\d+(?:-\d+)?\s?h(?:ours|rs|r)?|every\s+\d+(?:-\d+)?\s+hours?|once|x\s?\d|with\s+meals|PRN|as\s+needed|continuous|"
+    r"gtt|drip|infusion|load|bolus|protocol|\d+-hour\s+protocol"
 )
 _FREQ = rf"(?:{_FREQ_ONE})(?![A-Za-z])(?:\s*:?\s*(?:{_FREQ_ONE})(?![A-Za-z])){{0,2}}"
 _MED_FILLER = (
     r"(?:\s*(?:\([^()\n]{1,40}\)|(?:XL|ER|SR|CR|XR|DR|ODT|HCl|was|were|is|at|to|of|dose|dosed|started|restarted|"
-    r"resumed|increased|decreased|reduced|uptitrated|titrated|changed|continued)\b))"
+    r"resumed|increased|decreased|reduced|uptitrated|titrated|changed|continued|gtt|drip|infusion)\b))"
 )
 _MED_TAIL_WITH_DOSE = re.compile(
     rf"{_MED_FILLER}{{0,4}}?\s*(?P<dose>(?:{_NUM})(?:\s*(?:-|to)\s*(?:{_NUM}))?)(?![\d/:])\s*"
@@ -447,20 +448,24 @@ _MED_TAIL_NO_DOSE = re.compile(
 
 _LAB_UNIT = (
     r"mg/dl|g/dl|meq/l|mmol/l|umol/l|k/ul|k/mcl|x10\^3/ul|iu/l|u/l|ng/ml|ng/dl|pg/ml|uiu/ml|miu/l|mg/l|ug/ml|"
-    r"mcg/ml|mmhg|mm\s?hg|sec|s|%"
+    r"mcg/ml|mmhg|mm\s?hg|sec|s|%|copies(?:/ml)?|cells(?:/ul)?|/hpf|mosm(?:/kg)?|mg/g|ms|ml/min"
 )
 # Words allowed between a lab / vital name and its value ("creatinine peaked at 2.1", "HR in the 110s").
 _VALUE_FILLER = (
     r"(?:\s*(?:[:=~(]|-(?=\s)|(?:of|was|were|is|are|at|to|peaked|peak|nadir|max|maximum|min|elevated|increased|"
     r"decreased|improved|worsened|rose|fell|dropped|trended|trending|down|up|from|on|admission|discharge|initially|"
     r"remained|stable|level|levels|count|again|noted|as|high|low|the|a|in|range|then|now|value|returned|"
-    r"normalized|back|repeat|recheck|approximately|around|today|current|currently)\b))"
+    r"normalized|back|repeat|recheck|approximately|around|today|current|currently|recovered|grew|stim|ratio|"
+    r"was\s+noted|level|of)\b))"
 )
 _LAB_TAIL = re.compile(
-    rf"{_VALUE_FILLER}{{0,6}}?\s*(?P<cmp>[<>]=?)?\s*(?P<value>{_NUM})(?P<decade>s)?(?![\d/:]|\.\d|\s*/\s*\d|\s*-\s*\d)"
-    rf"(?:\s*(?P<unit>{_LAB_UNIT})(?![A-Za-z]))?",
+    rf"{_VALUE_FILLER}{{0,6}}?\s*(?:(?P<cmp>[<>]=?)?\s*(?P<value>(?:{_NUM})(?:/(?:{_NUM}))*)(?P<decade>s)?(?P<kilo>[kK])?"
+    rf"(?![\d:]|\.\d|\s*-\s*\d|[A-Za-z])(?:\s*(?P<unit>{_LAB_UNIT})(?![A-Za-z]))?(?P<to>\s+to\s+(?:{_NUM})(?:/(?:{_NUM}))*)?"
+    r"|(?P<qual>positive|negative|pos|neg|not\s+detected|detected|undetectable|elevated|low|high)\b)",
     re.IGNORECASE,
 )
+# A count or grade written before a urinalysis / cell-count name ("25 RBC", "0-2 WBC", "2+ protein", "large blood").
+_LAB_VALUE_BEFORE = re.compile(r"(?:(?<![\w.])(?:\d+(?:-\d+)?\+?|trace|small|moderate|large)\s+)$", re.IGNORECASE)
 _O2 = (
     r"(?:on\s+|with\s+)?(?P<o2>RA|room\s+air|\d+(?:\.\d+)?\s?L(?:\s?(?:NC|nasal\s+cannula|FM|face\s?mask|NRB))?|"
     r"NRB|BiPAP|CPAP|HFNC|high[- ]flow)"
@@ -485,6 +490,41 @@ _VITAL_TAILS = {
         re.IGNORECASE,
     ),
 }
+_SINGLE_PRESSURE = re.compile(
+    rf"{_VALUE_FILLER}{{0,6}}?\s*(?P<cmp>[<>]=?)?\s*(?P<value>\d{{2,3}}s?)(?![\d/%]|\.\d)(?:\s*(?P<unit>mm\s?Hg))?"
+    r"(?P<to>\s+(?:to|-)\s+\d{2,3}s?)?",
+    re.IGNORECASE,
+)
+_VITAL_TAILS.update(
+    {
+        "MAP": _SINGLE_PRESSURE,
+        "SBP": _SINGLE_PRESSURE,
+        "DBP": _SINGLE_PRESSURE,
+        "BMI": re.compile(rf"{_VALUE_FILLER}{{0,6}}?\s*(?P<value>\d{{2}}(?:\.\d+)?)(?![\d/])", re.IGNORECASE),
+        "FiO2": re.compile(rf"{_VALUE_FILLER}{{0,6}}?\s*(?P<value>\d{{2,3}})(?P<pct>\s*%)?(?![\d.])", re.IGNORECASE),
+        "pain score": re.compile(
+            rf"{_VALUE_FILLER}{{0,6}}?\s*(?P<value>\d{{1,2}})(?:\s*/\s*10)?(?![\d])", re.IGNORECASE
+        ),
+    }
+)
+# An oxygen flow written as a vital ("4L NC", "2 L nasal cannula").
+_O2_FLOW_RE = re.compile(r"\b\d+(?:\.\d+)?\s?L\s?(?:NC|nasal\s+cannula|FM|face\s?mask|NRB|HFNC)\b", re.IGNORECASE)
+# "Na/K of 128/6.1", "AST/ALT 45/38": several lab names sharing one slash-separated value.
+_LAB_PAIR_RE = re.compile(
+    rf"(?<![\w/])(?P<names>[A-Za-z][A-Za-z0-9]*(?:/[A-Za-z][A-Za-z0-9]*)+)\s*(?:of|were|was|:|=)?\s*"
+    rf"(?P<values>(?:{_NUM})(?:\s*/\s*(?:{_NUM}))+)(?![\d/])"
+)
+# Sites after an imaging study ("CT abdomen/pelvis with contrast", "MRI L-spine", "XR pelvis").
+_SITE_WORDS = (
+    r"head|neck|chest|abdomen|abd|pelvis|a/p|brain|spine|[ctl]-spine|[ctl]s-spine|hip|knee|shoulder|ankle|wrist|"
+    r"foot|femur|tib/fib|humerus|elbow|hand|sinus|orbits|face|torso|extremity|extremities|le|ue|lower\s+extremity|"
+    r"upper\s+extremity|thorax|kidneys?|renal|liver|ruq|pancreas|heart|coronaries|aorta|carotids?|head/neck|"
+    r"abdomen/pelvis|chest/abdomen/pelvis|c/a/p"
+)
+_PROCEDURE_SITE_TAIL = re.compile(
+    rf"(?:\s+(?:of\s+the\s+)?(?:{_SITE_WORDS})(?![\w]))+(?:\s+(?:with|without|w/o|w/)\s*(?:iv\s+)?contrast)?",
+    re.IGNORECASE,
+)
 _DIAGNOSIS_TAIL = re.compile(r"\s+(?P<modifier>exacerbation|flare)\b", re.IGNORECASE)
 
 
@@ -625,6 +665,176 @@ _AMBIGUOUS_LOWER = frozenset(
         "trach",
     ]
 )
+# Words a case-sensitive abbreviation folds onto in lower-cased text ("as", "pet", "or"): not folded.
+_FOLD_COLLISIONS = frozenset(
+    [
+        "a",
+        "am",
+        "an",
+        "as",
+        "at",
+        "be",
+        "by",
+        "do",
+        "go",
+        "he",
+        "hi",
+        "if",
+        "in",
+        "is",
+        "it",
+        "me",
+        "my",
+        "no",
+        "of",
+        "on",
+        "or",
+        "so",
+        "to",
+        "up",
+        "us",
+        "we",
+        "all",
+        "and",
+        "any",
+        "are",
+        "but",
+        "can",
+        "for",
+        "had",
+        "has",
+        "her",
+        "him",
+        "his",
+        "its",
+        "may",
+        "not",
+        "now",
+        "off",
+        "one",
+        "our",
+        "out",
+        "per",
+        "she",
+        "the",
+        "was",
+        "who",
+        "why",
+        "you",
+        "pet",
+        "port",
+        "chop",
+        "sled",
+        "bal",
+        "tips",
+        "vent",
+        "cap",
+        "alt",
+        "gap",
+        "sat",
+        "sats",
+        "dose",
+        "mass",
+        "art",
+        "aid",
+        "bed",
+        "ace",
+        "arm",
+        "leg",
+        "map",
+        "pad",
+        "mr",
+        "tr",
+        "ot",
+        "sa",
+        "tc",
+        "ts",
+        "pt",
+    ]
+)
+_SINGLE_TOKEN_RE = re.compile(r"[a-z][a-z0-9]*")
+# Word endings that name a type: a word no vocabulary knows ("choledocholithiasis", "osimertinib",
+# "hemicolectomy") is typed by its suffix. Checked only on unmatched alphabetic words of 7+ letters.
+_SUFFIX_TYPES = (
+    (
+        "procedure",
+        re.compile(
+            r"(?:ectomy|ectomies|otomy|ostomy|oscopy|oscopies|plasty|centesis|graphy|gram|pexy|rrhaphy|tripsy|desis)$"
+        ),
+    ),
+    (
+        "diagnosis",
+        re.compile(
+            r"(?:itis|osis|emia|aemia|uria|algia|opathy|megaly|plegia|paresis|penia|rrhea|rrhoea|rrhage|iasis|ectasis"
+            r"|trophy|omas?|cele|edema|spasm|ptysis|pnea|cardia|kinesis)$"
+        ),
+    ),
+    (
+        "medication",
+        re.compile(
+            r"(?:mab|tinib|anib|pril|sartan|olol|alol|statin|prazole|conazole|cillin|mycin|micin|floxacin|cycline|parin"
+            r"|dipine|tidine|lukast|gliptin|gliflozin|glutide|platin|rubicin|taxel|dronate|setron|triptan|azepam"
+            r"|azolam|xaban|gatran|olone|asone|ciclib|lisib|navir|ciclovir|oxacin|azine|tadine|afil|olam|barbital|caine|zodone|pramine|triptyline|oxetine|faxine)$"
+        ),
+    ),
+)
+_SUFFIX_EXCEPTIONS = frozenset(
+    [
+        "diagnosis",
+        "prognosis",
+        "hypnosis",
+        "symptoms",
+        "photography",
+        "biography",
+        "geography",
+        "calligraphy",
+        "telegram",
+        "diagram",
+        "program",
+        "programs",
+        "kilogram",
+        "kilograms",
+        "milligram",
+        "milligrams",
+        "microgram",
+        "micrograms",
+        "academia",
+        "database",
+        "increase",
+        "decrease",
+        "release",
+        "disease",
+        "diseases",
+        "purchase",
+        "phrase",
+        "showcase",
+        "staircase",
+        "sunlight",
+        "because",
+        "purpose",
+        "premise",
+        "promise",
+        "otherwise",
+        "likewise",
+        "exercise",
+        "supervise",
+        "surprise",
+        "compromise",
+        "franchise",
+        "merchandise",
+        "overdone",
+        "condone",
+        "undone",
+        "stoma",
+        "stomas",
+        "aroma",
+        "diploma",
+        "outcome",
+        "welcome",
+        "nostalgia",
+        "somewhere",
+    ]
+)
 _TYPE_PRIORITY = {"medication": 0, "lab": 1, "vital": 2, "date": 3, "procedure": 4, "diagnosis": 5}
 
 
@@ -641,26 +851,33 @@ def _vocabulary() -> list[tuple[str, str, str]]:
     entries += [(alias, "lab", name) for alias, name in lexicon.LAB_ALIASES]
     for name, aliases, _unit in lexicon.EXTRA_LABS:
         entries += [(name, "lab", name)] + [(alias, "lab", name) for alias in aliases]
+    for name, aliases, _unit in lexicon.SHORTHAND_LABS:
+        entries += [(name, "lab", name)] + [(alias, "lab", name) for alias in aliases]
     for vital in lexicon.VITALS:
         entries += [(vital.name, "vital", vital.name)] + [(alias, "vital", vital.name) for alias in vital.aliases]
-    entries += [(alias, "vital", name) for alias, name in lexicon.VITAL_ALIASES]
+    entries += [(alias, "vital", name) for alias, name in (*lexicon.VITAL_ALIASES, *lexicon.SHORTHAND_VITALS)]
+    for generic, aliases in lexicon.SHORTHAND_MEDICATIONS:
+        entries += [(generic, "medication", generic)] + [(alias, "medication", generic) for alias in aliases]
     for table, aliases_table, entity_type in (
         (lexicon.DIAGNOSES, lexicon.DIAGNOSIS_ALIASES, "diagnosis"),
         (lexicon.EXTRA_DIAGNOSES, (), "diagnosis"),
+        (lexicon.SHORTHAND_DIAGNOSES, (), "diagnosis"),
         (lexicon.PROCEDURES, lexicon.PROCEDURE_ALIASES, "procedure"),
         (lexicon.EXTRA_PROCEDURES, (), "procedure"),
+        (lexicon.SHORTHAND_PROCEDURES, (), "procedure"),
     ):
         for name, abbreviations in table:
             entries += [(name, entity_type, name)] + [(abbr, entity_type, name) for abbr in abbreviations]
         entries += [(alias, entity_type, name) for alias, name in aliases_table]
-    seen: dict[str, tuple[str, str]] = {}
+    # A spelling may carry one meaning per type ("SBP 85" is a vital, "SBP" alone spontaneous bacterial
+    # peritonitis; "albumin 3.1" a lab, "albumin 25 g IV" a medication): the value grammars and the overlap
+    # resolution pick the one the context supports. Within a type the first spelling wins.
+    seen: dict[tuple[str, str], str] = {}
     unique = []
     for term, entity_type, name in entries:
-        if term in seen:
-            if seen[term] != (entity_type, name):
-                logger.debug("lexicon term %r is both %s and %s; keeping the first", term, seen[term], name)
+        if (term, entity_type) in seen:
             continue
-        seen[term] = (entity_type, name)
+        seen[(term, entity_type)] = name
         unique.append((term, entity_type, name))
     return unique
 
@@ -694,6 +911,45 @@ class _Pipeline:
             for label, docs in patterns.items():
                 matcher.add(label, docs)
                 self.labels[self.nlp.vocab.strings[label]] = tuple(label.split("\t"))  # type: ignore[assignment]
+
+        # Lower-cased text (the "lower" style of a preprocessing pipeline) loses the case that tells "PE" from
+        # "pe": for a text without any upper-case letter, case-sensitive terms are also matched folded, except
+        # those that are English words.
+        self.matcher_folded = PhraseMatcher(self.nlp.vocab, attr="LOWER")
+        folded: dict[str, list] = {}
+        for label, docs in exact_patterns.items():
+            for doc in docs:
+                if doc.text.lower() not in _FOLD_COLLISIONS:
+                    folded.setdefault(label, []).append(self.nlp.make_doc(doc.text.lower()))
+        for label, docs in folded.items():
+            self.matcher_folded.add(label, docs)
+
+        # Package vocabularies (drug and disease names): one-token spellings by dictionary look-up, longer ones
+        # through a third phrase matcher. The lexicon's own spellings win (they carry doses and units).
+        known = {term.lower() for term, _type, _name in _vocabulary()}
+        self.single_terms: dict[str, tuple[str, str]] = {}
+        multi: dict[str, tuple[str, str]] = {}
+        for terms, entity_type in (
+            (vocabularies.drug_terms(), "medication"),
+            (vocabularies.disease_terms(), "diagnosis"),
+        ):
+            for variant, canonical in terms.items():
+                if variant in known or variant in self.single_terms or variant in multi:
+                    continue
+                # A disease keeps its own spelling as its name: MeSH headings lump ("crackles" and "wheezing"
+                # are both "respiratory sounds"), which would let one stand for the other in a comparison.
+                name = canonical if entity_type == "medication" else variant
+                if _SINGLE_TOKEN_RE.fullmatch(variant):
+                    self.single_terms[variant] = (entity_type, name)
+                else:
+                    multi[variant] = (entity_type, name)
+        self.matcher_package = PhraseMatcher(self.nlp.vocab, attr="LOWER")
+        package_patterns: dict[str, list] = {}
+        for doc, (entity_type, name) in zip(self.nlp.tokenizer.pipe(multi), multi.values(), strict=True):
+            package_patterns.setdefault(f"{entity_type}\t{name}", []).append(doc)
+        for label, docs in package_patterns.items():
+            self.matcher_package.add(label, docs)
+            self.labels[self.nlp.vocab.strings[label]] = tuple(label.split("\t"))  # type: ignore[assignment]
 
         self.cue_matcher = PhraseMatcher(self.nlp.vocab, attr="LOWER")
         for label, cues in (
@@ -764,7 +1020,18 @@ def _medication_candidate(text: str, start: int, end: int, name: str) -> _Candid
     if match and match.group("freq"):
         attrs["frequency"] = _normalise_frequency(match.group("freq"))
     new_end = match.end() if match and match.end() > end else end
+    # A quantity written before the name belongs to it ("2 units PRBCs", "2L NS", "amp of D50").
+    before = _MED_QUANTITY_BEFORE.search(text, max(0, start - 16), start)
+    if before is not None:
+        start = before.start()
     return _Candidate(start, new_end, "medication", name, {k: v for k, v in attrs.items() if v})
+
+
+_MED_QUANTITY_BEFORE = re.compile(
+    r"(?<![\w.])(?:\d+(?:\.\d+)?\s*(?:L|liters?|units?|u|amps?|bags?|mg|g|mEq|mL|cc)|(?:an?\s+)?amps?|one|two|three)"
+    r"\s*(?:of\s+)?$",
+    re.IGNORECASE,
+)
 
 
 @cache
@@ -775,11 +1042,23 @@ def _default_medication_unit(name: str) -> str:
     return ""
 
 
+def _normalise_slashed(raw: str) -> str:
+    return "/".join(_normalise_number(part.strip()) for part in raw.split("/"))
+
+
 def _lab_candidate(text: str, start: int, end: int, name: str) -> _Candidate | None:
     match = _LAB_TAIL.match(text, end, min(len(text), end + 60))
     if match is None:
-        return None
-    attrs = {"value": _normalise_number(match.group("value")) + (match.group("decade") or "")}
+        before = _LAB_VALUE_BEFORE.search(text, max(0, start - 12), start)
+        if before is None:
+            return None
+        value = before.group(0).strip().lower()
+        return _Candidate(before.start(), end, "lab", name, {"value": value})
+    if match.group("qual"):
+        return _Candidate(start, match.end(), "lab", name, {"value": match.group("qual").lower()})
+    attrs = {"value": _normalise_slashed(match.group("value")) + (match.group("decade") or "")}
+    if match.group("kilo"):
+        attrs["value"] += "K"
     if match.group("cmp"):
         attrs["comparator"] = match.group("cmp")
     if match.group("unit"):
@@ -808,6 +1087,8 @@ def _vital_candidate(text: str, start: int, end: int, name: str) -> _Candidate |
     if name == "SpO2" and not match.group("pct") and text[start:end] == "O2":
         return None  # "2L O2 92" reads as a flow, not a saturation; bare "O2" needs "%"
     attrs = {"value": value}
+    if match.groupdict().get("cmp"):
+        attrs["comparator"] = match.group("cmp")
     unit = match.groupdict().get("unit")
     if unit:
         attrs["unit"] = _normalise_unit(unit)
@@ -816,37 +1097,151 @@ def _vital_candidate(text: str, start: int, end: int, name: str) -> _Candidate |
     return _Candidate(start, match.end(), "vital", name, attrs)
 
 
+def _typed_candidate(text: str, start: int, end: int, entity_type: str, name: str) -> _Candidate | None:
+    """A candidate for a name match, extended over its value / dose / modifiers; None when a value is missing."""
+    if entity_type == "medication":
+        return _medication_candidate(text, start, end, name)
+    if entity_type == "lab":
+        return _lab_candidate(text, start, end, name)
+    if entity_type == "vital":
+        return _vital_candidate(text, start, end, name)
+    if not _context_allows(text, start, end, entity_type):
+        return None
+    attrs = {}
+    if entity_type == "diagnosis":
+        tail = _DIAGNOSIS_TAIL.match(text, end)
+        if tail:
+            attrs["modifier"] = tail.group("modifier").lower()
+            end = tail.end()
+    elif entity_type == "procedure":
+        site = _PROCEDURE_SITE_TAIL.match(text, end)
+        if site:
+            end = site.end()
+    return _Candidate(start, end, entity_type, name, attrs)
+
+
 def _name_candidates(pipeline: _Pipeline, doc: Any) -> list[_Candidate]:
     text = doc.text
     candidates = []
-    for match_id, token_start, token_end in pipeline.matcher_lower(doc) + pipeline.matcher_exact(doc):
+    matches = pipeline.matcher_lower(doc) + pipeline.matcher_exact(doc) + pipeline.matcher_package(doc)
+    if not any(char.isupper() for char in text):
+        matches += pipeline.matcher_folded(doc)
+    matched_tokens: set[int] = set()
+    for match_id, token_start, token_end in matches:
         entity_type, name = pipeline.labels[match_id]
         span = doc[token_start:token_end]
-        start, end = span.start_char, span.end_char
-        candidate: _Candidate | None
-        if entity_type == "medication":
-            candidate = _medication_candidate(text, start, end, name)
-        elif entity_type == "lab":
-            candidate = _lab_candidate(text, start, end, name)
-        elif entity_type == "vital":
-            candidate = _vital_candidate(text, start, end, name)
-        else:
-            attrs = {}
-            tail = _DIAGNOSIS_TAIL.match(text, end) if entity_type == "diagnosis" else None
-            if tail:
-                attrs["modifier"] = tail.group("modifier").lower()
-                end = tail.end()
-            candidate = _Candidate(start, end, entity_type, name, attrs)
+        candidate = _typed_candidate(text, span.start_char, span.end_char, entity_type, name)
         if candidate is not None:
             candidates.append(candidate)
+            matched_tokens.update(range(token_start, token_end))
+    for token in doc:
+        if token.i in matched_tokens or not token.is_alpha:
+            continue
+        lower = token.lower_
+        hit = pipeline.single_terms.get(lower)
+        if hit is None and len(lower) >= 7 and lower not in _SUFFIX_EXCEPTIONS:
+            hit = next(((t, lower) for t, pattern in _SUFFIX_TYPES if pattern.search(lower)), None)
+        if hit is not None:
+            candidate = _typed_candidate(text, token.idx, token.idx + len(token.text), *hit)
+            if candidate is not None:
+                candidates.append(candidate)
     return candidates
 
 
+# Context rules for shorthand with several meanings (the v2 annotation guidelines): "PE:" / "PE notable for" is a
+# physical exam, "PCP" a primary care provider unless pneumonia is meant, "MS" mental status unless multiple
+# sclerosis is, "SBP" followed by a number or goal is a blood pressure (the vital grammar takes it).
+_NOT_DIAGNOSIS_AFTER = {
+    "pe": re.compile(
+        r"\s*(?::|notable|significant|remarkable|unremarkable|showed|revealed|exam|with\b|was\s+notable)", re.I
+    ),
+    "sbp": re.compile(r"\s*(?:goal|of|in|to|<|>|\d|was\s+\d|were|ranged|range)", re.I),
+    "ms": re.compile(r"\s*(?:contin|ir\b|\d|at\s+baseline|improved|clear|intact|waxing|changes?)", re.I),
+}
+_DIAGNOSIS_ONLY_WITH = {
+    "pcp": (
+        re.compile(
+            r"(?:for|with|treated|c/f|concern\s+for|r/o|presumed|suspected|dx|diagnosed|of|no|prophylaxis\s+against)\s+$",
+            re.I,
+        ),
+        re.compile(r"\s+(?:pneumonia|prophylaxis|ppx|pna)", re.I),
+    ),
+    "ms": (
+        re.compile(
+            r"(?:h/o|history\s+of|hx\s+of|with|known|relapsing|for|of|remitting|progressive|pmh|including)\s*:?\s*$",
+            re.I,
+        ),
+        re.compile(r"\s+(?:flare|exacerbation|relapse|on\s+\w+mab)", re.I),
+    ),
+}
+_NOT_PROCEDURE_AFTER = {"hd": re.compile(r"\s*#?\s*\d", re.I)}
+
+
+def _context_allows(text: str, start: int, end: int, entity_type: str) -> bool:
+    surface = text[start:end].lower()
+    if entity_type == "diagnosis":
+        after = _NOT_DIAGNOSIS_AFTER.get(surface)
+        if after is not None and after.match(text, end):
+            return False
+        if surface == "pe" and re.search(r"\b(?:on|On|ON)\s+$", text[max(0, start - 4) : start]):
+            return False
+        rule = _DIAGNOSIS_ONLY_WITH.get(surface)
+        if rule is not None:
+            before_re, after_re = rule
+            return bool(before_re.search(text[max(0, start - 30) : start]) or after_re.match(text, end))
+    elif entity_type == "procedure":
+        after = _NOT_PROCEDURE_AFTER.get(surface)
+        if after is not None and after.match(text, end):
+            return False
+    return True
+
+
+# Hospital / post-operative days and clock times are read as dates (so "HD #3" is not haemodialysis and
+# extract_numbers normalises them) but are not date *entities*: the v2 guidelines count calendar dates only.
+_NON_ENTITY_DATE_RE = re.compile(r"(?:HD|POD) \d+|\d\d:\d\d")
+# "2/2" (secondary to), a murmur grade ("3/6 systolic murmur"), "2/2 bottles", "4/5 strength": not dates.
+_NOT_DATE_CONTEXT = re.compile(
+    r"\s*(?:systolic|diastolic|holosystolic|murmur|SEM|bottles?|sets?|strength|dehydration|motor)\b", re.IGNORECASE
+)
+_MONTH_YEAR_RE = re.compile(r"(?<![\d/])(?P<m>\d{1,2})/(?P<y>(?:19|20|21)\d\d)(?![\d/])")
+
+
 def _date_candidates(text: str) -> list[_Candidate]:
-    return [
-        _Candidate(date.start, date.end, "date", date.name, {"year": date.year} if date.year else {})
-        for date in _find_dates(text)
-    ]
+    candidates = []
+    for date in _find_dates(text):
+        surface = text[date.start : date.end]
+        if surface == "2/2" and date.start > 0 and text[date.start - 1] == " " and text[: date.start].strip():
+            continue
+        if "/" in surface and not date.year and _NOT_DATE_CONTEXT.match(text, date.end):
+            continue
+        candidates.append(
+            _Candidate(date.start, date.end, "date", date.name, {"year": date.year} if date.year else {})
+        )
+    for match in _MONTH_YEAR_RE.finditer(text):
+        if 1 <= int(match.group("m")) <= 12:
+            name = f"{match.group('y')}-{int(match.group('m')):02d}"
+            candidates.append(_Candidate(match.start(), match.end(), "date", name, {"year": match.group("y")}))
+    return candidates
+
+
+def _pattern_candidates(text: str) -> list[_Candidate]:
+    """Entities found by their shape rather than a name: oxygen flows and shared-value lab pairs."""
+    candidates = []
+    for match in _O2_FLOW_RE.finditer(text):
+        value = re.sub(r"\s+", " ", match.group(0))
+        candidates.append(_Candidate(match.start(), match.end(), "vital", "O2 flow", {"value": value}))
+    for match in _LAB_PAIR_RE.finditer(text):
+        names = [name.lower() for name in match.group("names").split("/")]
+        if not any(name in _lab_names() for name in names):
+            continue
+        value = _normalise_slashed(re.sub(r"\s+", "", match.group("values")))
+        candidates.append(_Candidate(match.start(), match.end(), "lab", "/".join(names), {"value": value}))
+    return candidates
+
+
+@cache
+def _lab_names() -> frozenset[str]:
+    return frozenset(term.lower() for term, entity_type, _name in _vocabulary() if entity_type == "lab")
 
 
 def _abbreviation_candidates(pipeline: _Pipeline, doc: Any, candidates: list[_Candidate]) -> list[_Candidate]:
@@ -1001,9 +1396,13 @@ def _entities_from_doc(pipeline: _Pipeline, doc: Any) -> list[Entity]:
     text = doc.text
     if not text.strip():
         return []
-    candidates = _name_candidates(pipeline, doc) + _date_candidates(text)
+    candidates = _name_candidates(pipeline, doc) + _date_candidates(text) + _pattern_candidates(text)
     candidates += _abbreviation_candidates(pipeline, doc, candidates)
-    kept = _resolve_overlaps(candidates)
+    kept = [
+        candidate
+        for candidate in _resolve_overlaps(candidates)
+        if not (candidate.type == "date" and _NON_ENTITY_DATE_RE.fullmatch(candidate.name))
+    ]
     negation_index = _negation_index(pipeline, doc)
     entities = []
     for candidate in kept:
