@@ -452,7 +452,7 @@ _LAB_UNIT = (
 )
 # Words allowed between a lab / vital name and its value ("creatinine peaked at 2.1", "HR in the 110s").
 _VALUE_FILLER = (
-    r"(?:\s*(?:[:=~(]|-(?=\s)|(?:of|was|were|is|are|at|to|peaked|peak|nadir|max|maximum|min|elevated|increased|"
+    r"(?:\s*(?:[:=~(]|-(?=\s)|(?<=[A-Za-z])-(?=\d)|(?:of|was|were|is|are|at|to|peaked|peak|nadir|max|maximum|min|elevated|increased|"
     r"decreased|improved|worsened|rose|fell|dropped|trended|trending|down|up|from|on|admission|discharge|initially|"
     r"remained|stable|level|levels|count|again|noted|as|high|low|the|a|in|range|then|now|value|returned|"
     r"normalized|back|repeat|recheck|approximately|around|today|current|currently|recovered|grew|stim|ratio|"
@@ -509,6 +509,32 @@ _VITAL_TAILS.update(
 )
 # An oxygen flow written as a vital ("4L NC", "2 L nasal cannula").
 _O2_FLOW_RE = re.compile(r"\b\d+(?:\.\d+)?\s?L\s?(?:NC|nasal\s+cannula|FM|face\s?mask|NRB|HFNC)\b", re.IGNORECASE)
+# An unlabelled vitals line: "98.6 132/78 88 18 96%RA" (temperature, BP, HR, RR, saturation); each value is a vital.
+_VITALS_LINE_RE = re.compile(
+    r"(?<![\w/.])(?P<v1>\d{2,3}(?:\.\d)?)\s+(?P<v2>\d{2,3}/\d{2,3})\s+(?P<v3>\d{2,3})\s+(?P<v4>\d{1,2})\s+"
+    r"(?P<v5>\d{2,3}\s?%\s?(?:RA|on\s+RA|on\s+\d+\s?L(?:\s?NC)?|\d+\s?L(?:\s?NC)?)?)",
+    re.IGNORECASE,
+)
+# A test with a qualitative result: "HIT antibody positive", "toxo IgG positive", "urine cx grew E coli",
+# "C diff PCR negative". The test name ends in a word that names a test, or is an abbreviation before the result.
+_TEST_WORDS = (
+    r"Ab|antibody|antibodies|IgG|IgM|IgE|IgA|PCR|Ag|antigen|titer|titers|swab|cultures?|cx|Cx|BCx|UCx|screen|stains?|"
+    r"smear|serology|serologies|panel|toxin|assay|tox|UA|urinalysis|cytology|biopsy|index|test|DAT|Coombs|ANA|ANCA|"
+    r"RF|nitrites?|LE|ketones|myoglobin|lactoferrin|guaiac|FOBT|quantiferon|QFT|PPD|RPR|VDRL|HBsAg|HCV\s+Ab|monospot"
+)
+_QUALITATIVE_TEST_RE = re.compile(
+    rf"(?P<test>(?:(?:[A-Za-z0-9][\w-]*)\s+){{0,2}}(?:{_TEST_WORDS}))\s+(?:was\s+|were\s+|is\s+|returned\s+)?"
+    r"(?P<result>positive(?:\s+for\s+[\w.]+(?:\s+(?:and\s+)?[a-z]+)?)?|negative|neg|pos|detected|not\s+detected|"
+    r"undetectable|nonreactive|reactive|grew\s+(?:>?\s?[\d,]+k?\s+(?:CFU/mL\s+)?)?[A-Za-z.]+(?:\s+[a-z]+)?|"
+    r"growing\s+[A-Za-z.]+(?:\s+[a-z]+)?|with\s+[A-Z][a-z]+\.?(?:\s+[a-z]+)?|bland|normal|\d\+)\b"
+)
+# "95% on 2L", "sat 88% RA" without a name: a saturation.
+_SATURATION_RE = re.compile(
+    r"(?<![\w.])(?P<value>\d{2,3})\s?%\s*(?:on\s+)?(?:RA|room\s+air|\d+(?:\.\d+)?\s?L(?:\s?NC)?|NRB|BiPAP|CPAP)\b",
+    re.IGNORECASE,
+)
+# A bare year as the date of an event: "CABG (2142)", "diagnosed in 2139", "since 2145".
+_YEAR_RE = re.compile(r"(?:\(|\b(?:in|since|from|of)\s+)(?P<year>(?:19|20|21)\d\d)(?=\)|[,;.]?(?:\s|$))")
 # "Na/K of 128/6.1", "AST/ALT 45/38": several lab names sharing one slash-separated value.
 _LAB_PAIR_RE = re.compile(
     rf"(?<![\w/])(?P<names>[A-Za-z][A-Za-z0-9]*(?:/[A-Za-z][A-Za-z0-9]*)+)\s*(?:of|were|was|:|=)?\s*"
@@ -547,10 +573,48 @@ _EXTRA_PRE_NEGATION_CUES = (
     "rules out",
     "rule out for",
     "neg for",
+    "declined",
+    "refused",
+    "deferred",
+    "never started",
+    "did not require",
+    "did not receive",
+    "no need for",
+    "no indication for",
 )
 # Cues that negate an entity *before* them ("PE was ruled out").
 # "Resolved" is deliberately not a cue: a resolved AKI was present, and the summary must keep it.
-_POST_NEGATION_CUES = ("ruled out", "was ruled out", "were ruled out", "excluded", "was excluded")
+_POST_NEGATION_CUES = (
+    "ruled out",
+    "was ruled out",
+    "were ruled out",
+    "excluded",
+    "was excluded",
+    # "heparin was not given", "prednisone not started": the drug or act never happened ("held" / "stopped" are
+    # not cues: the drug was given before).
+    *(
+        f"{aux}not {verb}"
+        for aux in ("", "was ", "were ", "is ", "was also ")
+        for verb in (
+            "given",
+            "started",
+            "restarted",
+            "added",
+            "initiated",
+            "needed",
+            "required",
+            "pursued",
+            "done",
+            "performed",
+            "administered",
+            "resumed",
+            "indicated",
+            "tolerated",
+        )
+    ),
+    "deferred",
+    "was deferred",
+)
 # Phrases that contain a cue but do not negate ("no change in", "not ruled out", "gram negative").
 _PSEUDO_NEGATIONS = (
     "no change",
@@ -622,7 +686,9 @@ _TERMINATOR_PUNCT = frozenset({".", ";", "!", "?", ":"})
 # Prepositions that introduce the evidence or setting of a negated finding ("no DVT on ultrasound", "ruled out
 # with MRI brain"): they end the scope unless they directly follow the cue ("not on aspirin", "ruled out for MI").
 _SCOPE_PREPOSITIONS = frozenset(["on", "after", "with", "by", "per", "via", "from", "during", "following", "at"])
-_NEGATION_WINDOW_WORDS = 6
+_NEGATION_WINDOW_WORDS = 8
+# List glue that does not count towards the window ("no signs of AMS, hypoglycemia, or renal failure").
+_LIST_WORDS = frozenset(["or", "and", "nor", "such", "as", "including", "any", "other", "signs", "of"])
 _POST_NEGATION_WINDOW_WORDS = 3
 
 
@@ -996,6 +1062,7 @@ class _Candidate:
     type: str
     name: str
     attrs: dict[str, str]
+    extended: bool = False  # a site / modifier tail was added: on a tie, a lexicon phrase of the same span wins
 
 
 def _medication_candidate(text: str, start: int, end: int, name: str) -> _Candidate:
@@ -1056,6 +1123,8 @@ def _lab_candidate(text: str, start: int, end: int, name: str) -> _Candidate | N
         return _Candidate(before.start(), end, "lab", name, {"value": value})
     if match.group("qual"):
         return _Candidate(start, match.end(), "lab", name, {"value": match.group("qual").lower()})
+    if "/" in match.group("value") and re.search(r"\bon\s*$", text[end : match.start("value")], re.IGNORECASE):
+        return None  # "cultures on 6/2": a date, not a value
     attrs = {"value": _normalise_slashed(match.group("value")) + (match.group("decade") or "")}
     if match.group("kilo"):
         attrs["value"] += "K"
@@ -1116,7 +1185,7 @@ def _typed_candidate(text: str, start: int, end: int, entity_type: str, name: st
     elif entity_type == "procedure":
         site = _PROCEDURE_SITE_TAIL.match(text, end)
         if site:
-            end = site.end()
+            return _Candidate(start, site.end(), entity_type, name, attrs, extended=True)
     return _Candidate(start, end, entity_type, name, attrs)
 
 
@@ -1230,6 +1299,22 @@ def _pattern_candidates(text: str) -> list[_Candidate]:
     for match in _O2_FLOW_RE.finditer(text):
         value = re.sub(r"\s+", " ", match.group(0))
         candidates.append(_Candidate(match.start(), match.end(), "vital", "O2 flow", {"value": value}))
+    for match in _VITALS_LINE_RE.finditer(text):
+        for index, name in enumerate(("Temp", "BP", "HR", "RR", "SpO2"), 1):
+            value = match.group(f"v{index}")
+            start = match.start(f"v{index}")
+            candidates.append(_Candidate(start, start + len(value), "vital", name, {"value": value.strip()}))
+    for match in _QUALITATIVE_TEST_RE.finditer(text):
+        name = " ".join(match.group("test").lower().split())
+        candidates.append(
+            _Candidate(match.start(), match.end(), "lab", name, {"value": match.group("result").lower()})
+        )
+    for match in _SATURATION_RE.finditer(text):
+        value = match.group("value")
+        candidates.append(_Candidate(match.start(), match.end(), "vital", "SpO2", {"value": value}))
+    for match in _YEAR_RE.finditer(text):
+        year = match.group("year")
+        candidates.append(_Candidate(match.start("year"), match.end("year"), "date", year, {"year": year}))
     for match in _LAB_PAIR_RE.finditer(text):
         names = [name.lower() for name in match.group("names").split("/")]
         if not any(name in _lab_names() for name in names):
@@ -1284,7 +1369,7 @@ def _abbreviation_candidates(pipeline: _Pipeline, doc: Any, candidates: list[_Ca
 
 def _resolve_overlaps(candidates: list[_Candidate]) -> list[_Candidate]:
     """Longest span first (ties: type priority, then position); drop anything overlapping a kept span."""
-    ordered = sorted(candidates, key=lambda c: (-(c.end - c.start), _TYPE_PRIORITY[c.type], c.start))
+    ordered = sorted(candidates, key=lambda c: (-(c.end - c.start), c.extended, _TYPE_PRIORITY[c.type], c.start))
     kept_starts: list[int] = []
     kept: list[_Candidate] = []
     for candidate in ordered:
@@ -1325,6 +1410,8 @@ def _negation_index(pipeline: _Pipeline, doc: Any) -> _NegationIndex:
         following = doc[end] if end < len(doc) else None
         used_after = following is None or _is_terminator(following) or following.is_punct
         used_after = used_after or (following is not None and following.lower_ in _SCOPE_PREPOSITIONS)
+        # "PE was ruled out and heparin stopped": the cue closes its clause, it does not open a new scope.
+        used_after = used_after or (following is not None and following.lower_ in ("and", "given", "as", "because"))
         if label == "PRE" and not (used_after and doc[start:end].text.lower() in post_phrases):
             pre_ends.add(end - 1)
         elif label == "POST" and used_after:
@@ -1357,7 +1444,7 @@ def _negated(doc: Any, index: _NegationIndex, start: int, end: int) -> bool:
             break
         if token.lower_ in _SCOPE_PREPOSITIONS:
             return position - 1 in index.pre_cue_ends
-        if not (token.is_punct or token.is_space):
+        if not (token.is_punct or token.is_space or token.lower_ in _LIST_WORDS):
             words += 1
             if words > _NEGATION_WINDOW_WORDS:
                 break

@@ -143,17 +143,16 @@ def test_lab_numbers_and_units_normalise():
     assert only("WBC 12.1 K/uL", "lab")[0].name == "white blood cell count"
 
 
-def test_dates_and_hospital_days():
-    dates = only("Seen on 3/14, again 03/14/2150 and March 14; EGD on HD #3, POD 2 at 10:30am.", "date")
-    assert [d.text for d in dates] == ["3/14", "03/14/2150", "March 14", "HD #3", "POD 2", "10:30am"]
-    assert [d.key for d in dates] == [
-        "date:03-14",
-        "date:03-14|2150",
-        "date:03-14",
-        "date:HD 3",
-        "date:POD 2",
-        "date:10:30",
-    ]
+def test_dates_but_not_hospital_days_or_times():
+    # The v2 guidelines count calendar dates only: hospital / post-operative days and clock times are not dates
+    # (extract_numbers still reads them, so numeric fidelity checks them).
+    found = extract_entities("Seen on 3/14, again 03/14/2150 and March 14; EGD on HD #3, POD 2 at 10:30am.")
+    dates = [e for e in found if e.type == "date"]
+    assert [d.text for d in dates] == ["3/14", "03/14/2150", "March 14"]
+    assert [d.key for d in dates] == ["date:03-14", "date:03-14|2150", "date:03-14"]
+    assert not [e for e in found if "HD" in e.text]  # "HD #3" is a hospital day, not hemodialysis
+    assert only("ARF 2/2 dehydration; 3/6 systolic murmur; BCx 2/2 bottles", "date") == []
+    assert [d.key for d in only("diagnosed 2/2149", "date")] == ["date:2149-02|2149"]
 
 
 def test_deidentified_blank_is_not_a_date():
@@ -190,8 +189,8 @@ def test_entities_sorted_and_non_overlapping():
     found = extract_entities("EGD on HD #3. Lasix 40mg IV BID for CHF. Cr 1.4, K 5.9, BP 132/78 on 3/14.")
     assert [e.start for e in found] == sorted(e.start for e in found)
     assert all(a.end <= b.start for a, b in itertools.pairwise(found))
-    # "HD #3" is a hospital day, not hemodialysis.
-    assert [e.type for e in found if "HD" in e.text] == ["date"]
+    # "HD #3" is a hospital day, not hemodialysis (and not a date entity).
+    assert [e.type for e in found if "HD" in e.text] == []
 
 
 def test_empty_text():
