@@ -456,11 +456,12 @@ _VALUE_FILLER = (
     r"decreased|improved|worsened|rose|fell|dropped|trended|trending|down|up|from|on|admission|discharge|initially|"
     r"remained|stable|level|levels|count|again|noted|as|high|low|the|a|in|range|then|now|value|returned|"
     r"normalized|back|repeat|recheck|approximately|around|today|current|currently|recovered|grew|stim|ratio|"
-    r"was\s+noted|level|of)\b))"
+    r"was\s+noted|level|of|improving|worsening|rising|falling|downtrending|uptrending|increasing|decreasing|"
+    r"climbing|bumped|peaking|reached|up|trended)\b))"
 )
 _LAB_TAIL = re.compile(
     rf"{_VALUE_FILLER}{{0,6}}?\s*(?:(?P<cmp>[<>]=?)?\s*(?P<value>(?:{_NUM})(?:/(?:{_NUM}))*)(?P<decade>s)?(?P<kilo>[kK])?"
-    rf"(?![\d:]|\.\d|\s*-\s*\d|[A-Za-z])(?:\s*(?P<unit>{_LAB_UNIT})(?![A-Za-z]))?(?P<to>\s+to\s+(?:{_NUM})(?:/(?:{_NUM}))*)?"
+    rf"(?![\d:]|\.\d|\s*-\s*\d|[A-Za-z]|\s*(?:mg|mcg|g|units?|tabs?|puffs?)(?![A-Za-z/]))(?:\s*(?P<unit>{_LAB_UNIT})(?![A-Za-z]))?(?P<to>\s+to\s+(?:{_NUM})(?:/(?:{_NUM}))*)?"
     r"|(?P<qual>positive|negative|pos|neg|not\s+detected|detected|undetectable|elevated|low|high)\b)",
     re.IGNORECASE,
 )
@@ -535,6 +536,136 @@ _SATURATION_RE = re.compile(
 )
 # A bare year as the date of an event: "CABG (2142)", "diagnosed in 2139", "since 2145".
 _YEAR_RE = re.compile(r"(?:\(|\b(?:in|since|from|of)\s+)(?P<year>(?:19|20|21)\d\d)(?=\)|[,;.]?(?:\s|$))")
+# A lab name glued to its value by a hyphen, as lab lines are printed: "WBC-9.8 RBC-3.82 Hgb-11.4".
+_ATTACHED_LAB_RE = re.compile(rf"(?<![\w/-])(?P<name>[A-Za-z][A-Za-z0-9]{{0,7}})-(?P<value>{_NUM})(?![\d.])(?:\*)?")
+# "<drug or analyte> level 2.8", "vanc trough 15": a drug level is a lab, whatever the drug.
+_LEVEL_RE = re.compile(
+    rf"(?<![\w-])(?P<name>[A-Za-z][\w-]{{1,15}}\s+(?:level|levels|trough|peak|titer|index))\s*(?:of|was|is|:|=)?\s*"
+    rf"(?P<cmp>[<>]=?)?\s*(?P<value>{_NUM})",
+    re.IGNORECASE,
+)
+# An unknown upper-case analyte abbreviation directly followed by a value: "SAAG 1.9", "ABI 0.42", "C3 42",
+# "IgG 2,400", "NIF -22". Case is the evidence, so this reads only text that keeps it; scores, vitals, doses and
+# counts ("GCS 15", "CABG x3", "PO 2") are excluded.
+_ABBREVIATED_LAB_RE = re.compile(
+    r"(?<![\w/-])(?P<name>(?:[A-Z][A-Za-z0-9]*[A-Z0-9]|[a-z]{1,3}[A-Z][A-Za-z0-9]*))\s*(?::|=|of|was|is|at)?\s*"
+    rf"(?P<value>(?:[<>]=?\s*)?-?(?:{_NUM})(?:/(?:{_NUM}))*)"
+    r"(?!\s*(?:mg|mcg|g|units?|tabs?|puffs?|x\b|yo\b|y/o|years?|yrs?|days?|weeks?|months?|hours?|hrs?|mins?|L\b|cm\b|mm\b)"
+    r"|[\d/]|\.\d|\s*[-–]\s*\d)",
+)
+_NOT_LAB_ABBREVIATIONS = frozenset(
+    [
+        "BP",
+        "HR",
+        "RR",
+        "PO",
+        "IV",
+        "IM",
+        "SC",
+        "SQ",
+        "SL",
+        "PR",
+        "BID",
+        "TID",
+        "QID",
+        "QD",
+        "QHS",
+        "PRN",
+        "CABG",
+        "HD",
+        "POD",
+        "DOL",
+        "GCS",
+        "NIHSS",
+        "MELD",
+        "APGAR",
+        "ECOG",
+        "KPS",
+        "NYHA",
+        "BMI",
+        "MAP",
+        "SBP",
+        "DBP",
+        "FIO2",
+        "PEEP",
+        "TV",
+        "RSBI",
+        "ICU",
+        "ED",
+        "CT",
+        "MRI",
+        "OR",
+        "PCI",
+        "DES",
+        "PE",
+        "AKI",
+        "CKD",
+        "COPD",
+        "CHF",
+        "HTN",
+        "DM",
+        "MI",
+        "TIMI",
+        "HAS",
+        "BLED",
+        "ASA",
+        "CHA2DS2",
+        "VASC",
+        "PESI",
+        "CURB",
+        "SOFA",
+        "QSOFA",
+        "CIWA",
+        "COWS",
+        "RASS",
+        "CAM",
+        "AM",
+        "PM",
+        "NPO",
+        "SAH",
+        "ICH",
+        "TBSA",
+        "EBL",
+        "UOP",
+        "LOS",
+        "ROS",
+        "HPI",
+        "PMH",
+        "US",
+        "UK",
+        "MD",
+        "DO",
+        "RN",
+        "PT",
+        "OT",
+        "SLP",
+        "ASIA",
+        "TNM",
+        "PHQ",
+        "GAD",
+        "MMSE",
+        "MOCA",
+        "SLUMS",
+        "AUDIT",
+        "CD4",
+        "ROM",
+        "ACE",
+        "AST",
+        "ALT",
+        "INR",
+        "WBC",
+        "RBC",
+        "HGB",
+        "HCT",
+        "PLT",
+        "NA",
+        "K",
+        "CL",
+        "BUN",
+        "CR",
+        "GLU",
+    ]
+)
 # "Na/K of 128/6.1", "AST/ALT 45/38": several lab names sharing one slash-separated value.
 _LAB_PAIR_RE = re.compile(
     rf"(?<![\w/])(?P<names>[A-Za-z][A-Za-z0-9]*(?:/[A-Za-z][A-Za-z0-9]*)+)\s*(?:of|were|was|:|=)?\s*"
@@ -819,6 +950,7 @@ _FOLD_COLLISIONS = frozenset(
     ]
 )
 _SINGLE_TOKEN_RE = re.compile(r"[a-z][a-z0-9]*")
+_PATTERN_TOKEN_RE = re.compile(r"[a-z0-9]+(?:\.\d+)?|[^\w\s]")
 # Word endings that name a type: a word no vocabulary knows ("choledocholithiasis", "osimertinib",
 # "hemicolectomy") is typed by its suffix. Checked only on unmatched alphabetic words of 7+ letters.
 _SUFFIX_TYPES = (
@@ -901,6 +1033,81 @@ _SUFFIX_EXCEPTIONS = frozenset(
         "somewhere",
     ]
 )
+# Laterality, site and severity words before a problem or procedure belong to its span ("left lower extremity DVT",
+# "acute on chronic systolic CHF", "right hemicolectomy").
+_LEFT_MODIFIERS_RE = re.compile(
+    r"(?<![\w-])(?:(?:left|right|L|R|bilateral|b/l|bilat|acute\s+on\s+chronic|acute|subacute|chronic|mild|moderate|"
+    r"severe|small|large|massive|new|recurrent|worsening|progressive|partial|complete|total|bibasilar|diffuse|focal|"
+    r"multifocal|upper|lower|proximal|distal|anterior|posterior|medial|lateral|systolic|diastolic|extremity|"
+    r"emergent|urgent|elective|laparoscopic|lap|open|robotic|diagnostic|therapeutic)\s+){1,4}$",
+    re.IGNORECASE,
+)
+_HEAD_TYPES = {
+    **{head: "diagnosis" for head in lexicon.FINDING_HEADS},
+    **{head: "procedure" for head in lexicon.PROCEDURE_HEADS},
+}
+# Words of the narrative that never modify a finding ("started", "patient", "likely").
+_NOT_MODIFIERS = frozenset(
+    [
+        "started",
+        "restarted",
+        "continued",
+        "given",
+        "treated",
+        "found",
+        "noted",
+        "showed",
+        "shows",
+        "revealed",
+        "reveals",
+        "developed",
+        "likely",
+        "possible",
+        "concern",
+        "concerning",
+        "c",
+        "w",
+        "consistent",
+        "patient",
+        "pt",
+        "pts",
+        "s",
+        "p",
+        "h",
+        "o",
+        "history",
+        "hx",
+        "h",
+        "further",
+        "additional",
+        "prior",
+        "repeat",
+        "given",
+        "underwent",
+        "undergo",
+        "underwent",
+        "status",
+        "post",
+        "recent",
+        "admitted",
+        "presented",
+        "presents",
+        "transferred",
+        "improved",
+        "worsening",
+        "resolved",
+        "stable",
+        "unchanged",
+        "significant",
+        "notable",
+        "evidence",
+        "small",
+        "large",
+        "new",
+        "some",
+        "any",
+    ]
+) - {"new", "small", "large", "worsening", "significant"}
 _TYPE_PRIORITY = {"medication": 0, "lab": 1, "vital": 2, "date": 3, "procedure": 4, "diagnosis": 5}
 
 
@@ -935,6 +1142,7 @@ def _vocabulary() -> list[tuple[str, str, str]]:
         for name, abbreviations in table:
             entries += [(name, entity_type, name)] + [(abbr, entity_type, name) for abbr in abbreviations]
         entries += [(alias, entity_type, name) for alias, name in aliases_table]
+    entries += [(term, "diagnosis", term) for term in lexicon.SYMPTOMS_AND_FINDINGS]
     # A spelling may carry one meaning per type ("SBP 85" is a vital, "SBP" alone spontaneous bacterial
     # peritonitis; "albumin 3.1" a lab, "albumin 25 g IV" a medication): the value grammars and the overlap
     # resolution pick the one the context supports. Within a type the first spelling wins.
@@ -990,8 +1198,10 @@ class _Pipeline:
         for label, docs in folded.items():
             self.matcher_folded.add(label, docs)
 
-        # Package vocabularies (drug and disease names): one-token spellings by dictionary look-up, longer ones
-        # through a third phrase matcher. The lexicon's own spellings win (they carry doses and units).
+        # Package vocabularies (drug and disease names, ~90k spellings): one-token spellings by dictionary look-up,
+        # longer ones through an index on their first two words, split by a regex that reproduces spaCy's
+        # tokenisation of such names (tokenising ~50k patterns with spaCy for a PhraseMatcher costs seconds at
+        # every start). The lexicon's own spellings win (they carry doses and units).
         known = {term.lower() for term, _type, _name in _vocabulary()}
         self.single_terms: dict[str, tuple[str, str]] = {}
         multi: dict[str, tuple[str, str]] = {}
@@ -1009,13 +1219,11 @@ class _Pipeline:
                     self.single_terms[variant] = (entity_type, name)
                 else:
                     multi[variant] = (entity_type, name)
-        self.matcher_package = PhraseMatcher(self.nlp.vocab, attr="LOWER")
-        package_patterns: dict[str, list] = {}
-        for doc, (entity_type, name) in zip(self.nlp.tokenizer.pipe(multi), multi.values(), strict=True):
-            package_patterns.setdefault(f"{entity_type}\t{name}", []).append(doc)
-        for label, docs in package_patterns.items():
-            self.matcher_package.add(label, docs)
-            self.labels[self.nlp.vocab.strings[label]] = tuple(label.split("\t"))  # type: ignore[assignment]
+        self.multi_terms: dict[tuple[str, str], list[tuple[tuple[str, ...], str, str]]] = {}
+        for variant, (entity_type, name) in multi.items():
+            words = tuple(_PATTERN_TOKEN_RE.findall(variant))
+            if len(words) >= 2:
+                self.multi_terms.setdefault((words[0], words[1]), []).append((words, entity_type, name))
 
         self.cue_matcher = PhraseMatcher(self.nlp.vocab, attr="LOWER")
         for label, cues in (
@@ -1176,6 +1384,9 @@ def _typed_candidate(text: str, start: int, end: int, entity_type: str, name: st
         return _vital_candidate(text, start, end, name)
     if not _context_allows(text, start, end, entity_type):
         return None
+    modifiers = _LEFT_MODIFIERS_RE.search(text, max(0, start - 40), start)
+    if modifiers is not None:
+        start = modifiers.start()
     attrs = {}
     if entity_type == "diagnosis":
         tail = _DIAGNOSIS_TAIL.match(text, end)
@@ -1192,10 +1403,19 @@ def _typed_candidate(text: str, start: int, end: int, entity_type: str, name: st
 def _name_candidates(pipeline: _Pipeline, doc: Any) -> list[_Candidate]:
     text = doc.text
     candidates = []
-    matches = pipeline.matcher_lower(doc) + pipeline.matcher_exact(doc) + pipeline.matcher_package(doc)
+    matches = pipeline.matcher_lower(doc) + pipeline.matcher_exact(doc)
     if not any(char.isupper() for char in text):
         matches += pipeline.matcher_folded(doc)
     matched_tokens: set[int] = set()
+    lowers = [token.lower_ for token in doc]
+    for index in range(len(lowers) - 1):
+        for words, entity_type, name in pipeline.multi_terms.get((lowers[index], lowers[index + 1]), ()):
+            if tuple(lowers[index : index + len(words)]) == words:
+                span = doc[index : index + len(words)]
+                candidate = _typed_candidate(text, span.start_char, span.end_char, entity_type, name)
+                if candidate is not None:
+                    candidates.append(candidate)
+                    matched_tokens.update(range(index, index + len(words)))
     for match_id, token_start, token_end in matches:
         entity_type, name = pipeline.labels[match_id]
         span = doc[token_start:token_end]
@@ -1210,10 +1430,57 @@ def _name_candidates(pipeline: _Pipeline, doc: Any) -> list[_Candidate]:
         hit = pipeline.single_terms.get(lower)
         if hit is None and len(lower) >= 7 and lower not in _SUFFIX_EXCEPTIONS:
             hit = next(((t, lower) for t, pattern in _SUFFIX_TYPES if pattern.search(lower)), None)
+        if hit is None and lower.endswith("s") and len(lower) > 5:
+            hit = pipeline.single_terms.get(lower[:-1])  # "myalgias", "arrhythmias"
         if hit is not None:
             candidate = _typed_candidate(text, token.idx, token.idx + len(token.text), *hit)
             if candidate is not None:
                 candidates.append(candidate)
+                matched_tokens.add(token.i)
+    candidates += _head_phrase_candidates(doc, matched_tokens)
+    return candidates
+
+
+def _is_modifier(token: Any) -> bool:
+    lower = token.lower_
+    if token.like_num or lower in ("cm", "mm", "%", "+", "-"):
+        return True
+    return token.is_alpha and len(lower) >= 1 and not token.is_stop and lower not in _NOT_MODIFIERS
+
+
+def _head_phrase_candidates(doc: Any, matched_tokens: set[int]) -> list[_Candidate]:
+    """Finding and procedure phrases built on a head noun ("pericholecystic fluid", "open ventral hernia repair").
+
+    A head from ``lexicon.FINDING_HEADS`` / ``PROCEDURE_HEADS`` becomes a diagnosis / procedure only with at
+    least one modifier before it (up to four words that are not stop words, verbs of the narrative or part of
+    another entity), so a bare "fluid" or "repair" is nothing.
+    """
+    candidates = []
+    for token in doc:
+        entity_type = _HEAD_TYPES.get(token.lower_)
+        if entity_type is None:
+            continue
+        first = token.i
+        while first > 0 and token.i - first < 4:
+            previous = doc[first - 1]
+            if previous.i in matched_tokens and entity_type == "procedure":
+                first -= 1  # "hernia repair", "kidney pancreas transplant": a finding inside a procedure phrase
+                continue
+            if previous.i in matched_tokens or not _is_modifier(previous):
+                break
+            first -= 1
+        if first == token.i:
+            continue
+        start = doc[first].idx
+        candidates.append(
+            _Candidate(
+                start,
+                token.idx + len(token.text),
+                entity_type,
+                doc.text[start : token.idx + len(token.text)].lower(),
+                {},
+            )
+        )
     return candidates
 
 
@@ -1230,7 +1497,7 @@ _NOT_DIAGNOSIS_AFTER = {
 _DIAGNOSIS_ONLY_WITH = {
     "pcp": (
         re.compile(
-            r"(?:for|with|treated|c/f|concern\s+for|r/o|presumed|suspected|dx|diagnosed|of|no|prophylaxis\s+against)\s+$",
+            r"(?:for|treated|c/f|concern\s+for|r/o|presumed|suspected|dx|diagnosed|of|no|prophylaxis\s+against)\s+$",
             re.I,
         ),
         re.compile(r"\s+(?:pneumonia|prophylaxis|ppx|pna)", re.I),
@@ -1315,6 +1582,23 @@ def _pattern_candidates(text: str) -> list[_Candidate]:
     for match in _YEAR_RE.finditer(text):
         year = match.group("year")
         candidates.append(_Candidate(match.start("year"), match.end("year"), "date", year, {"year": year}))
+    for match in _ATTACHED_LAB_RE.finditer(text):
+        if match.group("name").lower() in _lab_names():
+            value = _normalise_number(match.group("value"))
+            candidates.append(
+                _Candidate(match.start(), match.end(), "lab", match.group("name").lower(), {"value": value})
+            )
+    for match in _LEVEL_RE.finditer(text):
+        value = (match.group("cmp") or "") + _normalise_number(match.group("value"))
+        name = " ".join(match.group("name").lower().split())
+        candidates.append(_Candidate(match.start(), match.end(), "lab", name, {"value": value}))
+    for match in _ABBREVIATED_LAB_RE.finditer(text):
+        if match.group("name").upper() in _NOT_LAB_ABBREVIATIONS or match.group("name").lower() in _other_names():
+            continue
+        if re.fullmatch(r"\d{1,2}/\d{1,2}", match.group("value")):
+            continue  # "EGD 3/14": a date
+        value = _normalise_slashed(re.sub(r"[\s,<>=]", "", match.group("value")))
+        candidates.append(_Candidate(match.start(), match.end(), "lab", match.group("name"), {"value": value}))
     for match in _LAB_PAIR_RE.finditer(text):
         names = [name.lower() for name in match.group("names").split("/")]
         if not any(name in _lab_names() for name in names):
@@ -1322,6 +1606,11 @@ def _pattern_candidates(text: str) -> list[_Candidate]:
         value = _normalise_slashed(re.sub(r"\s+", "", match.group("values")))
         candidates.append(_Candidate(match.start(), match.end(), "lab", "/".join(names), {"value": value}))
     return candidates
+
+
+@cache
+def _other_names() -> frozenset[str]:
+    return frozenset(term.lower() for term, entity_type, _name in _vocabulary() if entity_type != "lab")
 
 
 @cache

