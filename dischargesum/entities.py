@@ -1571,55 +1571,56 @@ def _typed_candidate(text: str, start: int, end: int, entity_type: str, name: st
     return _Candidate(start, end, entity_type, name, attrs)
 
 
-def _name_candidates(pipeline: _Pipeline, doc: Any) -> list[_Candidate]:
-    text = doc.text
+def _name_candidates(pipeline: _Pipeline, doc: Any, text: str) -> list[_Candidate]:
     candidates = []
     matches = pipeline.matcher_lower(doc) + pipeline.matcher_exact(doc)
-    if not any(char.isupper() for char in text):
+    if text.islower():  # no capital letter left: the "lower" style
         matches += pipeline.matcher_folded(doc)
     matched_tokens: set[int] = set()
-    lowers = [token.lower_ for token in doc]
+    # One pass over the tokens (creating spaCy Token objects dominates the extractor's time; doc.text too).
+    tokens = [(t.lower_, t.idx, t.idx + len(t.text), t.is_alpha, t.is_stop, t.like_num) for t in doc]
+    lowers = [token[0] for token in tokens]
     for index in range(len(lowers) - 1):
         for words, entity_type, name in pipeline.multi_terms.get((lowers[index], lowers[index + 1]), ()):
             if tuple(lowers[index : index + len(words)]) == words:
-                span = doc[index : index + len(words)]
-                candidate = _typed_candidate(text, span.start_char, span.end_char, entity_type, name)
+                last = index + len(words) - 1
+                candidate = _typed_candidate(text, tokens[index][1], tokens[last][2], entity_type, name)
                 if candidate is not None:
                     candidates.append(candidate)
-                    matched_tokens.update(range(index, index + len(words)))
+                    matched_tokens.update(range(index, last + 1))
     for match_id, token_start, token_end in matches:
         entity_type, name = pipeline.labels[match_id]
-        span = doc[token_start:token_end]
-        candidate = _typed_candidate(text, span.start_char, span.end_char, entity_type, name)
+        candidate = _typed_candidate(text, tokens[token_start][1], tokens[token_end - 1][2], entity_type, name)
         if candidate is not None:
             candidates.append(candidate)
             matched_tokens.update(range(token_start, token_end))
-    for token in doc:
-        if token.i in matched_tokens or not token.is_alpha:
+    for index, (lower, start, end, is_alpha, _stop, _num) in enumerate(tokens):
+        if not is_alpha or index in matched_tokens:
             continue
-        lower = token.lower_
         hit = pipeline.single_terms.get(lower)
         if hit is None and len(lower) >= 7 and lower not in _SUFFIX_EXCEPTIONS:
             hit = next(((t, lower) for t, endings in _SUFFIX_TYPES if lower.endswith(endings)), None)
         if hit is None and lower.endswith("s") and len(lower) > 5:
             hit = pipeline.single_terms.get(lower[:-1])  # "myalgias", "arrhythmias"
         if hit is not None:
-            candidate = _typed_candidate(text, token.idx, token.idx + len(token.text), *hit)
+            candidate = _typed_candidate(text, start, end, *hit)
             if candidate is not None:
                 candidates.append(candidate)
-                matched_tokens.add(token.i)
-    candidates += _head_phrase_candidates(doc, matched_tokens)
+                matched_tokens.add(index)
+    candidates += _head_phrase_candidates(text, tokens, matched_tokens)
     return candidates
 
 
-def _is_modifier(token: Any) -> bool:
-    lower = token.lower_
-    if token.like_num or lower in ("cm", "mm", "%", "+", "-"):
+def _is_modifier(token: tuple[str, int, int, bool, bool, bool]) -> bool:
+    lower, _start, _end, is_alpha, is_stop, like_num = token
+    if like_num or lower in ("cm", "mm", "%", "+", "-"):
         return True
-    return token.is_alpha and len(lower) >= 1 and not token.is_stop and lower not in _NOT_MODIFIERS
+    return is_alpha and not is_stop and lower not in _NOT_MODIFIERS
 
 
-def _head_phrase_candidates(doc: Any, matched_tokens: set[int]) -> list[_Candidate]:
+def _head_phrase_candidates(
+    text: str, tokens: list[tuple[str, int, int, bool, bool, bool]], matched_tokens: set[int]
+) -> list[_Candidate]:
     """Finding and procedure phrases built on a head noun ("pericholecystic fluid", "open ventral hernia repair").
 
     A head from ``lexicon.FINDING_HEADS`` / ``PROCEDURE_HEADS`` becomes a diagnosis / procedure only with at
@@ -1627,31 +1628,22 @@ def _head_phrase_candidates(doc: Any, matched_tokens: set[int]) -> list[_Candida
     another entity), so a bare "fluid" or "repair" is nothing.
     """
     candidates = []
-    for token in doc:
-        entity_type = _HEAD_TYPES.get(token.lower_)
+    for index, token in enumerate(tokens):
+        entity_type = _HEAD_TYPES.get(token[0])
         if entity_type is None:
             continue
-        first = token.i
-        while first > 0 and token.i - first < 4:
-            previous = doc[first - 1]
-            if previous.i in matched_tokens and entity_type == "procedure":
+        first = index
+        while first > 0 and index - first < 4:
+            if first - 1 in matched_tokens and entity_type == "procedure":
                 first -= 1  # "hernia repair", "kidney pancreas transplant": a finding inside a procedure phrase
                 continue
-            if previous.i in matched_tokens or not _is_modifier(previous):
+            if first - 1 in matched_tokens or not _is_modifier(tokens[first - 1]):
                 break
             first -= 1
-        if first == token.i:
+        if first == index:
             continue
-        start = doc[first].idx
-        candidates.append(
-            _Candidate(
-                start,
-                token.idx + len(token.text),
-                entity_type,
-                doc.text[start : token.idx + len(token.text)].lower(),
-                {},
-            )
-        )
+        start, end = tokens[first][1], token[2]
+        candidates.append(_Candidate(start, end, entity_type, text[start:end].lower(), {}))
     return candidates
 
 
@@ -1790,14 +1782,16 @@ def _lab_names() -> frozenset[str]:
     return frozenset(term.lower() for term, entity_type, _name in _vocabulary() if entity_type == "lab")
 
 
-def _abbreviation_candidates(pipeline: _Pipeline, doc: Any, candidates: list[_Candidate]) -> list[_Candidate]:
+def _abbreviation_candidates(
+    pipeline: _Pipeline, doc: Any, text: str, candidates: list[_Candidate]
+) -> list[_Candidate]:
     """Candidates for short forms defined in the text ("hospital-acquired pneumonia (HAP)" ... "HAP").
 
     The definition's "(HAP)" is absorbed into the long form's span; other occurrences of the short form get the
     long form's type and canonical name. A long form that is not itself a lexicon entity types nothing: the
     detector knows that "SBP" abbreviates some words, not that they are a diagnosis.
     """
-    if pipeline.abbreviation_detector is None or "(" not in doc.text:
+    if pipeline.abbreviation_detector is None or "(" not in text:
         return []
     doc._.abbreviations = []
     with warnings.catch_warnings():
@@ -1820,7 +1814,7 @@ def _abbreviation_candidates(pipeline: _Pipeline, doc: Any, candidates: list[_Ca
         if owner is None:
             continue
         if 0 <= short.start_char - long_form.end_char <= 2:
-            closing = doc.text.find(")", short.end_char, short.end_char + 2)
+            closing = text.find(")", short.end_char, short.end_char + 2)
             if closing != -1 and owner.end <= short.start_char:
                 owner.end = closing + 1
             continue
@@ -1944,8 +1938,8 @@ def _entities_from_doc(pipeline: _Pipeline, doc: Any) -> list[Entity]:
     text = doc.text
     if not text.strip():
         return []
-    candidates = _name_candidates(pipeline, doc) + _date_candidates(text) + _pattern_candidates(text)
-    candidates += _abbreviation_candidates(pipeline, doc, candidates)
+    candidates = _name_candidates(pipeline, doc, text) + _date_candidates(text) + _pattern_candidates(text)
+    candidates += _abbreviation_candidates(pipeline, doc, text, candidates)
     kept = [
         candidate
         for candidate in _resolve_overlaps(candidates)
