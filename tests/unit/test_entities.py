@@ -30,15 +30,17 @@ GOLD_PATH = REPO_ROOT / "tests" / "data" / "entity_gold_v2_dev.jsonl"
 # Span-level (overlap) F1 floors on the v2 development gold set (written by two annotators from the v2 guidelines;
 # the extractor was tuned on it, so these are in-sample figures), just below what benchmarks/entity_gold_eval.py
 # measured (benchmarks/results/entity_extractor_gold_v2_dev.json). A regression in any type fails here.
+# Measured: medication 0.959, vital 0.973, lab 0.908, date 0.948, diagnosis 0.905, procedure 0.877, overall 0.920,
+# negation accuracy 0.987.
 GOLD_F1_FLOORS = {
-    "medication": 0.93,
-    "vital": 0.94,
-    "lab": 0.87,
-    "date": 0.92,
-    "diagnosis": 0.88,
-    "procedure": 0.84,
+    "medication": 0.94,
+    "vital": 0.95,
+    "lab": 0.89,
+    "date": 0.93,
+    "diagnosis": 0.89,
+    "procedure": 0.86,
 }
-GOLD_OVERALL_F1_FLOOR = 0.90
+GOLD_OVERALL_F1_FLOOR = 0.91
 GOLD_NEGATION_ACCURACY_FLOOR = 0.97
 
 
