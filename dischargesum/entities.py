@@ -1432,6 +1432,32 @@ def _get_pipeline() -> _Pipeline:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+class _Token:
+    """The attributes of a spaCy token the extractor reads, copied once per text."""
+
+    __slots__ = ("idx", "is_alpha", "is_punct", "is_space", "is_stop", "like_num", "lower_", "text")
+
+    def __init__(
+        self,
+        text: str,
+        lower: str,
+        idx: int,
+        is_alpha: bool,
+        is_stop: bool,
+        like_num: bool,
+        is_punct: bool,
+        is_space: bool,
+    ) -> None:
+        self.text, self.lower_, self.idx = text, lower, idx
+        self.is_alpha, self.is_stop, self.like_num, self.is_punct, self.is_space = (
+            is_alpha,
+            is_stop,
+            like_num,
+            is_punct,
+            is_space,
+        )
+
+
 @dataclass
 class _Candidate:
     start: int
@@ -1571,14 +1597,14 @@ def _typed_candidate(text: str, start: int, end: int, entity_type: str, name: st
     return _Candidate(start, end, entity_type, name, attrs)
 
 
-def _name_candidates(pipeline: _Pipeline, doc: Any, text: str) -> list[_Candidate]:
+def _name_candidates(pipeline: _Pipeline, doc: Any, text: str, token_info: list[_Token]) -> list[_Candidate]:
     candidates = []
     matches = pipeline.matcher_lower(doc) + pipeline.matcher_exact(doc)
     if text.islower():  # no capital letter left: the "lower" style
         matches += pipeline.matcher_folded(doc)
     matched_tokens: set[int] = set()
     # One pass over the tokens (creating spaCy Token objects dominates the extractor's time; doc.text too).
-    tokens = [(t.lower_, t.idx, t.idx + len(t.text), t.is_alpha, t.is_stop, t.like_num) for t in doc]
+    tokens = [(t.lower_, t.idx, t.idx + len(t.text), t.is_alpha, t.is_stop, t.like_num) for t in token_info]
     lowers = [token[0] for token in tokens]
     for index in range(len(lowers) - 1):
         for words, entity_type, name in pipeline.multi_terms.get((lowers[index], lowers[index + 1]), ()):
@@ -1845,7 +1871,7 @@ class _NegationIndex:
     post_cue_starts: frozenset[int]
 
 
-def _negation_index(pipeline: _Pipeline, doc: Any) -> _NegationIndex:
+def _negation_index(pipeline: _Pipeline, doc: Any, tokens: list[_Token]) -> _NegationIndex:
     pseudo_tokens: set[int] = set()
     cues = []
     for match_id, start, end in pipeline.cue_matcher(doc):
@@ -1862,16 +1888,16 @@ def _negation_index(pipeline: _Pipeline, doc: Any) -> _NegationIndex:
             continue
         # "PE was ruled out." / "... ruled out with CTA" negate what precedes; in "CTA ruled out PE" the cue has an
         # object, so it is a pre-entity cue (the lexicon lists "ruled out" as one) and says nothing about "CTA".
-        following = doc[end] if end < len(doc) else None
+        following = tokens[end] if end < len(tokens) else None
         used_after = following is None or _is_terminator(following) or following.is_punct
         used_after = used_after or (following is not None and following.lower_ in _SCOPE_PREPOSITIONS)
         # "PE was ruled out and heparin stopped": the cue closes its clause, it does not open a new scope.
         used_after = used_after or (following is not None and following.lower_ in ("and", "given", "as", "because"))
-        if label == "PRE" and not (used_after and doc[start:end].text.lower() in post_phrases):
+        if label == "PRE" and not (used_after and doc[start:end].text.lower() in post_phrases):  # cues only
             pre_ends.add(end - 1)
         elif label == "POST" and used_after:
             post_starts.add(start)
-    return _NegationIndex([token.idx for token in doc], frozenset(pre_ends), frozenset(post_starts))
+    return _NegationIndex([token.idx for token in tokens], frozenset(pre_ends), frozenset(post_starts))
 
 
 def _is_terminator(token: Any) -> bool:
@@ -1879,7 +1905,7 @@ def _is_terminator(token: Any) -> bool:
     return text in _TERMINATOR_PUNCT or ("\n" in text and token.is_space) or text.lower() in _SCOPE_TERMINATORS
 
 
-def _negated(doc: Any, index: _NegationIndex, start: int, end: int) -> bool:
+def _negated(doc: list[_Token], index: _NegationIndex, start: int, end: int) -> bool:
     """NegEx-style: a cue within 6 words before the entity, or a post-cue within 3 words after it.
 
     The scope stops at sentence punctuation (. ; : ! ?), a line break, a terminator word ("but", "however",
@@ -1934,21 +1960,25 @@ def _make_key(entity_type: str, name: str, detail: str | None, negated: bool) ->
     return key + ("|negated" if negated else "")
 
 
-def _entities_from_doc(pipeline: _Pipeline, doc: Any) -> list[Entity]:
-    text = doc.text
+def _entities_from_doc(pipeline: _Pipeline, doc: Any, text: str) -> list[Entity]:
     if not text.strip():
         return []
-    candidates = _name_candidates(pipeline, doc, text) + _date_candidates(text) + _pattern_candidates(text)
+    # Plain copies of the token attributes used below: creating spaCy Token objects (every ``doc[i]``, every
+    # iteration) dominated the extractor's time, so the doc is walked once.
+    token_info = [
+        _Token(t.text, t.lower_, t.idx, t.is_alpha, t.is_stop, t.like_num, t.is_punct, t.is_space) for t in doc
+    ]
+    candidates = _name_candidates(pipeline, doc, text, token_info) + _date_candidates(text) + _pattern_candidates(text)
     candidates += _abbreviation_candidates(pipeline, doc, text, candidates)
     kept = [
         candidate
         for candidate in _resolve_overlaps(candidates)
         if not (candidate.type == "date" and _NON_ENTITY_DATE_RE.fullmatch(candidate.name))
     ]
-    negation_index = _negation_index(pipeline, doc)
+    negation_index = _negation_index(pipeline, doc, token_info)
     entities = []
     for candidate in kept:
-        negated = _negated(doc, negation_index, candidate.start, candidate.end)
+        negated = _negated(token_info, negation_index, candidate.start, candidate.end)
         attrs = tuple(sorted(candidate.attrs.items(), key=lambda item: _ATTR_ORDER.index(item[0])))
         entities.append(
             Entity(
@@ -1974,7 +2004,7 @@ def extract_entities(text: str) -> list[Entity]:
     if not isinstance(text, str):
         raise TypeError(f"extract_entities expects a str, got {type(text).__name__}")
     pipeline = _get_pipeline()
-    return _entities_from_doc(pipeline, pipeline.nlp.make_doc(text))
+    return _entities_from_doc(pipeline, pipeline.nlp.make_doc(text), text)
 
 
 def extract_entities_batch(texts: Iterable[str], batch_size: int = 256) -> list[list[Entity]]:
@@ -1994,7 +2024,9 @@ def extract_entities_batch(texts: Iterable[str], batch_size: int = 256) -> list[
                 raise TypeError(f"extract_entities_batch: item {position} is {type(item).__name__}, not str")
             yield item
 
-    return [_entities_from_doc(pipeline, doc) for doc in pipeline.nlp.pipe(checked(texts), batch_size=batch_size)]
+    items = list(checked(texts))  # the strings themselves: rebuilding doc.text costs a pass over the tokens
+    docs = pipeline.nlp.pipe(items, batch_size=batch_size)
+    return [_entities_from_doc(pipeline, doc, text) for doc, text in zip(docs, items, strict=True)]
 
 
 # ----------------------------------------------------------------------------------------------------------------
