@@ -83,32 +83,32 @@ def test_static_cache_gives_the_dynamic_cache_tokens_beyond_the_window(
         assert rings[0].keys.shape[2] == window < static._static_shape[1]
 
 
-def test_compiled_decoding_does_not_recompile_per_step(
-    dynamic_engine: InferenceEngine, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_compiled_decoding_does_not_recompile_per_step(dynamic_engine: InferenceEngine) -> None:
     import torch._dynamo
 
     torch._dynamo.reset()
-    # Any recompilation (a guard failing between decoding steps or batches of the same shape) raises.
-    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
-    window = dynamic_engine.model.config.get_text_config(decoder=True).sliding_window
-    requests = _requests(window, n=8, max_new=12)
-    compiled = InferenceEngine(
-        dynamic_engine.model,
-        dynamic_engine.tokenizer,
-        EngineSettings(
-            max_batch_size=4, batch_token_budget=4096, cache_implementation="static", compile=True,
-            sliding_window_cache="ring", prefill_chunk_rows=2,
-        ),
-    )  # fmt: skip
-    # two batches of 4: chunked prefill and the first step eager, 10 compiled steps each; the ring's slot index and
-    # mask are tensors, so the steps and the second batch reuse the first compilation
-    results = compiled.generate_all(requests)
-    assert [r.new_tokens for r in results if r.finish_reason == "length"] == [12] * sum(
-        r.finish_reason == "length" for r in results
-    )
-    reference = [r.token_ids for r in dynamic_engine.generate_all(requests)]
-    assert [r.token_ids for r in results] == reference
+    # Any recompilation (a guard failing between decoding steps or batches of the same shape) raises. torch's own
+    # config.patch restores the flag (a monkeypatch of the config module left it unreadable in torch 2.13: the
+    # next recompilation in the same process, in another test, raised AttributeError).
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        window = dynamic_engine.model.config.get_text_config(decoder=True).sliding_window
+        requests = _requests(window, n=8, max_new=12)
+        compiled = InferenceEngine(
+            dynamic_engine.model,
+            dynamic_engine.tokenizer,
+            EngineSettings(
+                max_batch_size=4, batch_token_budget=4096, cache_implementation="static", compile=True,
+                sliding_window_cache="ring", prefill_chunk_rows=2,
+            ),
+        )  # fmt: skip
+        # two batches of 4: chunked prefill and the first step eager, 10 compiled steps each; the ring's slot index and
+        # mask are tensors, so the steps and the second batch reuse the first compilation
+        results = compiled.generate_all(requests)
+        assert [r.new_tokens for r in results if r.finish_reason == "length"] == [12] * sum(
+            r.finish_reason == "length" for r in results
+        )
+        reference = [r.token_ids for r in dynamic_engine.generate_all(requests)]
+        assert [r.token_ids for r in results] == reference
     torch._dynamo.reset()
 
 
