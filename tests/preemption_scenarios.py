@@ -242,3 +242,12 @@ def check_scenario(s: Scenario, table: str = "") -> None:
         assert step >= 2, (s.name, step)
     assert f["last_step"] == step, (s.name, f["last_step"], step)  # nothing trained past the checkpoint
     assert f"committed {s.out}/checkpoint-{step}" in f["log"], log
+
+
+def run_and_check_phase(phase: str, processes: int, tmp_path: Path, dataset_dir: Path, model_dir: Path) -> None:
+    """Run the three signal targets of ``phase`` side by side, print their table (pytest -rP shows it), check each."""
+    scenarios = run_phase(phase, processes, tmp_path, dataset_dir, model_dir)
+    table = "\n".join(s.row() for s in scenarios)
+    print(table)
+    for s in scenarios:
+        check_scenario(s, table)
