@@ -77,3 +77,23 @@ def accelerate_launch(
         cwd=ROOT,
         env=env or subprocess_env(),
     )
+
+
+def tiny_sft_config(dataset_dir: Path, model_dir: Path, out: Path, **overrides: object):
+    """An in-process SFTConfig for the tiny model: unquantised base, LoRA r4/alpha 8, micro-batch 2, no accumulation,
+    one step; ``overrides`` win."""
+    from dischargesum.config import SFTConfig
+
+    fields: dict[str, object] = dict(
+        output_dir=str(out),
+        dataset_dir=str(dataset_dir),
+        model_name_or_path=str(model_dir),
+        load_in_4bit=False,
+        max_steps=1,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=1,
+        lora_r=4,
+        lora_alpha=8,
+    )
+    fields.update(overrides)
+    return SFTConfig(**fields)  # type: ignore[arg-type]

@@ -13,6 +13,7 @@ import torch
 from dischargesum.config import SFTConfig
 from dischargesum.manifest import read_manifest
 from tests.fixtures_data import make_prepared_dataset
+from tests.helpers import tiny_sft_config
 
 # In-process (no launcher), but each test trains the tiny model end to end: ~30 s on a loaded 2-core CPU.
 pytestmark = pytest.mark.integration
@@ -24,23 +25,8 @@ def dataset_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) 
 
 
 def _cfg(dataset_dir: Path, model_dir: Path, out: Path, **kw) -> SFTConfig:
-    base = dict(
-        output_dir=str(out),
-        dataset_dir=str(dataset_dir),
-        model_name_or_path=str(model_dir),
-        load_in_4bit=False,
-        max_steps=3,
-        save_steps=2,
-        logging_steps=1,
-        per_device_train_batch_size=2,
-        gradient_accumulation_steps=1,
-        lora_r=4,
-        lora_alpha=8,
-        gradient_checkpointing=False,
-        eval_steps=0,
-    )
-    base.update(kw)
-    return SFTConfig(**base)
+    steps = {"max_steps": 3, "save_steps": 2, "logging_steps": 1, "gradient_checkpointing": False, "eval_steps": 0}
+    return tiny_sft_config(dataset_dir, model_dir, out, **{**steps, **kw})
 
 
 def _nan_loss_at(monkeypatch: pytest.MonkeyPatch, bad_steps: set[int]) -> None:

@@ -12,6 +12,7 @@ from dischargesum.cli import UserError
 from dischargesum.config import ConfigError, SFTConfig
 from dischargesum.manifest import ArtifactError
 from tests.fixtures_data import make_prepared_dataset
+from tests.helpers import tiny_sft_config
 
 pytestmark = pytest.mark.unit
 
@@ -22,20 +23,7 @@ def dataset_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) 
 
 
 def _cfg(dataset_dir: Path, model_dir: Path, out: Path, **kw) -> SFTConfig:
-    base = dict(
-        output_dir=str(out),
-        dataset_dir=str(dataset_dir),
-        model_name_or_path=str(model_dir),
-        load_in_4bit=False,
-        max_steps=1,
-        per_device_train_batch_size=2,
-        gradient_accumulation_steps=1,
-        lora_r=4,
-        lora_alpha=8,
-        gradient_checkpointing=False,
-    )
-    base.update(kw)
-    return SFTConfig(**base)
+    return tiny_sft_config(dataset_dir, model_dir, out, **{"gradient_checkpointing": False, **kw})
 
 
 def _trainer(cfg: SFTConfig):
