@@ -599,7 +599,7 @@ def rank_generation_stats(part: Path) -> dict[str, Any]:
 
     ``steady_*`` leave out the rank's first batch, which carries one-time costs (CUDA kernels and allocator warm-up).
     """
-    from dischargesum.inference import read_jsonl
+    from dischargesum.artifacts import read_jsonl
 
     recs = read_jsonl(part) if part.is_file() else []
     first = int(recs[0].get("batch_size", 1)) if recs else 0
@@ -966,7 +966,7 @@ class Bench:
 
     # -- generation ---------------------------------------------------------------------------------------------
     def run_generation(self) -> dict[str, Any]:
-        from dischargesum.inference import read_jsonl
+        from dischargesum.artifacts import read_jsonl
 
         s = self.s
         adapter, source = None, None

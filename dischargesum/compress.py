@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from dischargesum.artifacts import STAGE2_FILE
 from dischargesum.config import CompressConfig, GenerateConfig, PipelineConfig, parse_config
 from dischargesum.logging_utils import get_logger
 from dischargesum.manifest import ArtifactError, fingerprint_file, finish_run, require_artifact, sha256_file, start_run
@@ -48,7 +49,6 @@ if TYPE_CHECKING:
 
 logger = get_logger(__name__)
 
-STAGE2_FILE = "stage2.jsonl"
 # Slack above the length cap so a rewrite near the limit can finish its sentence and emit its stop token.
 _CAP_SLACK_TOKENS = 16
 
@@ -324,7 +324,7 @@ def read_stage1(path: str | Path, *, field: str = "input") -> list[tuple[str, st
         ArtifactError: the file's directory is not a completed generate output, or a line lacks note_id/summary,
             or note_ids repeat.
     """
-    from dischargesum.inference import read_jsonl
+    from dischargesum.artifacts import read_jsonl
 
     p = Path(path)
     require_artifact(p.parent, stage="generate", field=field, files=[p.name])

@@ -17,6 +17,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from dischargesum.artifacts import EVAL_METRICS_FILE as METRICS_FILE
+from dischargesum.artifacts import MODEL_CARD_FILE
 from dischargesum.config import ConfigError, ExportConfig
 from dischargesum.logging_utils import get_logger
 from dischargesum.manifest import (
@@ -30,9 +32,7 @@ from dischargesum.manifest import (
 
 logger = get_logger(__name__)
 
-METRICS_FILE = "metrics.json"
 EVAL_COPY_DIR = "eval"
-MODEL_CARD_FILE = "README.md"
 # Files a serving engine needs besides config, weights and tokenizer: Gemma 3 VLMs (MedGemma) declare an image
 # processor; vLLM refuses to start Gemma3ForConditionalGeneration without it.
 BASE_PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")

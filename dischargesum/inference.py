@@ -64,6 +64,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from transformers import GenerationConfig, LogitsProcessor, StoppingCriteria
 
+from dischargesum.artifacts import PARTS_DIR, STAGE1_FILE, read_jsonl
 from dischargesum.cli import UserError
 from dischargesum.config import ConfigError, InferenceConfig
 from dischargesum.kv_cache import (
@@ -92,8 +93,6 @@ if TYPE_CHECKING:
 logger = get_logger(__name__)
 
 FinishReason = Literal["eos", "length"]
-STAGE1_FILE = "stage1.jsonl"
-PARTS_DIR = "parts"
 # End-of-turn tokens of the chat templates we know (Gemma, Llama 3, ChatML, Phi-3), used as stop tokens when the
 # tokenizer has them; the tokenizer's eos and the model's generation_config eos ids are always stop tokens too.
 END_OF_TURN_TOKENS = ("<end_of_turn>", "<|eot_id|>", "<|im_end|>", "<|end|>")
@@ -984,27 +983,6 @@ def repair_jsonl(path: str | Path, key: str = "note_id") -> int:
         os.replace(tmp, p)
         logger.warning("%s: dropped %d torn or unreadable line(s); those notes will be generated again", p, dropped)
     return dropped
-
-
-def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """Records of a JSONL file (one JSON object per line; blank lines skipped).
-
-    Raises:
-        ArtifactError: a line is not a JSON object.
-    """
-    records = []
-    with open(path, encoding="utf-8") as fh:
-        for number, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ArtifactError(f"{path}: line {number} is not valid JSON ({exc.msg}).") from None
-            if not isinstance(record, dict):
-                raise ArtifactError(f"{path}: line {number} is not a JSON object.")
-            records.append(record)
-    return records
 
 
 class ShardedJsonlOutput:

@@ -32,13 +32,12 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dischargesum.artifacts import MANIFEST_NAME, RESOLVED_CONFIG_NAME
 from dischargesum.logging_utils import get_logger, is_main_process
 
 if TYPE_CHECKING:
     from dischargesum.config import BaseConfig
 
-MANIFEST_NAME = "manifest.json"
-RESOLVED_CONFIG_NAME = "run_config.yaml"
 _LIBRARIES = (
     "dischargesum",
     "torch",

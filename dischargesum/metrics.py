@@ -72,7 +72,6 @@ from __future__ import annotations
 
 import difflib
 import itertools
-import json
 import math
 import multiprocessing
 import os
@@ -86,6 +85,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dischargesum.artifacts import OUR_OUTPUT_FILES, read_jsonl
 from dischargesum.cli import UserError
 from dischargesum.config import ConfigError, EvalConfig
 from dischargesum.data.schema import SPLIT_FILES
@@ -108,7 +108,6 @@ DEFAULT_PREDICTION_COLUMNS: dict[str, dict[str, str]] = {
 }
 # The files generate and compress write (dischargesum.inference.STAGE1_FILE and compress's output; a unit test
 # keeps these equal without importing torch-heavy modules here).
-OUR_OUTPUT_FILES: dict[str, str] = {"generate": "stage1.jsonl", "compress": "stage2.jsonl"}
 # prepare_data's column names (dischargesum.data.schema) for the dataset split / a references file.
 DEFAULT_REFERENCE_COLUMNS: dict[str, str] = {"note_id": "note_id", "reference": "summary", "source": "note"}
 ROLE_LABELS: dict[str, dict[str, str]] = {
@@ -172,22 +171,7 @@ def read_table(path: str | Path, *, field_name: str, columns: Iterable[str] | No
     wanted = set(columns) if columns is not None else None
     try:
         if suffix == ".jsonl":
-            rows = []
-            with open(p, encoding="utf-8") as fh:
-                for line_number, line in enumerate(fh, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError as exc:
-                        raise UserError(
-                            f"`{field_name}` = {path}: line {line_number} is not valid JSON ({exc.msg}); a truncated "
-                            "last line means the writing stage was interrupted — rerun it."
-                        ) from None
-                    if not isinstance(record, dict):
-                        raise UserError(f"`{field_name}` = {path}: line {line_number} is not a JSON object.")
-                    rows.append(record if wanted is None else {k: v for k, v in record.items() if k in wanted})
-            return rows
+            return read_jsonl(p, error=UserError, label=f"`{field_name}` = {path}", columns=wanted)
         import pandas as pd
 
         if suffix in (".csv", ".tsv"):

@@ -20,6 +20,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from dischargesum.artifacts import EVAL_METRICS_FILE as METRICS_FILE
+from dischargesum.artifacts import PER_SAMPLE_FILE, REPORT_FILE, TENSORBOARD_DIR
 from dischargesum.config import EvalConfig
 from dischargesum.logging_utils import get_logger
 from dischargesum.manifest import atomic_write_json, atomic_write_text, fingerprint_file, open_private
@@ -27,10 +29,6 @@ from dischargesum.metrics import ROUGE_TYPES, EvalResult, length_bucket_labels
 
 logger = get_logger(__name__)
 
-METRICS_FILE = "metrics.json"
-PER_SAMPLE_FILE = "per_sample.csv"
-REPORT_FILE = "report.md"
-TENSORBOARD_DIR = "tensorboard"
 PLOT_FILES = {
     "distributions": "metric_distributions.png",
     "compression": "compression_vs_retention.png",

@@ -8,10 +8,7 @@ three split files. sft_qlora, generate and eval read these names from here and n
 
 from __future__ import annotations
 
-SPLITS = ("train", "validation", "test")
-SPLIT_FILES = {split: f"{split}.parquet" for split in SPLITS}
-REJECTS_FILE = "rejects.jsonl"
-DATA_CARD_FILE = "data_card.json"
+from dischargesum.artifacts import DATA_CARD_FILE, REJECTS_FILE, SPLIT_FILES, SPLITS  # noqa: F401 (re-exported)
 
 # column -> meaning
 PREPARED_COLUMNS: dict[str, str] = {

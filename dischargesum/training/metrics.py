@@ -12,10 +12,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from dischargesum.artifacts import TRAIN_METRICS_FILE as METRICS_FILE
 from dischargesum.logging_utils import is_main_process
 from dischargesum.manifest import atomic_write_text
-
-METRICS_FILE = "metrics.jsonl"
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:

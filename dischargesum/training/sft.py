@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dischargesum.artifacts import DATA_FINGERPRINT_FILE, FINAL_DIR, MODEL_CARD_FILE, TENSORBOARD_DIR
 from dischargesum.cli import EXIT_NONFINITE, UserError
 from dischargesum.config import ConfigError, SFTConfig
 from dischargesum.data import schema
@@ -62,10 +63,6 @@ if TYPE_CHECKING:
 
 logger = get_logger(__name__)
 
-FINAL_DIR = "final"
-TENSORBOARD_DIR = "tensorboard"
-DATA_FINGERPRINT_FILE = "data_fingerprint.json"
-MODEL_CARD_FILE = "README.md"
 DATASETS_CACHE_DIR = ".datasets_cache"
 
 
