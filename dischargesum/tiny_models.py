@@ -251,6 +251,12 @@ def build_random_bert(
         corpus,
         trainers.WordPieceTrainer(vocab_size=tokenizer_vocab_size, special_tokens=specials, show_progress=False),
     )
+    # The trainer numbers the continuing-subword alphabet ("##a", "##0", ...) in hash-map order, so two builds from
+    # the same corpus got different ids for the same pieces (and a random encoder different scores). Same pieces,
+    # one canonical numbering: the special tokens first, then every other piece in sorted order.
+    pieces = tok.get_vocab()
+    ordered = specials + sorted(p for p in pieces if p not in specials)
+    tok.model = models.WordPiece(vocab={p: i for i, p in enumerate(ordered)}, unk_token="[UNK]")
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]",

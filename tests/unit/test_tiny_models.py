@@ -99,3 +99,14 @@ def test_tiny_bert_encoder(tiny_bert_dir: Path) -> None:
     enc = tok(["metoprolol 25 mg PO BID"], return_tensors="pt")
     hidden = model(**enc, output_hidden_states=True).hidden_states
     assert len(hidden) == 3  # embeddings + 2 layers: bert_score needs num_layers <= 2
+
+
+def test_tiny_bert_build_is_byte_identical(tmp_path: Path, tiny_bert_dir: Path) -> None:
+    # The tokenizers WordPiece trainer numbers the continuing-subword alphabet ("##a", "##0", ...) in hash-map order,
+    # which changes from build to build; the demo's BERTScore then changed run to run with identical texts.
+    from dischargesum.tiny_models import build_tiny_bert
+
+    builds = [build_tiny_bert(tmp_path / f"b{i}", seed=0) for i in range(3)]
+    for build in builds:
+        for name in ("tokenizer.json", "model.safetensors"):
+            assert sha256_file(build / name) == sha256_file(tiny_bert_dir / name), name
