@@ -3,9 +3,10 @@
     python scripts/demo_digest.py [--output_dir outputs/demo] [--out digest.json] [--compare other_digest.json]
 
 Hashes the splits (parquet), the data card and rejects, the trained adapter weights, the stage-1 and stage-2
-predictions, and each eval run's metrics (its `timing_s` block removed: wall times differ run to run), per-sample
-scores and report. Files that record when or how long something ran (manifests, TensorBoard events, plots) are left
-out on purpose. `--compare` exits 1 and names every file whose digest differs or is missing.
+predictions (each record's `seconds` removed) and each eval run's metrics (its `timing_s` block removed), per-sample
+scores and report: wall times differ run to run, nothing else may. Files that record when or how long something ran
+(manifests, TensorBoard events, plots) are left out on purpose. `--compare` exits 1 and names every file whose
+digest differs or is missing.
 """
 
 from __future__ import annotations
@@ -34,8 +35,10 @@ ARTIFACTS = (
     "eval_stage2/report.md",
 )
 
-# Keys holding wall-clock measurements: dropped before hashing a JSON file.
+# Keys holding wall-clock measurements: dropped before hashing a JSON file (eval's timings) or each record of a JSONL
+# file (generate's and compress's per-note seconds).
 VOLATILE_JSON_KEYS = ("timing_s",)
+VOLATILE_RECORD_KEYS = ("seconds",)
 
 
 def _digest(path: Path) -> str:
@@ -45,6 +48,12 @@ def _digest(path: Path) -> str:
             for key in VOLATILE_JSON_KEYS:
                 data.pop(key, None)
         payload = json.dumps(data, sort_keys=True, ensure_ascii=False).encode("utf-8")
+    elif path.suffix == ".jsonl" and path.parent.name != "data":
+        records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        for record in records:
+            for key in VOLATILE_RECORD_KEYS:
+                record.pop(key, None)
+        payload = "\n".join(json.dumps(r, sort_keys=True, ensure_ascii=False) for r in records).encode("utf-8")
     else:
         payload = path.read_bytes()
     return hashlib.sha256(payload).hexdigest()
