@@ -38,7 +38,7 @@ ROUGE-1/2/L/Lsum (output vs reference)
     comparison with published numbers. ROUGE-Lsum treats each line of a text as one summary unit (rouge_score's
     newline convention); no sentence splitter runs (NLTK's punkt data is not available offline).
 
-Entities (``dischargesum.entities``, the one extractor compression also uses)
+Entities (``dischargesum.evaluation.entities``, the one extractor compression also uses)
     ``compare_entities(output, X)`` with set semantics on normalised keys, for X = reference (``vs_reference``) and
     X = source (``vs_source``); plus ``reference_vs_source`` — the reference compared with the source, a baseline
     for how many entities a *human* summary "adds" (extractor noise, or facts the shortened note no longer holds).
@@ -93,7 +93,7 @@ from dischargesum.logging_utils import get_logger, show_progress
 from dischargesum.manifest import RESOLVED_CONFIG_NAME, fingerprint_file, read_manifest, require_artifact
 
 if TYPE_CHECKING:
-    from dischargesum.entities import EntityComparison
+    from dischargesum.evaluation.entities import EntityComparison
 
 logger = get_logger(__name__)
 
@@ -631,7 +631,7 @@ def aggregate_entity_comparisons(comparisons: Sequence[EntityComparison | None])
     ``hallucination_rate`` is extra / output keys (1 - precision), micro and macro; ``samples_with_extra`` counts
     samples with at least one unsupported output entity.
     """
-    from dischargesum.entities import ENTITY_TYPES
+    from dischargesum.evaluation.entities import ENTITY_TYPES
 
     valid = [c for c in comparisons if c is not None]
 
@@ -752,7 +752,7 @@ def _score_text_chunk(chunk: list[tuple[str, str | None, str | None]]) -> list[T
         for triple in chunk
     ]
     if options.entities:
-        from dischargesum.entities import compare_entities, extract_entities_batch
+        from dischargesum.evaluation.entities import compare_entities, extract_entities_batch
 
         texts: list[str] = []
         slots: list[tuple[int, int]] = []  # (sample, role index)
@@ -778,7 +778,7 @@ def _score_text_chunk(chunk: list[tuple[str, str | None, str | None]]) -> list[T
                 if reference is not None:
                     result.reference_vs_source = compare_entities(reference, source)
     if options.numbers:
-        from dischargesum.entities import extract_numbers
+        from dischargesum.evaluation.entities import extract_numbers
 
         for result, (prediction, reference, source) in zip(results, chunk):
             output_numbers = extract_numbers(prediction)
@@ -794,7 +794,7 @@ def _score_text_chunk(chunk: list[tuple[str, str | None, str | None]]) -> list[T
             if reference is not None:
                 result.rouge = rouge_scores(_WORKER_ROUGE, prediction, reference)
     if options.generic_entities:
-        from dischargesum.entities import extract_generic_entities
+        from dischargesum.evaluation.entities import extract_generic_entities
 
         for result, (prediction, reference, _source) in zip(results, chunk):
             if reference is not None:
@@ -1362,7 +1362,7 @@ def _aggregate(
 
 def _sample_row(sample: EvalSample, scores: TextScores, bucket: str) -> dict[str, Any]:
     """The numeric part of one per_sample.csv row (BERTScore and token columns are added later)."""
-    from dischargesum.entities import ENTITY_TYPES
+    from dischargesum.evaluation.entities import ENTITY_TYPES
 
     row: dict[str, Any] = {"note_id": sample.note_id, "status": "scored", "length_bucket": bucket}
     row.update(sample.extra)
@@ -1416,7 +1416,7 @@ def evaluate(inputs: EvalInputs, cfg: EvalConfig, *, progress: bool | None = Non
     timing: dict[str, float] = {}
     evaluate_started = time.perf_counter()
     if cfg.generic_entities:
-        from dischargesum.entities import generic_channel_available
+        from dischargesum.evaluation.entities import generic_channel_available
 
         if not generic_channel_available():
             raise UserError(

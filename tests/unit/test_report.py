@@ -166,7 +166,7 @@ def test_per_sample_csv_is_owner_only(tmp_path: Path) -> None:
 
 
 def test_entity_with_its_abbreviation_is_not_expanded_twice() -> None:
-    from dischargesum.entities import extract_entities
+    from dischargesum.evaluation.entities import extract_entities
 
     def procedure(text: str):
         (found,) = [e for e in extract_entities(text) if e.type == "procedure"]

@@ -1,0 +1,1 @@
+"""Evaluation: score predictions against references and sources, and write the report."""
