@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from dischargesum.config import EvalConfig
+from dischargesum.evaluation.report import PLOT_FILES, write_report
 from dischargesum.metrics import evaluate, load_eval_inputs
-from dischargesum.report import PLOT_FILES, write_report
 
 pytestmark = pytest.mark.unit
 
@@ -157,7 +157,7 @@ def test_report_renders_with_only_a_reference_or_only_a_source(tmp_path: Path, k
 def test_per_sample_csv_is_owner_only(tmp_path: Path) -> None:
     import stat
 
-    from dischargesum.report import write_per_sample_csv
+    from dischargesum.evaluation.report import write_per_sample_csv
 
     path = tmp_path / "per_sample.csv"
     write_per_sample_csv([{"note_id": "1-DS-1", "prediction": "Admitted for chest pain."}], path)
@@ -185,7 +185,7 @@ def test_report_labels_the_sample_std_and_lists_warnings(full) -> None:
     import statistics
 
     assert result.metrics["overall"]["bertscore"]["f1"]["std"] == pytest.approx(statistics.stdev(f1))
-    from dischargesum.report import render_report_md
+    from dischargesum.evaluation.report import render_report_md
 
     result.metrics["warnings"] = ["no source note contains a digit"]
     try:
@@ -200,7 +200,7 @@ def test_plots_show_zero_bars_and_no_offset_axis() -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from dischargesum.report import _hist_range, bar_value_labels
+    from dischargesum.evaluation.report import _hist_range, bar_value_labels
 
     assert bar_value_labels([0.0, None, 0.5]) == ["0", "n/a", "0.50"]
     values = [1.0 - 1e-7, 1.0, 1.0 + 1e-7]  # stage-2 BERTScore of summaries kept unchanged
