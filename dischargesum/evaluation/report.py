@@ -23,9 +23,10 @@ from typing import Any
 from dischargesum.artifacts import EVAL_METRICS_FILE as METRICS_FILE
 from dischargesum.artifacts import PER_SAMPLE_FILE, REPORT_FILE, TENSORBOARD_DIR
 from dischargesum.config import EvalConfig
+from dischargesum.evaluation.evaluate import EvalResult
+from dischargesum.evaluation.scores import ROUGE_TYPES, length_bucket_labels
 from dischargesum.logging_utils import get_logger
 from dischargesum.manifest import atomic_write_json, atomic_write_text, fingerprint_file, open_private
-from dischargesum.metrics import ROUGE_TYPES, EvalResult, length_bucket_labels
 
 logger = get_logger(__name__)
 

@@ -11,8 +11,9 @@ import pytest
 
 from dischargesum.cli import UserError
 from dischargesum.config import EvalConfig, GenerateConfig, PrepareDataConfig
+from dischargesum.evaluation.evaluate import evaluate
+from dischargesum.evaluation.inputs import load_eval_inputs
 from dischargesum.manifest import ArtifactError, finish_run, start_run
-from dischargesum.metrics import evaluate, load_eval_inputs
 
 pytestmark = pytest.mark.unit
 

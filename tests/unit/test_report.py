@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from dischargesum.config import EvalConfig
+from dischargesum.evaluation.evaluate import evaluate
+from dischargesum.evaluation.inputs import load_eval_inputs
 from dischargesum.evaluation.report import PLOT_FILES, write_report
-from dischargesum.metrics import evaluate, load_eval_inputs
 
 pytestmark = pytest.mark.unit
 
