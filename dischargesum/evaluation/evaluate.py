@@ -4,10 +4,9 @@ numeric row per sample and the aggregates of metrics.json, overall and per lengt
 from __future__ import annotations
 
 import time
-from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from dischargesum.cli import UserError
 from dischargesum.config import ConfigError, EvalConfig
@@ -22,9 +21,6 @@ from dischargesum.evaluation.scores import (
 )
 from dischargesum.evaluation.text_scoring import TextScores, TextScoringJob, TextScoringOptions, available_cpus
 from dischargesum.logging_utils import get_logger, show_progress
-
-if TYPE_CHECKING:
-    from dischargesum.evaluation.entities import EntityComparison
 
 logger = get_logger(__name__)
 
@@ -68,58 +64,6 @@ def _has_digit(text: str) -> bool:
     return any(ch.isdigit() for ch in text)
 
 
-def _safe_div(numerator: float, denominator: float) -> float | None:
-    return numerator / denominator if denominator else None
-
-
-def aggregate_entity_comparisons(comparisons: Sequence[EntityComparison | None]) -> dict[str, Any]:
-    """Micro (pooled counts) and macro (mean of per-sample values) recall / precision / F1, overall and per type.
-
-    ``hallucination_rate`` is extra / output keys (1 - precision), micro and macro; ``samples_with_extra`` counts
-    samples with at least one unsupported output entity.
-    """
-    from dischargesum.evaluation.entities import ENTITY_TYPES
-
-    valid = [c for c in comparisons if c is not None]
-
-    def micro(entity_type: str | None) -> dict[str, Any]:
-        totals: Counter[str] = Counter()
-        for comparison in valid:
-            totals.update(comparison.counts(entity_type))
-        recall = _safe_div(totals["retained"], totals["retained"] + totals["missing"])
-        precision = _safe_div(totals["supported"], totals["supported"] + totals["extra"])
-        f1 = None
-        if recall is not None:
-            f1 = 0.0 if not precision or precision + recall == 0 else 2 * precision * recall / (precision + recall)
-        return {
-            "retained": totals["retained"],
-            "missing": totals["missing"],
-            "supported": totals["supported"],
-            "extra": totals["extra"],
-            "recall": recall,
-            "precision": precision,
-            "f1": f1,
-            "hallucination_rate": None if precision is None else 1.0 - precision,
-        }
-
-    def macro(entity_type: str | None) -> dict[str, Any]:
-        return {
-            "recall": describe(c.recall(entity_type) for c in valid)["mean"],
-            "precision": describe(c.precision(entity_type) for c in valid)["mean"],
-            "f1": describe(c.f1(entity_type) for c in valid)["mean"],
-            "hallucination_rate": describe(c.hallucination_rate(entity_type) for c in valid)["mean"],
-            "n_recall_defined": describe(c.recall(entity_type) for c in valid)["n"],
-            "n_precision_defined": describe(c.precision(entity_type) for c in valid)["n"],
-        }
-
-    return {
-        "n": len(valid),
-        "samples_with_extra": sum(1 for c in valid if c.counts()["extra"] > 0),
-        "micro": {"overall": micro(None), "per_type": {t: micro(t) for t in ENTITY_TYPES}},
-        "macro": {"overall": macro(None), "per_type": {t: macro(t) for t in ENTITY_TYPES}},
-    }
-
-
 def _aggregate(
     samples: Sequence[EvalSample],
     scores: Sequence[TextScores],
@@ -127,6 +71,8 @@ def _aggregate(
     families: set[str],
 ) -> dict[str, Any]:
     """All aggregate metrics over one set of samples (the whole run or one length bucket)."""
+    from dischargesum.evaluation.entities import aggregate_entity_comparisons
+
     out: dict[str, Any] = {"n": len(samples)}
     has_ref = any(s.reference is not None for s in samples)
     has_src = any(s.source is not None for s in samples)

@@ -9,7 +9,7 @@ import pytest
 
 from dischargesum.config import ConfigError, EvalConfig, parse_config
 from dischargesum.evaluation.bertscore import BertScorer
-from dischargesum.evaluation.evaluate import aggregate_entity_comparisons
+from dischargesum.evaluation.entities import aggregate_entity_comparisons
 from dischargesum.evaluation.scores import (
     ClinicalRougeTokenizer,
     compression_statistics,
