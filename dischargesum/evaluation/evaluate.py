@@ -198,6 +198,10 @@ def _sample_row(sample: EvalSample, scores: TextScores, bucket: str) -> dict[str
 def evaluate(inputs: EvalInputs, cfg: EvalConfig, *, progress: bool | None = None) -> EvalResult:
     """Score every sample: CPU work (entities, numbers, ROUGE) in worker processes while BERTScore runs here.
 
+    Steps: refuse an unavailable generic channel, decide what can be computed, load the BERTScore encoder, start
+    the text-scoring workers, run BERTScore and count tokens meanwhile, collect the workers' scores, build one row
+    per sample, then assemble metrics.json (settings, overall and per length-bucket aggregates).
+
     Raises:
         ConfigError: the BERTScore encoder or the token-count tokenizer cannot be loaded, or a layer is invalid.
         UserError: ``generic_entities`` is on but scispaCy's en_core_sci_sm is not installed.
@@ -207,20 +211,72 @@ def evaluate(inputs: EvalInputs, cfg: EvalConfig, *, progress: bool | None = Non
     samples = inputs.samples
     timing: dict[str, float] = {}
     evaluate_started = time.perf_counter()
-    if cfg.generic_entities:
-        from dischargesum.evaluation.entities import generic_channel_available
+    _require_generic_channel(cfg)
+    not_computed, warnings, numbers_vs_source = _coverage(inputs, families)
+    scorer = _load_bert_scorer(cfg, timing) if "bertscore" in families and inputs.has_reference else None
 
-        if not generic_channel_available():
-            raise UserError(
-                "`generic_entities: true` needs scispaCy's en_core_sci_sm model, which is not installed (it needs "
-                "network to install); set `generic_entities: false`."
-            )
-    not_computed = []
+    started = time.perf_counter()
+    job = _start_text_scoring(inputs, cfg, families, numbers_vs_source, show)
+    bert = _run_bertscore(scorer, samples, job, show, timing) if scorer is not None else None
+    counter_name, count_tokens = _token_counter(cfg, scorer)
+    token_counts = {
+        role: count_tokens([getattr(s, role) or "" for s in samples]) for role in ("prediction", "reference", "source")
+    }
+    text_scores = job.results()
+    timing["entities_rouge_wall_s"] = time.perf_counter() - started
+
+    basis = "source" if inputs.has_source else ("reference" if inputs.has_reference else "prediction")
+    buckets = [length_bucket(len(getattr(s, basis) or ""), cfg.length_buckets) for s in samples]
+    rows = [
+        _full_sample_row(sample, scores, bucket, index, token_counts, bert)
+        for index, (sample, scores, bucket) in enumerate(zip(samples, text_scores, buckets))
+    ]
+
+    metrics = _run_description(inputs, cfg, not_computed, warnings, basis, counter_name)
+    if scorer is not None and bert is not None:
+        metrics["bertscore_settings"] = _bertscore_settings(cfg, scorer, bert)
+    if "rouge" in families and inputs.has_reference:
+        metrics["rouge_settings"] = {
+            "tokenizer": cfg.rouge_tokenizer,
+            "use_stemmer": cfg.rouge_use_stemmer,
+            "lsum_units": "lines",
+        }
+    metrics["overall"] = _aggregate(samples, text_scores, rows, families)
+    by_bucket = {}
+    for label in length_bucket_labels(cfg.length_buckets):
+        members = [i for i, b in enumerate(buckets) if b == label]
+        by_bucket[label] = _aggregate(
+            [samples[i] for i in members], [text_scores[i] for i in members], [rows[i] for i in members], families
+        )
+    metrics["by_length_bucket"] = by_bucket
+    timing["total_s"] = time.perf_counter() - evaluate_started
+    metrics["timing_s"] = {k: round(v, 3) for k, v in timing.items()}
+    skipped_rows = [{"note_id": note_id, "status": reason} for note_id, reason in inputs.skipped]
+    return EvalResult(inputs.mode, metrics, rows + skipped_rows, samples, text_scores, buckets)
+
+
+def _require_generic_channel(cfg: EvalConfig) -> None:
+    """Raise UserError when ``generic_entities`` is on but scispaCy's en_core_sci_sm is not installed."""
+    if not cfg.generic_entities:
+        return
+    from dischargesum.evaluation.entities import generic_channel_available
+
+    if not generic_channel_available():
+        raise UserError(
+            "`generic_entities: true` needs scispaCy's en_core_sci_sm model, which is not installed (it needs "
+            "network to install); set `generic_entities: false`."
+        )
+
+
+def _coverage(inputs: EvalInputs, families: set[str]) -> tuple[list[str], list[str], bool]:
+    """``(not_computed, warnings, numbers_vs_source)``: the metric families the inputs cannot support, warnings
+    about what the inputs leave out, and whether numeric fidelity vs the source is computed."""
+    not_computed: list[str] = []
     if not inputs.has_reference:
         not_computed += [f for f in ("bertscore", "rouge") if f in families]
     warnings: list[str] = []
     numbers_vs_source = "numbers" in families and inputs.has_source
-    if numbers_vs_source and not any(_has_digit(s.source or "") for s in samples):
+    if numbers_vs_source and not any(_has_digit(s.source or "") for s in inputs.samples):
         # A preprocessing that stripped digits (the seed's NLTK cleaning does) would make every number of every
         # summary "unsupported": a numeric fidelity of 0 that measures the preprocessing, not the summaries.
         numbers_vs_source = False
@@ -229,31 +285,44 @@ def evaluate(inputs: EvalInputs, cfg: EvalConfig, *, progress: bool | None = Non
             "numeric fidelity vs the source is not computed"
         )
         logger.warning("%s", warnings[-1])
-    scorer: BertScorer | None = None
-    started = time.perf_counter()
-    if "bertscore" in families and inputs.has_reference:
-        device = resolve_device(cfg.device)
-        scorer = BertScorer(
-            cfg.bertscore_model,
-            cfg.bertscore_num_layers,
-            device=device,
-            dtype=cfg.bertscore_dtype,
-            batch_size=cfg.bertscore_batch_size,
-            long_text=cfg.bertscore_long_text,
-            chunk_overlap=cfg.bertscore_chunk_overlap,
-            allow_bin_weights=cfg.bertscore_allow_bin_weights,
-        )
-        timing["bertscore_model_load_s"] = time.perf_counter() - started
-        logger.info(
-            "BERTScore: %s layer %d on %s (%s), window %d tokens, long texts: %s",
-            cfg.bertscore_model,
-            cfg.bertscore_num_layers,
-            device,
-            cfg.bertscore_dtype,
-            scorer.window,
-            cfg.bertscore_long_text,
-        )
+    return not_computed, warnings, numbers_vs_source
 
+
+def _load_bert_scorer(cfg: EvalConfig, timing: dict[str, float]) -> BertScorer:
+    """The BERTScore scorer ``cfg`` asks for, on its device; records the load time in ``timing``.
+
+    Raises:
+        ConfigError: the encoder or its tokenizer cannot be loaded, or ``bertscore_num_layers`` is invalid.
+    """
+    started = time.perf_counter()
+    device = resolve_device(cfg.device)
+    scorer = BertScorer(
+        cfg.bertscore_model,
+        cfg.bertscore_num_layers,
+        device=device,
+        dtype=cfg.bertscore_dtype,
+        batch_size=cfg.bertscore_batch_size,
+        long_text=cfg.bertscore_long_text,
+        chunk_overlap=cfg.bertscore_chunk_overlap,
+        allow_bin_weights=cfg.bertscore_allow_bin_weights,
+    )
+    timing["bertscore_model_load_s"] = time.perf_counter() - started
+    logger.info(
+        "BERTScore: %s layer %d on %s (%s), window %d tokens, long texts: %s",
+        cfg.bertscore_model,
+        cfg.bertscore_num_layers,
+        device,
+        cfg.bertscore_dtype,
+        scorer.window,
+        cfg.bertscore_long_text,
+    )
+    return scorer
+
+
+def _start_text_scoring(
+    inputs: EvalInputs, cfg: EvalConfig, families: set[str], numbers_vs_source: bool, show: bool
+) -> TextScoringJob:
+    """Start entities / numbers / ROUGE over every sample (in worker processes when there are enough samples)."""
     options = TextScoringOptions(
         entities="entities" in families,
         numbers="numbers" in families,
@@ -264,70 +333,86 @@ def evaluate(inputs: EvalInputs, cfg: EvalConfig, *, progress: bool | None = Non
         generic_entities=cfg.generic_entities,
         entity_batch_size=cfg.entity_batch_size,
     )
-    triples = [(s.prediction, s.reference, s.source) for s in samples]
-    started = time.perf_counter()
+    triples = [(s.prediction, s.reference, s.source) for s in inputs.samples]
     job = TextScoringJob(triples, options, cfg.num_workers, progress=show).start()
     logger.info(
-        "entities/ROUGE: %d samples on %s", len(samples), f"{job.workers} workers" if job.workers else "1 process"
+        "entities/ROUGE: %d samples on %s", len(triples), f"{job.workers} workers" if job.workers else "1 process"
     )
+    return job
 
-    bert: BertScoreOutput | None = None
-    if scorer is not None:
-        import torch
 
-        threads = torch.get_num_threads()
-        if scorer.device.type == "cpu" and job.workers:
-            # The workers hold job.workers CPUs: more torch threads than the CPUs left only spin and wait (measured
-            # here: a tiny linear layer 80x slower with 2 threads on 2 busy CPUs than with 1). Once the workers are
-            # done, the encoder gets every thread back.
-            torch.set_num_threads(max(1, available_cpus() - job.workers))
+def _run_bertscore(
+    scorer: BertScorer, samples: Sequence[EvalSample], job: TextScoringJob, show: bool, timing: dict[str, float]
+) -> BertScoreOutput:
+    """BERTScore of every prediction against its reference, sharing the CPUs with ``job``'s workers; records the
+    time in ``timing``."""
+    import torch
 
-        def restore_threads_when_workers_finish() -> None:
-            if torch.get_num_threads() != threads and job.done():
-                torch.set_num_threads(threads)
+    threads = torch.get_num_threads()
+    if scorer.device.type == "cpu" and job.workers:
+        # The workers hold job.workers CPUs: more torch threads than the CPUs left only spin and wait (measured
+        # here: a tiny linear layer 80x slower with 2 threads on 2 busy CPUs than with 1). Once the workers are
+        # done, the encoder gets every thread back.
+        torch.set_num_threads(max(1, available_cpus() - job.workers))
 
-        bert_started = time.perf_counter()
-        try:
-            bert = scorer.score(
-                [s.prediction for s in samples],
-                [s.reference or "" for s in samples],
-                progress=show,
-                after_batch=restore_threads_when_workers_finish,
-            )
-        finally:
+    def restore_threads_when_workers_finish() -> None:
+        if torch.get_num_threads() != threads and job.done():
             torch.set_num_threads(threads)
-        timing["bertscore_s"] = time.perf_counter() - bert_started
-    counter_name, count_tokens = _token_counter(cfg, scorer)
-    token_counts = {
-        role: count_tokens([getattr(s, role) or "" for s in samples]) for role in ("prediction", "reference", "source")
-    }
-    text_scores = job.results()
-    timing["entities_rouge_wall_s"] = time.perf_counter() - started
 
-    basis = "source" if inputs.has_source else ("reference" if inputs.has_reference else "prediction")
-    buckets = [length_bucket(len(getattr(s, basis) or ""), cfg.length_buckets) for s in samples]
-    rows = []
-    for index, (sample, scores, bucket) in enumerate(zip(samples, text_scores, buckets)):
-        row = _sample_row(sample, scores, bucket)
-        for role in ("prediction", "reference", "source"):
-            text = getattr(sample, role)
-            row[f"{role}_tokens"] = token_counts[role][index] if text is not None else None
-        for role in ("reference", "source"):
-            if getattr(sample, role) is None:
-                continue
-            for unit in ("chars", "tokens"):
-                other = row[f"{role}_{unit}"]
-                row[f"compression_{unit}_vs_{role}"] = row[f"prediction_{unit}"] / other if other else None
-        if bert is not None:
-            row["bertscore_precision"] = bert.precision[index]
-            row["bertscore_recall"] = bert.recall[index]
-            row["bertscore_f1"] = bert.f1[index]
-            row["bertscore_prediction_windows"] = bert.prediction_windows[index]
-            row["bertscore_reference_windows"] = bert.reference_windows[index]
-            row["bertscore_truncated_tokens"] = bert.truncated_tokens[index]
-        rows.append(row)
+    bert_started = time.perf_counter()
+    try:
+        bert = scorer.score(
+            [s.prediction for s in samples],
+            [s.reference or "" for s in samples],
+            progress=show,
+            after_batch=restore_threads_when_workers_finish,
+        )
+    finally:
+        torch.set_num_threads(threads)
+    timing["bertscore_s"] = time.perf_counter() - bert_started
+    return bert
 
-    metrics: dict[str, Any] = {
+
+def _full_sample_row(
+    sample: EvalSample,
+    scores: TextScores,
+    bucket: str,
+    index: int,
+    token_counts: dict[str, list[int]],
+    bert: BertScoreOutput | None,
+) -> dict[str, Any]:
+    """One per_sample.csv row: the text scores, then token counts, compression ratios and BERTScore."""
+    row = _sample_row(sample, scores, bucket)
+    for role in ("prediction", "reference", "source"):
+        text = getattr(sample, role)
+        row[f"{role}_tokens"] = token_counts[role][index] if text is not None else None
+    for role in ("reference", "source"):
+        if getattr(sample, role) is None:
+            continue
+        for unit in ("chars", "tokens"):
+            other = row[f"{role}_{unit}"]
+            row[f"compression_{unit}_vs_{role}"] = row[f"prediction_{unit}"] / other if other else None
+    if bert is not None:
+        row["bertscore_precision"] = bert.precision[index]
+        row["bertscore_recall"] = bert.recall[index]
+        row["bertscore_f1"] = bert.f1[index]
+        row["bertscore_prediction_windows"] = bert.prediction_windows[index]
+        row["bertscore_reference_windows"] = bert.reference_windows[index]
+        row["bertscore_truncated_tokens"] = bert.truncated_tokens[index]
+    return row
+
+
+def _run_description(
+    inputs: EvalInputs,
+    cfg: EvalConfig,
+    not_computed: list[str],
+    warnings: list[str],
+    basis: str,
+    counter_name: str,
+) -> dict[str, Any]:
+    """The head of metrics.json: mode, roles and their columns, counts, what was not computed and why."""
+    samples = inputs.samples
+    return {
         "mode": inputs.mode,
         "roles": {
             role: {"label": ROLE_LABELS[inputs.mode][role], "column": column}
@@ -355,41 +440,26 @@ def evaluate(inputs: EvalInputs, cfg: EvalConfig, *, progress: bool | None = Non
         "length_buckets": {"basis": f"{basis} characters", "bounds": list(cfg.length_buckets)},
         "token_counter": counter_name,
     }
-    if scorer is not None and bert is not None:
-        over = sum(1 for a, b in zip(bert.prediction_windows, bert.reference_windows) if max(a, b) > 1)
-        metrics["bertscore_settings"] = {
-            "model": cfg.bertscore_model,
-            "num_layers": cfg.bertscore_num_layers,
-            "window_tokens": scorer.window,
-            "max_length": scorer.max_length,
-            "long_text": cfg.bertscore_long_text,
-            "chunk_overlap": scorer.overlap if cfg.bertscore_long_text == "chunk" else None,
-            "dtype": cfg.bertscore_dtype,
-            "device": str(scorer.device),
-            "idf": False,
-            "rescale_with_baseline": False,
-            "samples_over_window": sum(
-                1 for a, b in zip(bert.prediction_tokens, bert.reference_tokens) if max(a, b) > scorer.window
-            ),
-            "samples_chunked": over,
-            "samples_truncated": sum(1 for t in bert.truncated_tokens if t > 0),
-            "truncated_tokens_total": sum(bert.truncated_tokens),
-        }
-    if "rouge" in families and inputs.has_reference:
-        metrics["rouge_settings"] = {
-            "tokenizer": cfg.rouge_tokenizer,
-            "use_stemmer": cfg.rouge_use_stemmer,
-            "lsum_units": "lines",
-        }
-    metrics["overall"] = _aggregate(samples, text_scores, rows, families)
-    by_bucket = {}
-    for label in length_bucket_labels(cfg.length_buckets):
-        members = [i for i, b in enumerate(buckets) if b == label]
-        by_bucket[label] = _aggregate(
-            [samples[i] for i in members], [text_scores[i] for i in members], [rows[i] for i in members], families
-        )
-    metrics["by_length_bucket"] = by_bucket
-    timing["total_s"] = time.perf_counter() - evaluate_started
-    metrics["timing_s"] = {k: round(v, 3) for k, v in timing.items()}
-    skipped_rows = [{"note_id": note_id, "status": reason} for note_id, reason in inputs.skipped]
-    return EvalResult(inputs.mode, metrics, rows + skipped_rows, samples, text_scores, buckets)
+
+
+def _bertscore_settings(cfg: EvalConfig, scorer: BertScorer, bert: BertScoreOutput) -> dict[str, Any]:
+    """metrics.json's ``bertscore_settings``: the model, window and long-text policy, and how many samples they hit."""
+    over = sum(1 for a, b in zip(bert.prediction_windows, bert.reference_windows) if max(a, b) > 1)
+    return {
+        "model": cfg.bertscore_model,
+        "num_layers": cfg.bertscore_num_layers,
+        "window_tokens": scorer.window,
+        "max_length": scorer.max_length,
+        "long_text": cfg.bertscore_long_text,
+        "chunk_overlap": scorer.overlap if cfg.bertscore_long_text == "chunk" else None,
+        "dtype": cfg.bertscore_dtype,
+        "device": str(scorer.device),
+        "idf": False,
+        "rescale_with_baseline": False,
+        "samples_over_window": sum(
+            1 for a, b in zip(bert.prediction_tokens, bert.reference_tokens) if max(a, b) > scorer.window
+        ),
+        "samples_chunked": over,
+        "samples_truncated": sum(1 for t in bert.truncated_tokens if t > 0),
+        "truncated_tokens_total": sum(bert.truncated_tokens),
+    }
