@@ -593,11 +593,10 @@ def render_report_md(result: EvalResult, cfg: EvalConfig, plot_names: Sequence[s
     lines += [
         "## Definitions",
         "",
-        "Entities are matched on normalised keys with set semantics (`dischargesum.entities`); micro pools counts "
-        "over samples, macro averages per-sample values. Hallucinated entities are output entities not supported by "
-        f"the {src_label}; numeric fidelity is the share of the output's distinct numbers found in the {src_label}."
-        + bs_line
-        + " Full definitions: the docstring of `dischargesum/metrics.py`.",
+        "Entities are matched on normalised keys with set semantics (`dischargesum.evaluation.entities`); micro "
+        "pools counts over samples, macro averages per-sample values. Hallucinated entities are output entities not "
+        f"supported by the {src_label}; numeric fidelity is the share of the output's distinct numbers found in the "
+        f"{src_label}." + bs_line + " Full definitions: the docstring of `dischargesum/evaluation/__init__.py`.",
         "",
     ]
     return "\n".join(lines)
