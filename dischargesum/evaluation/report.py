@@ -1,5 +1,10 @@
 """Write an evaluation's results: metrics.json, per_sample.csv, report.md, PNG plots and TensorBoard.
 
+Why this stays one module (~680 lines): it is one step, ``write_report``, turning one ``EvalResult`` into the
+files below. The plots and TensorBoard read the same headline numbers and per-sample values (``_headline``,
+``_get``, ``_column``, ``_isnan``); report.md (about half the module) is one document's sections. Split, the
+writers would share those private helpers across modules and each be a page long.
+
 What holds patient text and what does not:
 
 - ``metrics.json`` — aggregates, counts, settings and timings: numbers only.
