@@ -1,4 +1,4 @@
-"""Score ``dischargesum.entities`` on a hand-annotated gold set and measure its speed.
+"""Score ``dischargesum.evaluation.entities`` on a hand-annotated gold set and measure its speed.
 
 Launch (from the repository root)::
 
@@ -44,7 +44,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from dischargesum.entities import ENTITY_TYPES, Entity, extract_entities_batch  # noqa: E402
+from dischargesum.evaluation.entities import ENTITY_TYPES, Entity, extract_entities_batch  # noqa: E402
 
 DEFAULT_GOLD = REPO_ROOT / "tests" / "data" / "entity_gold.jsonl"
 DEFAULT_OUTPUT = REPO_ROOT / "benchmarks" / "results" / "entity_extractor_gold.json"

@@ -156,10 +156,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from dischargesum.config import EvalConfig
     from dischargesum.data.synthetic import generate_rows
+    from dischargesum.evaluation.evaluate import evaluate
+    from dischargesum.evaluation.inputs import load_eval_inputs
+    from dischargesum.evaluation.report import write_report
+    from dischargesum.evaluation.text_scoring import available_cpus
     from dischargesum.logging_utils import setup_logging
     from dischargesum.manifest import git_revision, library_versions
-    from dischargesum.metrics import available_cpus, evaluate, load_eval_inputs
-    from dischargesum.report import write_report
 
     setup_logging("info")
     work = Path(args.workdir or tempfile.mkdtemp(prefix="eval_bench_"))

@@ -2,7 +2,7 @@
 
 For each note (:func:`compress_notes`):
 
-1. The shared extractor (:mod:`dischargesum.entities`) lists the stage-1 summary's entities; the prompt
+1. The shared extractor (:mod:`dischargesum.evaluation.entities`) lists the stage-1 summary's entities; the prompt
    (:func:`compression_messages`) contains the summary itself, that checklist (:func:`format_entity_checklist`) and
    the target length in words (``target_ratio`` of the summary's words).
 2. After each attempt the output's entities are compared with the summary's (:func:`compare_entities`: same drug
@@ -44,7 +44,7 @@ from dischargesum.logging_utils import get_logger
 from dischargesum.manifest import ArtifactError, fingerprint_file, finish_run, require_artifact, sha256_file, start_run
 
 if TYPE_CHECKING:
-    from dischargesum.entities import Entity
+    from dischargesum.evaluation.entities import Entity
     from dischargesum.inference import GenerationRequest, GenerationResult
 
 logger = get_logger(__name__)
@@ -175,7 +175,7 @@ def compress_notes(
 
     All notes of an attempt round are generated together (one ``generate_all`` call), so retries batch well.
     """
-    from dischargesum.entities import compare_entities, extract_entities_batch, format_entity_checklist
+    from dischargesum.evaluation.entities import compare_entities, extract_entities_batch, format_entity_checklist
     from dischargesum.inference import GenerationRequest, note_seed
 
     summaries = [summary for _, summary in items]

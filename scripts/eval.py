@@ -23,8 +23,9 @@ from dischargesum.manifest import finish_run, start_run, warn_if_replacing
 
 
 def run(cfg: EvalConfig) -> int:
-    from dischargesum.metrics import evaluate, load_eval_inputs
-    from dischargesum.report import write_report
+    from dischargesum.evaluation.evaluate import evaluate
+    from dischargesum.evaluation.inputs import load_eval_inputs
+    from dischargesum.evaluation.report import write_report
 
     if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
         raise UserError(

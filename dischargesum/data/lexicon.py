@@ -1,6 +1,6 @@
 """Clinical vocabulary shared by the synthetic note generator and the entity extractor.
 
-One source of truth: the generator writes notes from these lists and the extractor (``dischargesum.entities``)
+One source of truth: the generator writes notes from these lists and the extractor (``evaluation.entities``)
 recognises the same names, so synthetic ground truth and extraction agree on spelling. The lists are written
 by hand from common inpatient medicine (discharge medication lists, basic metabolic panel / CBC, frequent
 problems and procedures in MIMIC-IV discharge notes); they are not derived from MIMIC text. Extending a list
@@ -248,7 +248,7 @@ SECTION_HEADERS: tuple[str, ...] = (
 )
 
 # ---------------------------------------------------------------------------------------------------------------
-# Extractor-only vocabulary (used by ``dischargesum.entities``).
+# Extractor-only vocabulary (used by ``dischargesum.evaluation.entities``).
 #
 # Extra spellings of the entries above, and common terms the generator does not write. They live in separate
 # tables on purpose: the synthetic generator samples from the tables above, so adding a spelling here changes

@@ -87,18 +87,18 @@ def test_eval_script_bad_input_exits_2_naming_the_problem(tmp_path: Path, datase
 
 
 def test_worker_processes_give_the_same_scores_as_one_process(monkeypatch: pytest.MonkeyPatch) -> None:
-    from dischargesum import metrics
     from dischargesum.data.synthetic import generate_rows
+    from dischargesum.evaluation import text_scoring
 
     rows = list(generate_rows(6, profile="tiny", with_entities=False))
     triples = [(r["target"][: len(r["target"]) // 2], r["target"], r["input"]) for r in rows]
-    options = metrics.TextScoringOptions()
-    monkeypatch.setattr(metrics, "MIN_SAMPLES_FOR_WORKERS", 1)
+    options = text_scoring.TextScoringOptions()
+    monkeypatch.setattr(text_scoring, "MIN_SAMPLES_FOR_WORKERS", 1)
     # One spawned worker (each costs seconds of imports: spaCy, thinc -> torch, rouge_score -> nltk -> scipy).
-    pooled_job = metrics.TextScoringJob(triples, options, num_workers=1, progress=False)
+    pooled_job = text_scoring.TextScoringJob(triples, options, num_workers=1, progress=False)
     assert pooled_job.workers == 1 and pooled_job.chunk_size == 2
     pooled = pooled_job.start().results()
-    local = metrics.TextScoringJob(triples, options, num_workers=0, progress=False).start().results()
+    local = text_scoring.TextScoringJob(triples, options, num_workers=0, progress=False).start().results()
     assert [p.rouge for p in pooled] == [q.rouge for q in local]
     assert [p.vs_reference.to_dict() for p in pooled] == [q.vs_reference.to_dict() for q in local]
     assert [p.numbers_vs_source for p in pooled] == [q.numbers_vs_source for q in local]

@@ -17,7 +17,7 @@ from dischargesum.compress import (
     read_stage1,
     summarize_stage2,
 )
-from dischargesum.entities import extract_entities, format_entity_checklist
+from dischargesum.evaluation.entities import extract_entities, format_entity_checklist
 from dischargesum.inference import GenerationRequest, GenerationResult
 from dischargesum.manifest import ArtifactError
 

@@ -1,4 +1,4 @@
-"""Unit tests for the clinical entity extractor (dischargesum.entities)."""
+"""Unit tests for the clinical entity extractor (dischargesum.evaluation.entities)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from dischargesum import entities as ent
-from dischargesum.entities import (
+from dischargesum.evaluation import entities as ent
+from dischargesum.evaluation.entities import (
     ENTITY_TYPES,
     Entity,
     GenericChannelUnavailableError,

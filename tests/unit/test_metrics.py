@@ -8,13 +8,10 @@ from pathlib import Path
 import pytest
 
 from dischargesum.config import ConfigError, EvalConfig, parse_config
-from dischargesum.metrics import (
-    BertScorer,
+from dischargesum.evaluation.bertscore import BertScorer
+from dischargesum.evaluation.entities import aggregate_entity_comparisons
+from dischargesum.evaluation.scores import (
     ClinicalRougeTokenizer,
-    TextScoringOptions,
-    _init_worker,
-    _score_text_chunk,
-    aggregate_entity_comparisons,
     compression_statistics,
     describe,
     length_bucket,
@@ -24,6 +21,7 @@ from dischargesum.metrics import (
     numeric_recall,
     rouge_scores,
 )
+from dischargesum.evaluation.text_scoring import TextScoringOptions, _init_worker, _score_text_chunk
 
 pytestmark = pytest.mark.unit
 
@@ -272,7 +270,8 @@ def test_eval_config_cross_field_checks(args: list[str], message: str) -> None:
 
 def test_output_file_names_match_the_writing_stages() -> None:
     from dischargesum import compress, inference
-    from dischargesum.metrics import DEFAULT_PREDICTION_COLUMNS, OUR_OUTPUT_FILES
+    from dischargesum.artifacts import OUR_OUTPUT_FILES
+    from dischargesum.evaluation.inputs import DEFAULT_PREDICTION_COLUMNS
 
     assert OUR_OUTPUT_FILES == {"generate": inference.STAGE1_FILE, "compress": compress.STAGE2_FILE}
     record = inference.generation_record(inference.GenerationResult("n1", "text", (5,), 3, 2, "eos", 0.1, 1))

@@ -11,8 +11,9 @@ import pytest
 
 from dischargesum.cli import UserError
 from dischargesum.config import EvalConfig, GenerateConfig, PrepareDataConfig
+from dischargesum.evaluation.evaluate import evaluate
+from dischargesum.evaluation.inputs import load_eval_inputs
 from dischargesum.manifest import ArtifactError, finish_run, start_run
-from dischargesum.metrics import evaluate, load_eval_inputs
 
 pytestmark = pytest.mark.unit
 
@@ -334,7 +335,7 @@ def test_limit_explains_references_without_prediction(tmp_path: Path, caplog: py
     config = cfg(tmp_path, predictions=str(run / "stage1.jsonl"), dataset_dir=str(data))
     result = evaluate(inputs, config, progress=False)
     assert result.metrics["counts"]["references_without_prediction_reason"] == inputs.unpredicted_reason
-    from dischargesum.report import render_report_md
+    from dischargesum.evaluation.report import render_report_md
 
     assert f"references without a prediction: {len(NOTES) - 2} (expected: the generate run" in render_report_md(
         result, config

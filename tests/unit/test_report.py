@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from dischargesum.config import EvalConfig
-from dischargesum.metrics import evaluate, load_eval_inputs
-from dischargesum.report import PLOT_FILES, write_report
+from dischargesum.evaluation.evaluate import evaluate
+from dischargesum.evaluation.inputs import load_eval_inputs
+from dischargesum.evaluation.report import PLOT_FILES, write_report
 
 pytestmark = pytest.mark.unit
 
@@ -157,7 +158,7 @@ def test_report_renders_with_only_a_reference_or_only_a_source(tmp_path: Path, k
 def test_per_sample_csv_is_owner_only(tmp_path: Path) -> None:
     import stat
 
-    from dischargesum.report import write_per_sample_csv
+    from dischargesum.evaluation.report import write_per_sample_csv
 
     path = tmp_path / "per_sample.csv"
     write_per_sample_csv([{"note_id": "1-DS-1", "prediction": "Admitted for chest pain."}], path)
@@ -166,7 +167,7 @@ def test_per_sample_csv_is_owner_only(tmp_path: Path) -> None:
 
 
 def test_entity_with_its_abbreviation_is_not_expanded_twice() -> None:
-    from dischargesum.entities import extract_entities
+    from dischargesum.evaluation.entities import extract_entities
 
     def procedure(text: str):
         (found,) = [e for e in extract_entities(text) if e.type == "procedure"]
@@ -185,7 +186,7 @@ def test_report_labels_the_sample_std_and_lists_warnings(full) -> None:
     import statistics
 
     assert result.metrics["overall"]["bertscore"]["f1"]["std"] == pytest.approx(statistics.stdev(f1))
-    from dischargesum.report import render_report_md
+    from dischargesum.evaluation.report import render_report_md
 
     result.metrics["warnings"] = ["no source note contains a digit"]
     try:
@@ -200,7 +201,7 @@ def test_plots_show_zero_bars_and_no_offset_axis() -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from dischargesum.report import _hist_range, bar_value_labels
+    from dischargesum.evaluation.report import _hist_range, bar_value_labels
 
     assert bar_value_labels([0.0, None, 0.5]) == ["0", "n/a", "0.50"]
     values = [1.0 - 1e-7, 1.0, 1.0 + 1e-7]  # stage-2 BERTScore of summaries kept unchanged

@@ -1,5 +1,10 @@
 """Write an evaluation's results: metrics.json, per_sample.csv, report.md, PNG plots and TensorBoard.
 
+Why this stays one module (~680 lines): it is one step, ``write_report``, turning one ``EvalResult`` into the
+files below. The plots and TensorBoard read the same headline numbers and per-sample values (``_headline``,
+``_get``, ``_column``, ``_isnan``); report.md (about half the module) is one document's sections. Split, the
+writers would share those private helpers across modules and each be a page long.
+
 What holds patient text and what does not:
 
 - ``metrics.json`` — aggregates, counts, settings and timings: numbers only.
@@ -23,9 +28,10 @@ from typing import Any
 from dischargesum.artifacts import EVAL_METRICS_FILE as METRICS_FILE
 from dischargesum.artifacts import PER_SAMPLE_FILE, REPORT_FILE, TENSORBOARD_DIR
 from dischargesum.config import EvalConfig
+from dischargesum.evaluation.evaluate import EvalResult
+from dischargesum.evaluation.scores import ROUGE_TYPES, length_bucket_labels
 from dischargesum.logging_utils import get_logger
 from dischargesum.manifest import atomic_write_json, atomic_write_text, fingerprint_file, open_private
-from dischargesum.metrics import ROUGE_TYPES, EvalResult, length_bucket_labels
 
 logger = get_logger(__name__)
 
@@ -592,11 +598,10 @@ def render_report_md(result: EvalResult, cfg: EvalConfig, plot_names: Sequence[s
     lines += [
         "## Definitions",
         "",
-        "Entities are matched on normalised keys with set semantics (`dischargesum.entities`); micro pools counts "
-        "over samples, macro averages per-sample values. Hallucinated entities are output entities not supported by "
-        f"the {src_label}; numeric fidelity is the share of the output's distinct numbers found in the {src_label}."
-        + bs_line
-        + " Full definitions: the docstring of `dischargesum/metrics.py`.",
+        "Entities are matched on normalised keys with set semantics (`dischargesum.evaluation.entities`); micro "
+        "pools counts over samples, macro averages per-sample values. Hallucinated entities are output entities not "
+        f"supported by the {src_label}; numeric fidelity is the share of the output's distinct numbers found in the "
+        f"{src_label}." + bs_line + " Full definitions: the docstring of `dischargesum/evaluation/__init__.py`.",
         "",
     ]
     return "\n".join(lines)

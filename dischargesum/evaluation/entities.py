@@ -4,6 +4,14 @@ Compression builds a checklist of the entities a compressed summary must keep an
 scores entity recall / precision / F1 per type, the hallucinated-entity rate and numeric fidelity. Both call this
 module, so "an entity" means the same thing everywhere.
 
+Why this stays one module (~2.3k lines): its banners (normalisation, dates, value grammars, negation, pipeline,
+extraction, comparison, numbers) are stages of one extractor, not separate ideas. They share private span and
+token types (``_Candidate``, ``_Token``, ``_NegationIndex``) and normalisers, and the matching keys that
+``compare_entities`` and ``aggregate_entity_comparisons`` work on are whatever extraction normalised; split along
+the banners, every part would import the others' private helpers and one entity would be followed through
+eight files. What can live apart already does: the vocabularies (``dischargesum.data.vocabularies`` and
+``lexicon``) and the gold-set benchmark (``benchmarks/entity_gold_eval.py``).
+
 How it works (offline, no model weights, one ``spacy.blank("en")`` tokeniser; what counts as an entity follows the
 v2 annotation guidelines of the gold set, see ``benchmarks/entity_gold_eval.py``):
 
@@ -2271,3 +2279,62 @@ def extract_generic_entities(text: str) -> list[str]:
             "which works offline"
         )
     return [entity.text for entity in _generic_nlp()(text).ents]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Aggregating comparisons over samples (eval's metrics.json)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _safe_div(numerator: float, denominator: float) -> float | None:
+    return numerator / denominator if denominator else None
+
+
+def aggregate_entity_comparisons(comparisons: Sequence[EntityComparison | None]) -> dict[str, Any]:
+    """Micro (pooled counts) and macro (mean of per-sample values) recall / precision / F1, overall and per type.
+
+    ``hallucination_rate`` is extra / output keys (1 - precision), micro and macro; ``samples_with_extra`` counts
+    samples with at least one unsupported output entity.
+    """
+    from collections import Counter
+
+    from dischargesum.evaluation.scores import describe
+
+    valid = [c for c in comparisons if c is not None]
+
+    def micro(entity_type: str | None) -> dict[str, Any]:
+        totals: Counter[str] = Counter()
+        for comparison in valid:
+            totals.update(comparison.counts(entity_type))
+        recall = _safe_div(totals["retained"], totals["retained"] + totals["missing"])
+        precision = _safe_div(totals["supported"], totals["supported"] + totals["extra"])
+        f1 = None
+        if recall is not None:
+            f1 = 0.0 if not precision or precision + recall == 0 else 2 * precision * recall / (precision + recall)
+        return {
+            "retained": totals["retained"],
+            "missing": totals["missing"],
+            "supported": totals["supported"],
+            "extra": totals["extra"],
+            "recall": recall,
+            "precision": precision,
+            "f1": f1,
+            "hallucination_rate": None if precision is None else 1.0 - precision,
+        }
+
+    def macro(entity_type: str | None) -> dict[str, Any]:
+        return {
+            "recall": describe(c.recall(entity_type) for c in valid)["mean"],
+            "precision": describe(c.precision(entity_type) for c in valid)["mean"],
+            "f1": describe(c.f1(entity_type) for c in valid)["mean"],
+            "hallucination_rate": describe(c.hallucination_rate(entity_type) for c in valid)["mean"],
+            "n_recall_defined": describe(c.recall(entity_type) for c in valid)["n"],
+            "n_precision_defined": describe(c.precision(entity_type) for c in valid)["n"],
+        }
+
+    return {
+        "n": len(valid),
+        "samples_with_extra": sum(1 for c in valid if c.counts()["extra"] > 0),
+        "micro": {"overall": micro(None), "per_type": {t: micro(t) for t in ENTITY_TYPES}},
+        "macro": {"overall": macro(None), "per_type": {t: macro(t) for t in ENTITY_TYPES}},
+    }
