@@ -186,7 +186,7 @@ def build_inputs(args: argparse.Namespace) -> dict[str, Any]:
 
     from dischargesum.data import schema
     from dischargesum.data.formatting import prompt_messages
-    from dischargesum.inference import encode_chats
+    from dischargesum.inference.engine import encode_chats
     from dischargesum.modeling import load_tokenizer
 
     work = Path(args.work_dir) / ("smoke" if args.smoke else "full")
@@ -266,7 +266,7 @@ def build_adapter(work: Path, model_dir: Path, *, seed: int) -> Path:
 
 
 def release() -> None:
-    from dischargesum.inference import release_memory
+    from dischargesum.inference.engine import release_memory
 
     gc.collect()
     release_memory()
@@ -407,7 +407,8 @@ ENGINE_VARIANTS: dict[str, dict[str, Any]] = {
 
 def load_engine_model(inputs: dict[str, Any]) -> tuple[Any, float]:
     """bf16 base with the adapter merged (the generate recipe's default), through the stage's own loader."""
-    from dischargesum.inference import EngineSettings, load_engine, resolve_model_source
+    from dischargesum.inference.engine import EngineSettings
+    from dischargesum.inference.loading import load_engine, resolve_model_source
 
     began = time.perf_counter()
     source = resolve_model_source(str(inputs["model_dir"]), str(inputs["adapter_dir"]))
@@ -428,7 +429,7 @@ def run_engine_variant(
     attn = spec.pop("attn", None)
     kernel = spec.pop("decode_kernel", None)
     if kernel is not None:  # our decoding attention's other kernel (dischargesum.attention.decode_kernel)
-        from dischargesum import attention
+        from dischargesum.inference import attention
 
         previous_kernel = attention.decode_kernel
         attention.decode_kernel = kernel
@@ -455,8 +456,8 @@ def run_engine_variant_inner(
     scale: int,
     attn: str | None,
 ) -> dict[str, Any]:
-    from dischargesum.inference import EngineSettings, GenerationRequest, InferenceEngine
-    from dischargesum.kv_cache import ring_layers
+    from dischargesum.inference.engine import EngineSettings, GenerationRequest, InferenceEngine
+    from dischargesum.inference.kv_cache import ring_layers
 
     settings = EngineSettings(
         batch_token_budget=args.batch_token_budget * scale,
@@ -501,7 +502,7 @@ def run_engine_variant_inner(
         weights="bf16, LoRA merged", decoding="sample (top-k 50, per-note seed)" if settings.do_sample else "greedy",
         cache=settings.cache_implementation, compile=settings.compile,
         attention=base_engine.model.config._attn_implementation,
-        decode_kernel=__import__("dischargesum.attention").attention.decode_kernel,
+        decode_kernel=__import__("dischargesum.inference.attention").inference.attention.decode_kernel,
         batch_token_budget=settings.batch_token_budget, max_batch_size=settings.max_batch_size,
         sliding_window_cache=settings.sliding_window_cache if settings.cache_implementation == "static" else None,
         ring_layers=len(ring_layers(engine._static_cache)), prefill_chunk_rows=settings.prefill_chunk_rows,
@@ -539,7 +540,7 @@ def profile_decoding(engine: Any, batch: list[Any], args: argparse.Namespace) ->
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from dischargesum.inference import GenerationRequest
+    from dischargesum.inference.engine import GenerationRequest
 
     cap = max(r.max_new_tokens for r in batch)  # a static cache holds no more
     steps = max(1, min(args.profile_tokens, cap - 1))
@@ -581,7 +582,8 @@ def profile_decoding(engine: Any, batch: list[Any], args: argparse.Namespace) ->
 
 
 def all_requests(args: argparse.Namespace, inputs: dict[str, Any]) -> list[Any]:
-    from dischargesum.inference import GenerationRequest, note_seed
+    from dischargesum.inference.engine import GenerationRequest
+    from dischargesum.inference.sampling import note_seed
 
     return [
         GenerationRequest(f"n{i}", tuple(p), args.max_new_tokens, seed=note_seed(args.seed, f"n{i}"), index=i)
@@ -603,7 +605,7 @@ def check_keys(args: argparse.Namespace, inputs: dict[str, Any]) -> list[str]:
 def compute_reference(base_engine: Any, args: argparse.Namespace, inputs: dict[str, Any]) -> dict[str, Any]:
     """Greedy outputs of the check notes through the dynamic-cache path (no static cache, no compilation), in one
     batch: what every greedy engine row is compared with."""
-    from dischargesum.inference import EngineSettings, InferenceEngine
+    from dischargesum.inference.engine import EngineSettings, InferenceEngine
 
     keys = set(check_keys(args, inputs))
     requests = [r for r in all_requests(args, inputs) if r.key in keys]
@@ -779,7 +781,8 @@ def compile_rerun(args: argparse.Namespace, rows: list[dict[str, Any]]) -> dict[
 
 def warmup_child(args: argparse.Namespace) -> None:
     """compile_rerun's second process: load, plan and run the warm-up batch of one variant; write its timings."""
-    from dischargesum.inference import GenerationRequest, configure_compile_cache
+    from dischargesum.inference.engine import GenerationRequest
+    from dischargesum.inference.loading import configure_compile_cache
 
     configure_compile_cache(args.compile_cache_dir)
     inputs = build_inputs(args)
@@ -788,7 +791,7 @@ def warmup_child(args: argparse.Namespace) -> None:
     if spec.pop("chunked", False):
         spec["prefill_chunk_rows"] = args.prefill_chunk_rows
     scale = spec.pop("scale", 1)
-    from dischargesum.inference import EngineSettings, InferenceEngine
+    from dischargesum.inference.engine import EngineSettings, InferenceEngine
 
     settings = EngineSettings(
         batch_token_budget=args.batch_token_budget * scale,
@@ -823,7 +826,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return {}
     import torch
 
-    from dischargesum.inference import configure_compile_cache
+    from dischargesum.inference.loading import configure_compile_cache
 
     if args.compile_cache_dir is None:  # fresh per run: every compiled row's warm-up here is a first run
         args.compile_cache_dir = str(Path(args.work_dir) / "compile_cache" / time.strftime("%Y%m%dT%H%M%S"))

@@ -1234,13 +1234,8 @@ def adapter_check(checkpoint: str, dataset_dir: str, out_json: str, merged_dir: 
     from safetensors import safe_open
 
     from dischargesum.data.formatting import prompt_messages
-    from dischargesum.inference import (
-        EngineSettings,
-        GenerationRequest,
-        encode_chats,
-        load_engine,
-        resolve_model_source,
-    )
+    from dischargesum.inference.engine import EngineSettings, GenerationRequest, encode_chats
+    from dischargesum.inference.loading import load_engine, resolve_model_source
     from dischargesum.modeling import merge_adapter, resolve_adapter_base
     from dischargesum.training.checkpointing import validate_checkpoint
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from dischargesum import attention
-from dischargesum.attention import NAME, sdpa_gqa_fold_forward, use_gqa_fold
+from dischargesum.inference import attention
+from dischargesum.inference.attention import NAME, sdpa_gqa_fold_forward, use_gqa_fold
 
 pytestmark = pytest.mark.unit
 

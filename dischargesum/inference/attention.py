@@ -16,7 +16,7 @@ un-repeated cache ``(B, H_kv, L, D)`` computes exactly the same softmax(q k^T / 
 :func:`use_gqa_fold` switches a loaded model to it (registered with transformers' ``AttentionInterface`` and, for the
 mask, ``AttentionMaskInterface`` under :data:`NAME`); the generate engine does so for grouped-query models on sdpa.
 Tested against ``sdpa`` (logits and greedy tokens) in tests/unit/test_attention.py. It also applies the mask of a
-ring-buffer sliding-window cache layer (:mod:`dischargesum.kv_cache`) when the module carries one.
+ring-buffer sliding-window cache layer (:mod:`dischargesum.inference.kv_cache`) when the module carries one.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from dischargesum.kv_cache import RING_ATTR
+from dischargesum.inference.kv_cache import RING_ATTR
 from dischargesum.logging_utils import get_logger
 
 logger = get_logger(__name__)
@@ -67,8 +67,8 @@ def sdpa_gqa_fold_forward(
     batch, heads, q_len, head_dim = query.shape
     ring = getattr(module, RING_ATTR, None)
     if ring is not None and q_len == 1:
-        # A ring-buffer layer (dischargesum.kv_cache): its slots are not in position order, so transformers' mask
-        # (built for an ordered window) does not apply; the ring's own mask does.
+        # A ring-buffer layer (dischargesum.inference.kv_cache): its slots are not in position order, so
+        # transformers' mask (built for an ordered window) does not apply; the ring's own mask does.
         attention_mask = ring.decode_mask()
     if q_len != 1 or n_rep == 1 or kwargs.get("position_bias") is not None or dropout:
         return sdpa_attention_forward(
