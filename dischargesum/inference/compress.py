@@ -32,7 +32,6 @@ judges outputs, so its retry and fallback logic is tested with a scripted model 
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,11 +40,12 @@ from typing import TYPE_CHECKING, Any, Protocol
 from dischargesum.artifacts import STAGE2_FILE
 from dischargesum.config import CompressConfig
 from dischargesum.logging_utils import get_logger
-from dischargesum.manifest import ArtifactError, fingerprint_file, finish_run, require_artifact, sha256_file, start_run
+from dischargesum.manifest import ArtifactError, require_artifact, sha256_file
 
 if TYPE_CHECKING:
     from dischargesum.entities import Entity
     from dischargesum.inference.engine import GenerationRequest, GenerationResult
+    from dischargesum.inference.stage import Append
 
 logger = get_logger(__name__)
 
@@ -358,9 +358,8 @@ def run_compress(cfg: CompressConfig) -> dict[str, Any]:
         ArtifactError: the input is missing, half-written or malformed. ConfigError: unknown model, or output_dir
             holds outputs of different settings.
     """
-    from dischargesum.artifacts import read_jsonl
     from dischargesum.inference.loading import engine_from_config, resolve_model_source
-    from dischargesum.inference.stage import ShardedJsonlOutput, current_processes, progress_bar, resume_key
+    from dischargesum.inference.stage import current_processes, progress_bar, resume_key, run_sharded_stage
 
     procs = current_processes()
     items = read_stage1(cfg.input)
@@ -371,55 +370,43 @@ def run_compress(cfg: CompressConfig) -> dict[str, Any]:
     source = resolve_model_source(cfg.model_name_or_path, cfg.adapter)
     input_sha = sha256_file(cfg.input)
     key = resume_key(cfg, input_sha256=input_sha, base=source.base, adapter_sha256=source.adapter_sha256)
-    output = ShardedJsonlOutput(cfg.output_dir, STAGE2_FILE, procs)
-    output.check_resumable(key, overwrite=cfg.overwrite)
-    procs.barrier()
-    start_run(
-        cfg.output_dir,
+
+    def compress_share(todo: list[int], append: Append) -> int:
+        mine = procs.share([items[i] for i in todo])
+        if not mine:
+            return 0
+        written = 0
+        engine = engine_from_config(cfg, source, procs.device)
+        settings = CompressionSettings.from_config(cfg)
+        bar = progress_bar(len(mine), "compress", procs)
+        try:
+            for chunk in _chunks(mine, cfg.chunk_notes):
+                records = compress_notes(chunk, engine, settings)
+                append(records)
+                written += len(records)
+                bar.update(len(records))
+                bar.set_postfix(fallbacks=sum(1 for r in records if r["fallback"]), refresh=False)
+        finally:
+            bar.close()
+            engine.close()
+        return written
+
+    return run_sharded_stage(
         cfg,
+        procs,
+        file_name=STAGE2_FILE,
+        key=key,
         inputs={
             "input": str(Path(cfg.input).resolve()),
             "input_sha256": input_sha,
             "model": source.base,
             "adapter": source.adapter,
         },
+        order=[note_id for note_id, _ in items],
+        work=compress_share,
+        summarize=summarize_stage2,
+        describe=describe_stage2,
     )
-    output.prepare(key, overwrite=cfg.overwrite, description={"stage": "compress"})
-    done = output.done_records()
-    todo = [item for item in items if item[0] not in done]
-    if done:
-        logger.info("resuming: %d of %d notes already written", len(items) - len(todo), len(items))
-    mine = todo[procs.rank :: procs.world_size]
-    started = time.perf_counter()
-    written = 0
-    if mine:
-        engine = engine_from_config(cfg, source, procs.device)
-        settings = CompressionSettings.from_config(cfg)
-        bar = progress_bar(len(mine), "compress", procs)
-        try:
-            with output.writer() as append:
-                for chunk in _chunks(mine, cfg.chunk_notes):
-                    records = compress_notes(chunk, engine, settings)
-                    append(records)
-                    written += len(records)
-                    bar.update(len(records))
-                    bar.set_postfix(fallbacks=sum(1 for r in records if r["fallback"]), refresh=False)
-        finally:
-            bar.close()
-            engine.close()
-    output.finish_rank(written)
-    summary: dict[str, Any] = {}
-    if procs.is_main:
-        output.wait_for_ranks()
-        output.merge([note_id for note_id, _ in items])
-        summary = summarize_stage2(read_jsonl(output.path))
-        summary["this_run"] = {"notes": len(todo), "wall_seconds": round(time.perf_counter() - started, 3)}
-        finish_run(cfg.output_dir, {STAGE2_FILE: fingerprint_file(output.path, cfg.output_dir)}, summary=summary)
-        output.mark_complete()
-        logger.info("wrote %s: %s", output.path, describe_stage2(summary))
-    else:
-        output.wait_until_complete()
-    return summary
 
 
 def describe_stage2(summary: dict[str, Any]) -> str:

@@ -25,7 +25,8 @@ What holds about determinism (a note's output should not depend on which batch, 
   padded shape picks different matmul/attention kernel tilings, so logits can differ in the last bits, and a
   near-tie between two tokens can flip). On CPU in fp32 the tests see identical outputs batched and one by one.
   Across process counts generate keeps outputs identical by construction: batches are planned over ALL notes and
-  then dealt to ranks (:func:`deal_batches`), so every note sees the same batch whatever the number of processes.
+  then dealt to ranks (:meth:`dischargesum.inference.stage.Processes.share`), so every note sees the same batch
+  whatever the number of processes.
 * **Sampling**: :class:`~dischargesum.inference.sampling.SeededSampler` draws from counter-based noise keyed by
   (note seed, step, token id), so a note's random numbers never depend on its batch neighbours, its position in
   the batch, the process or a resume. The same "up to kernel numerics" caveat applies.
@@ -259,14 +260,6 @@ def plan_requests(settings: EngineSettings, requests: Sequence[GenerationRequest
         batches, size, cache_len = plan_fixed_shape_batches(requests, **kwargs)
         return BatchPlan(batches, (size, cache_len) if batches else None)
     return BatchPlan(plan_batches(requests, **kwargs))
-
-
-def deal_batches(
-    batches: Sequence[list[GenerationRequest]], rank: int, world_size: int
-) -> list[list[GenerationRequest]]:
-    """This rank's batches: batch i goes to rank i mod world_size (the plan is global, so a note's batch — and hence
-    its greedy output — is the same for any number of processes; longest-first order balances the ranks)."""
-    return [batch for i, batch in enumerate(batches) if i % world_size == rank]
 
 
 class RowTokenLimits(StoppingCriteria):

@@ -1,7 +1,7 @@
 """Stage 1, generate: a summary for every note of a prepared split -> ``<output_dir>/stage1.jsonl`` + manifest.
 
 Every rank tokenizes every prompt and plans the batches over ALL notes, then runs its share (batch i -> rank
-i mod world size; :func:`dischargesum.inference.engine.deal_batches`), so a note's batch — and its greedy output —
+i mod world size; :meth:`dischargesum.inference.stage.Processes.share`), so a note's batch — and its greedy output —
 is the same for any number of processes. Resume, sharded output and the manifest are
 :func:`dischargesum.inference.stage.run_sharded_stage`'s.
 """
@@ -11,29 +11,29 @@ from __future__ import annotations
 import json
 import time
 from array import array
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dischargesum.artifacts import STAGE1_FILE, read_jsonl
+from dischargesum.artifacts import STAGE1_FILE
 from dischargesum.inference.engine import (
     EngineSettings,
     GenerationRequest,
     GenerationResult,
     InferenceEngine,
-    deal_batches,
     encode_chats,
     plan_requests,
 )
 from dischargesum.inference.loading import engine_from_config, resolve_model_source
 from dischargesum.inference.sampling import request_seeds
 from dischargesum.inference.stage import (
+    Append,
     Processes,
-    ShardedJsonlOutput,
     current_processes,
     progress_bar,
     resume_key,
+    run_sharded_stage,
 )
 from dischargesum.logging_utils import get_logger
 from dischargesum.manifest import ArtifactError, require_artifact
@@ -67,7 +67,7 @@ class RunStats:
 def run_generation(
     engine: InferenceEngine,
     requests: Sequence[GenerationRequest],
-    append: Callable[[Iterable[dict[str, Any]]], None],
+    append: Append,
     to_record: Callable[[GenerationResult], dict[str, Any]],
     procs: Processes,
     *,
@@ -78,7 +78,7 @@ def run_generation(
 
     Returns this rank's throughput.
     """
-    batches = deal_batches(engine.plan(requests), procs.rank, procs.world_size)
+    batches = procs.share(engine.plan(requests))
     stats = RunStats()
     bar = progress_bar(sum(len(b) for b in batches), desc, procs)
     last_log = time.monotonic()
@@ -131,7 +131,6 @@ def run_generate(cfg: GenerateConfig) -> dict[str, Any]:
 
     from dischargesum.data import schema
     from dischargesum.data.formatting import DEFAULT_INSTRUCTION, prompt_messages
-    from dischargesum.manifest import fingerprint_file, finish_run, start_run
     from dischargesum.modeling import load_tokenizer
 
     procs = current_processes()
@@ -166,32 +165,8 @@ def run_generate(cfg: GenerateConfig) -> dict[str, Any]:
         adapter_sha256=source.adapter_sha256,
         instruction=instruction,
     )
-    output = ShardedJsonlOutput(cfg.output_dir, STAGE1_FILE, procs)
-    output.check_resumable(key, overwrite=cfg.overwrite)
-    procs.barrier()  # every rank has checked before the main process touches anything
-    start_run(
-        cfg.output_dir,
-        cfg,
-        inputs={
-            "dataset_dir": str(Path(cfg.dataset_dir).resolve()),
-            "data_fingerprint": dataset.get("data_fingerprint"),
-            "split": cfg.split,
-            "base_model": source.base,
-            "adapter": None if source.adapter is None else str(Path(source.adapter).resolve()),
-            "adapter_sha256": source.adapter_sha256,
-        },
-    )
-    output.prepare(key, overwrite=cfg.overwrite, description={"stage": "generate"})
-    done = output.done_records()
-    todo = [i for i, note_id in enumerate(note_ids) if note_id not in done]
-    if done:
-        logger.info(
-            "resuming: %d of %d notes already written, %d to go", len(note_ids) - len(todo), len(note_ids), len(todo)
-        )
 
-    stats = RunStats()
-    started = time.perf_counter()
-    if todo:
+    def generate_notes(todo: list[int], append: Append) -> int:
         # Every rank tokenizes every note: the batch plan (and so each note's batch) must be the same on all ranks.
         # Ids are kept as 4-byte arrays (a Python int list costs ~9x more for a large split).
         tokenizer = load_tokenizer(source.tokenizer_path, padding_side="left")
@@ -205,34 +180,32 @@ def run_generate(cfg: GenerateConfig) -> dict[str, Any]:
             GenerationRequest(key=note_ids[i], prompt_ids=p, max_new_tokens=cfg.max_new_tokens, seed=seeds[i], index=i)
             for i, p in zip(todo, prompts)
         ]
-        settings = EngineSettings.from_config(cfg)
-        if deal_batches(plan_requests(settings, requests).batches, procs.rank, procs.world_size):
-            engine = engine_from_config(cfg, source, procs.device)
-            try:
-                with output.writer() as append:
-                    stats = run_generation(engine, requests, append, generation_record, procs, desc="generate")
-            finally:
-                engine.close()
-    output.finish_rank(stats.notes)
-    summary: dict[str, Any] = {}
-    if procs.is_main:
-        output.wait_for_ranks()
-        output.merge(note_ids)
-        summary = summarize_stage1(read_jsonl(output.path), world_size=procs.world_size)
-        summary["this_run"] = {"notes": len(todo), "wall_seconds": round(time.perf_counter() - started, 3)}
-        finish_run(cfg.output_dir, {STAGE1_FILE: fingerprint_file(output.path, cfg.output_dir)}, summary=summary)
-        output.mark_complete()
-        logger.info(
-            "wrote %s: %d notes, %d new tokens (%.1f new tokens/s per process), finish reasons %s",
-            output.path,
-            summary["notes"],
-            summary["new_tokens"],
-            summary["new_tokens_per_second_per_process"] or 0.0,
-            summary["finish_reasons"],
-        )
-    else:
-        output.wait_until_complete()
-    return summary
+        if not procs.share(plan_requests(EngineSettings.from_config(cfg), requests).batches):
+            return 0
+        engine = engine_from_config(cfg, source, procs.device)
+        try:
+            return run_generation(engine, requests, append, generation_record, procs, desc="generate").notes
+        finally:
+            engine.close()
+
+    return run_sharded_stage(
+        cfg,
+        procs,
+        file_name=STAGE1_FILE,
+        key=key,
+        inputs={
+            "dataset_dir": str(Path(cfg.dataset_dir).resolve()),
+            "data_fingerprint": dataset.get("data_fingerprint"),
+            "split": cfg.split,
+            "base_model": source.base,
+            "adapter": None if source.adapter is None else str(Path(source.adapter).resolve()),
+            "adapter_sha256": source.adapter_sha256,
+        },
+        order=note_ids,
+        work=generate_notes,
+        summarize=lambda records: summarize_stage1(records, world_size=procs.world_size),
+        describe=describe_stage1,
+    )
 
 
 def summarize_stage1(records: Sequence[dict[str, Any]], *, world_size: int) -> dict[str, Any]:
@@ -251,3 +224,12 @@ def summarize_stage1(records: Sequence[dict[str, Any]], *, world_size: int) -> d
         "finish_reasons": reasons,
         "world_size": world_size,
     }
+
+
+def describe_stage1(summary: dict[str, Any]) -> str:
+    """One log line for :func:`summarize_stage1`."""
+    return (
+        f"{summary['notes']} notes, {summary['new_tokens']} new tokens "
+        f"({summary['new_tokens_per_second_per_process'] or 0.0:.1f} new tokens/s per process), "
+        f"finish reasons {summary['finish_reasons']}"
+    )

@@ -24,16 +24,27 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from dischargesum.artifacts import PARTS_DIR, read_jsonl
 from dischargesum.config import ConfigError, InferenceConfig
 from dischargesum.logging_utils import get_logger, show_progress
-from dischargesum.manifest import atomic_write_json, canonical_hash, open_private, private_dir
+from dischargesum.manifest import (
+    atomic_write_json,
+    canonical_hash,
+    fingerprint_file,
+    finish_run,
+    open_private,
+    private_dir,
+    start_run,
+)
 
 logger = get_logger(__name__)
+T = TypeVar("T")
+# Appends records to this rank's part file (one write, flush and fsync per call).
+Append = Callable[[Iterable[dict[str, Any]]], None]
 
 
 @dataclass(frozen=True)
@@ -48,6 +59,12 @@ class Processes:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    def share(self, items: Sequence[T]) -> list[T]:
+        """This rank's share of ``items``: item i goes to rank i mod world_size. Generate deals its planned batches
+        (the plan is global, so a note's batch — and its greedy output — is the same for any number of processes;
+        longest-first order balances the ranks); compress deals notes."""
+        return list(items[self.rank :: self.world_size])
 
 
 def current_processes() -> Processes:
@@ -281,3 +298,75 @@ def resume_key(cfg: InferenceConfig, **facts: Any) -> str:
     """Fingerprint of everything that determines the outputs (config minus speed knobs, plus input facts)."""
     settings = {k: v for k, v in cfg.to_dict().items() if k not in _RESUME_NEUTRAL}
     return canonical_hash({"stage": cfg.STAGE, "config": settings, **facts})
+
+
+def run_sharded_stage(
+    cfg: InferenceConfig,
+    procs: Processes,
+    *,
+    file_name: str,
+    key: str,
+    inputs: dict[str, Any],
+    order: Sequence[str],
+    work: Callable[[list[int], Append], int],
+    summarize: Callable[[list[dict[str, Any]]], dict[str, Any]],
+    describe: Callable[[dict[str, Any]], str],
+) -> dict[str, Any]:
+    """The protocol of a resumable stage sharded across processes (generate and compress); every rank calls it.
+
+    1. Refuse an ``output_dir`` holding outputs of other settings (``key``, see :func:`resume_key`); barrier.
+    2. Start the manifest (``running``; the resolved config and ``inputs``).
+    3. Main process: clear (``overwrite``) or repair the part files and the merged output, write the journal;
+       barrier (:meth:`ShardedJsonlOutput.prepare`).
+    4. Skip the notes already written; ``work(todo, append)`` gets the input positions (in ``order``) still to do —
+       it deals its share with :meth:`Processes.share` and appends records; this rank's part file is opened at its
+       first record — and returns how many records it wrote. Not called when nothing is left to do.
+    5. Done marker; the main process waits for every rank, merges the parts in ``order`` (one record per key),
+       adds ``this_run`` to ``summarize(records)``, finishes the manifest with the output's fingerprint, releases the
+       other ranks and logs ``describe(summary)``; the other ranks wait until it has.
+
+    Returns the manifest summary (main process; ``{}`` elsewhere).
+
+    Raises:
+        ConfigError: the output_dir holds outputs of different settings. RuntimeError: a note has no record after
+            every rank finished.
+    """
+    output = ShardedJsonlOutput(cfg.output_dir, file_name, procs)
+    output.check_resumable(key, overwrite=cfg.overwrite)
+    procs.barrier()  # every rank has checked before the main process touches anything
+    start_run(cfg.output_dir, cfg, inputs=inputs)
+    output.prepare(key, overwrite=cfg.overwrite, description={"stage": cfg.STAGE})
+    done = output.done_records()
+    todo = [i for i, k in enumerate(order) if k not in done]
+    if done:
+        logger.info(
+            "resuming: %d of %d notes already written, %d to go", len(order) - len(todo), len(order), len(todo)
+        )
+    started = time.perf_counter()
+    written = 0
+    if todo:
+        with contextlib.ExitStack() as stack:
+            part: list[Append] = []
+
+            def append(records: Iterable[dict[str, Any]]) -> None:
+                batch = list(records)
+                if not batch:
+                    return
+                if not part:
+                    part.append(stack.enter_context(output.writer()))
+                part[0](batch)
+
+            written = work(todo, append)
+    output.finish_rank(written)
+    summary: dict[str, Any] = {}
+    if procs.is_main:
+        output.wait_for_ranks()
+        output.merge(order)
+        summary = summarize(read_jsonl(output.path))
+        summary["this_run"] = {"notes": len(todo), "wall_seconds": round(time.perf_counter() - started, 3)}
+        finish_run(cfg.output_dir, {file_name: fingerprint_file(output.path, cfg.output_dir)}, summary=summary)
+        output.mark_complete()
+        logger.info("wrote %s: %s", output.path, describe(summary))
+    else:
+        output.wait_until_complete()
+    return summary

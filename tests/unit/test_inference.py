@@ -18,7 +18,6 @@ from dischargesum.inference.engine import (
     GenerationRequest,
     InferenceEngine,
     batch_cost,
-    deal_batches,
     encode_chats,
     plan_batches,
     plan_fixed_shape_batches,
@@ -85,7 +84,7 @@ def test_fixed_shape_plan_evens_out_the_batches() -> None:
 def test_dealing_batches_to_ranks_keeps_every_batch_whole() -> None:
     batches = plan_batches(_requests(list(range(1, 40))), batch_token_budget=120, max_batch_size=4)
     for world in (1, 2, 3):
-        shares = [deal_batches(batches, rank, world) for rank in range(world)]
+        shares = [Processes(rank, world, "cpu", lambda: None).share(batches) for rank in range(world)]
         dealt = [b for share in shares for b in share]
         assert sorted(map(tuple, ([r.key for r in b] for b in dealt))) == sorted(
             tuple(r.key for r in b) for b in batches
