@@ -169,7 +169,7 @@ def run_generate(cfg: GenerateConfig) -> dict[str, Any]:
     def generate_notes(todo: list[int], append: Append) -> int:
         # Every rank tokenizes every note: the batch plan (and so each note's batch) must be the same on all ranks.
         # Ids are kept as 4-byte arrays (a Python int list costs ~9x more for a large split).
-        tokenizer = load_tokenizer(source.tokenizer_path, padding_side="left")
+        tokenizer = load_tokenizer(source.tokenizer_path, field=source.tokenizer_field, padding_side="left")
         prompts: list[Sequence[int]] = []
         for start in range(0, len(todo), 1024):
             chunk = [prompt_messages(notes[i], instruction) for i in todo[start : start + 1024]]

@@ -32,6 +32,15 @@ class ModelSource:
     adapter_sha256: str | None = None
     adapter_stage: str | None = None
 
+    @property
+    def tokenizer_field(self) -> str:
+        """The config key that names :attr:`tokenizer_path` (for error messages)."""
+        return (
+            "adapter"
+            if self.adapter is not None and self.tokenizer_path == str(self.adapter)
+            else "model_name_or_path"
+        )
+
 
 def check_adapter_dir(adapter: str, *, field: str = "adapter") -> tuple[str | None, str]:
     """Check that ``adapter`` is a usable LoRA adapter directory before any model is loaded.
@@ -112,31 +121,6 @@ def resolve_model_source(
     )
 
 
-def resolve_precision(precision: str, model_path: str, *, device_type: str) -> str:
-    """``auto`` -> bf16 on a GPU that has it, else fp32; fp16 is refused for Gemma 3. Returns a dtype name.
-
-    Raises:
-        ConfigError: fp16 with a Gemma 3 model, or bf16 on a device without it.
-    """
-    from dischargesum.modeling import read_model_info
-
-    if precision == "fp16" and read_model_info(model_path).is_gemma3:
-        raise ConfigError(
-            f"`precision` = fp16 with Gemma 3 ({model_path}): its activations overflow fp16 (NaN / device asserts). "
-            "Use `precision: auto` (bf16 where supported, else fp32)."
-        )
-    if precision == "fp32":
-        return "float32"
-    if precision == "fp16":
-        return "float16"
-    bf16 = device_type == "cuda" and torch.cuda.is_bf16_supported()
-    if precision == "bf16":
-        if device_type == "cuda" and not bf16:
-            raise ConfigError("`precision` = bf16 but this GPU has no bf16; use `precision: auto` (fp32) or fp16.")
-        return "bfloat16"
-    return "bfloat16" if bf16 else "float32"
-
-
 # Every model load_engine created and that is still alive: the pipeline checks that stage 1's is gone.
 _LIVE_MODELS: weakref.WeakSet[Any] = weakref.WeakSet()
 
@@ -162,11 +146,20 @@ def load_engine(
     Raises:
         ConfigError: the model cannot be loaded; 4-bit without CUDA-capable bitsandbytes is bitsandbytes' error.
     """
-    from dischargesum.modeling import load_base_model, load_tokenizer
+    from dischargesum.modeling import load_base_model, load_tokenizer, read_model_info, resolve_precision
 
     device = torch.device(device)
-    dtype = resolve_precision(precision, source.base, device_type=device.type)
-    tokenizer = load_tokenizer(source.tokenizer_path, padding_side="left")
+    cuda = device.type == "cuda"
+    dtype, note = resolve_precision(
+        precision,
+        read_model_info(source.base),
+        device=device.type,
+        bf16_supported=cuda and torch.cuda.is_bf16_supported(),
+        device_name=torch.cuda.get_device_name(device) if cuda else "",
+    )
+    if note:
+        logger.info("%s", note)
+    tokenizer = load_tokenizer(source.tokenizer_path, field=source.tokenizer_field, padding_side="left")
     start = time.perf_counter()
     model: Any = load_base_model(
         source.base,
