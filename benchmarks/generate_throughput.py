@@ -428,15 +428,14 @@ def run_engine_variant(
     scale = spec.pop("scale", 1)
     attn = spec.pop("attn", None)
     kernel = spec.pop("decode_kernel", None)
-    if kernel is not None:  # our decoding attention's other kernel (dischargesum.attention.decode_kernel)
-        from dischargesum.inference import attention
+    if kernel == "matmul":  # our decoding attention with its other kernel (benchmarks/_engine_ablations.py)
+        from _engine_ablations import use_matmul_fold
 
-        previous_kernel = attention.decode_kernel
-        attention.decode_kernel = kernel
+        previous = use_matmul_fold(base_engine.model)
         try:
-            return run_engine_variant_inner(name, base_engine, args, inputs, spec, scale, None)
+            return run_engine_variant_inner(name, base_engine, args, inputs, spec, scale, None, decode_kernel=kernel)
         finally:
-            attention.decode_kernel = previous_kernel
+            base_engine.model.set_attn_implementation(previous)
     if attn is not None:  # the ablation of our decoding attention: transformers' own sdpa (repeat_kv copies)
         previous = base_engine.model.config._attn_implementation
         base_engine.model.set_attn_implementation(attn)
@@ -455,17 +454,18 @@ def run_engine_variant_inner(
     spec: dict[str, Any],
     scale: int,
     attn: str | None,
+    *,
+    decode_kernel: str = "sdpa",
 ) -> dict[str, Any]:
-    from dischargesum.inference.engine import EngineSettings, GenerationRequest, InferenceEngine
+    from _engine_ablations import FixedLengthEngine
+
+    from dischargesum.inference.engine import EngineSettings, GenerationRequest
     from dischargesum.inference.kv_cache import ring_layers
 
     settings = EngineSettings(
-        batch_token_budget=args.batch_token_budget * scale,
-        max_batch_size=args.max_batch_size * scale,
-        min_new_tokens=args.max_new_tokens,
-        **spec,
+        batch_token_budget=args.batch_token_budget * scale, max_batch_size=args.max_batch_size * scale, **spec
     )
-    engine = InferenceEngine(base_engine.model, base_engine.tokenizer, settings)
+    engine = FixedLengthEngine(base_engine.model, base_engine.tokenizer, settings, min_new_tokens=args.max_new_tokens)
     requests = all_requests(args, inputs)
     batches = engine.plan(requests)
     # Warm-up on the first planned batch with a few tokens: CUDA kernels, cuBLAS heuristics and — for the
@@ -501,8 +501,9 @@ def run_engine_variant_inner(
         batches=len(batches), batch_size=max(len(b) for b in batches), finish_reasons=finish,
         weights="bf16, LoRA merged", decoding="sample (top-k 50, per-note seed)" if settings.do_sample else "greedy",
         cache=settings.cache_implementation, compile=settings.compile,
-        attention=base_engine.model.config._attn_implementation,
-        decode_kernel=__import__("dischargesum.inference.attention").inference.attention.decode_kernel,
+        # the matmul kernel is registered under its own name; the row keeps naming the attention and its kernel
+        attention="sdpa_gqa_fold" if decode_kernel == "matmul" else base_engine.model.config._attn_implementation,
+        decode_kernel=decode_kernel,
         batch_token_budget=settings.batch_token_budget, max_batch_size=settings.max_batch_size,
         sliding_window_cache=settings.sliding_window_cache if settings.cache_implementation == "static" else None,
         ring_layers=len(ring_layers(engine._static_cache)), prefill_chunk_rows=settings.prefill_chunk_rows,
@@ -605,14 +606,14 @@ def check_keys(args: argparse.Namespace, inputs: dict[str, Any]) -> list[str]:
 def compute_reference(base_engine: Any, args: argparse.Namespace, inputs: dict[str, Any]) -> dict[str, Any]:
     """Greedy outputs of the check notes through the dynamic-cache path (no static cache, no compilation), in one
     batch: what every greedy engine row is compared with."""
-    from dischargesum.inference.engine import EngineSettings, InferenceEngine
+    from _engine_ablations import FixedLengthEngine
+
+    from dischargesum.inference.engine import EngineSettings
 
     keys = set(check_keys(args, inputs))
     requests = [r for r in all_requests(args, inputs) if r.key in keys]
-    settings = EngineSettings(
-        batch_token_budget=10**9, max_batch_size=len(requests) or 1, min_new_tokens=args.max_new_tokens
-    )
-    engine = InferenceEngine(base_engine.model, base_engine.tokenizer, settings)
+    settings = EngineSettings(batch_token_budget=10**9, max_batch_size=len(requests) or 1)
+    engine = FixedLengthEngine(base_engine.model, base_engine.tokenizer, settings, min_new_tokens=args.max_new_tokens)
     began = time.perf_counter()
     results = engine.generate_all(requests)
     sync()
@@ -791,15 +792,14 @@ def warmup_child(args: argparse.Namespace) -> None:
     if spec.pop("chunked", False):
         spec["prefill_chunk_rows"] = args.prefill_chunk_rows
     scale = spec.pop("scale", 1)
-    from dischargesum.inference.engine import EngineSettings, InferenceEngine
+    from _engine_ablations import FixedLengthEngine
+
+    from dischargesum.inference.engine import EngineSettings
 
     settings = EngineSettings(
-        batch_token_budget=args.batch_token_budget * scale,
-        max_batch_size=args.max_batch_size * scale,
-        min_new_tokens=args.max_new_tokens,
-        **spec,
+        batch_token_budget=args.batch_token_budget * scale, max_batch_size=args.max_batch_size * scale, **spec
     )
-    runner = InferenceEngine(engine.model, engine.tokenizer, settings)
+    runner = FixedLengthEngine(engine.model, engine.tokenizer, settings, min_new_tokens=args.max_new_tokens)
     batches = runner.plan(all_requests(args, inputs))
     warm = [GenerationRequest(r.key, r.prompt_ids, min(8, args.max_new_tokens), r.seed, r.index) for r in batches[0]]
     began = time.perf_counter()

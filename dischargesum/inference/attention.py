@@ -17,10 +17,13 @@ un-repeated cache ``(B, H_kv, L, D)`` computes exactly the same softmax(q k^T / 
 mask, ``AttentionMaskInterface`` under :data:`NAME`); the generate engine does so for grouped-query models on sdpa.
 Tested against ``sdpa`` (logits and greedy tokens) in tests/unit/test_attention.py. It also applies the mask of a
 ring-buffer sliding-window cache layer (:mod:`dischargesum.inference.kv_cache`) when the module carries one.
+:func:`gqa_fold_forward` builds the same attention around another kernel for the folded step (the throughput
+benchmark's matmul ablation registers one under its own name: benchmarks/_engine_ablations.py).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -31,72 +34,77 @@ from dischargesum.logging_utils import get_logger
 logger = get_logger(__name__)
 
 NAME = "sdpa_gqa_fold"
-# Kernel for the folded decoding step: "sdpa" (PyTorch picks: cuDNN / efficient / math) or "matmul" (two batched
-# matmuls and a float32 softmax — transformers' eager attention math, without its repeat_kv copy). Read at call time;
-# benchmarks/generate_throughput.py measures both.
-DECODE_KERNELS = ("sdpa", "matmul")
-decode_kernel = "sdpa"
+# The names registered with a folded decoding step (:func:`register`): the ring-buffer cache needs one of them.
+FOLD_NAMES: set[str] = set()
+# The kernel of a folded decoding step: (query (B, H_kv, n_rep, D), key, value (B, H_kv, L, D), mask, scale) -> out.
+FoldedKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, float | None], torch.Tensor]
+AttentionFunction = Callable[..., tuple[torch.Tensor, None]]
 
 
-def _matmul_attention(
+def sdpa_kernel(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, scale: float | None
 ) -> torch.Tensor:
-    scale = query.shape[-1] ** -0.5 if scale is None else scale
-    scores = torch.matmul(query, key.transpose(-1, -2))
-    scores = scores.to(torch.promote_types(scores.dtype, torch.float32)) * scale  # softmax in >= float32
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
-    return torch.matmul(scores.softmax(dim=-1).to(value.dtype), value)
+    """PyTorch's SDPA on the folded query (PyTorch picks cuDNN / efficient / math)."""
+    return torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=mask, dropout_p=0.0, scale=scale, is_causal=False
+    )
 
 
-def sdpa_gqa_fold_forward(
-    module: torch.nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    dropout: float = 0.0,
-    scaling: float | None = None,
-    is_causal: bool | None = None,
-    **kwargs: Any,
-) -> tuple[torch.Tensor, None]:
-    """transformers' attention-function signature; returns ``(B, q_len, H, D)`` like its ``sdpa``."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+def gqa_fold_forward(kernel: FoldedKernel) -> AttentionFunction:
+    """An attention function (transformers' signature; returns ``(B, q_len, H, D)`` like its ``sdpa``) whose
+    decoding steps fold the query heads onto their KV head and run ``kernel``; everything else goes to sdpa."""
 
-    n_rep = int(getattr(module, "num_key_value_groups", 1))
-    batch, heads, q_len, head_dim = query.shape
-    ring = getattr(module, RING_ATTR, None)
-    if ring is not None and q_len == 1:
-        # A ring-buffer layer (dischargesum.inference.kv_cache): its slots are not in position order, so
-        # transformers' mask (built for an ordered window) does not apply; the ring's own mask does.
-        attention_mask = ring.decode_mask()
-    if q_len != 1 or n_rep == 1 or kwargs.get("position_bias") is not None or dropout:
-        return sdpa_attention_forward(
-            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
-        )
-    kv_heads = key.shape[1]
-    # Query head h reads KV head h // n_rep (transformers' repeat_kv order), so consecutive heads fold together.
-    folded = query.reshape(batch, kv_heads, n_rep, head_dim)
-    mask = attention_mask
-    if mask is not None and mask.ndim == 4:
-        mask = mask[:, :, :, : key.shape[-2]]
-    if decode_kernel == "matmul":
-        out = _matmul_attention(folded, key, value, mask, scaling)
-    else:
-        out = torch.nn.functional.scaled_dot_product_attention(
-            folded, key, value, attn_mask=mask, dropout_p=0.0, scale=scaling, is_causal=False
-        )
-    return out.reshape(batch, heads, 1, head_dim).transpose(1, 2).contiguous(), None
+    def forward(
+        module: torch.nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        dropout: float = 0.0,
+        scaling: float | None = None,
+        is_causal: bool | None = None,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, None]:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        n_rep = int(getattr(module, "num_key_value_groups", 1))
+        batch, heads, q_len, head_dim = query.shape
+        ring = getattr(module, RING_ATTR, None)
+        if ring is not None and q_len == 1:
+            # A ring-buffer layer (dischargesum.inference.kv_cache): its slots are not in position order, so
+            # transformers' mask (built for an ordered window) does not apply; the ring's own mask does.
+            attention_mask = ring.decode_mask()
+        if q_len != 1 or n_rep == 1 or kwargs.get("position_bias") is not None or dropout:
+            return sdpa_attention_forward(
+                module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal,
+                **kwargs,
+            )  # fmt: skip
+        kv_heads = key.shape[1]
+        # Query head h reads KV head h // n_rep (transformers' repeat_kv order), so consecutive heads fold together.
+        folded = query.reshape(batch, kv_heads, n_rep, head_dim)
+        mask = attention_mask
+        if mask is not None and mask.ndim == 4:
+            mask = mask[:, :, :, : key.shape[-2]]
+        out = kernel(folded, key, value, mask, scaling)
+        return out.reshape(batch, heads, 1, head_dim).transpose(1, 2).contiguous(), None
+
+    return forward
 
 
-def register() -> str:
-    """Register :data:`NAME` with transformers (attention function + sdpa's mask format); idempotent."""
+sdpa_gqa_fold_forward = gqa_fold_forward(sdpa_kernel)
+
+
+def register(name: str = NAME, forward: AttentionFunction = sdpa_gqa_fold_forward) -> str:
+    """Register ``forward`` (default: :data:`NAME`, the SDPA fold) with transformers under ``name``, with sdpa's mask
+    format; idempotent. Another kernel (``gqa_fold_forward(kernel)``) registers under its own name; a model switches
+    to it with ``set_attn_implementation(name)``."""
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
-    AttentionInterface.register(NAME, sdpa_gqa_fold_forward)
-    AttentionMaskInterface.register(NAME, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
-    return NAME
+    AttentionInterface.register(name, forward)
+    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    FOLD_NAMES.add(name)
+    return name
 
 
 def use_gqa_fold(model: Any) -> bool:

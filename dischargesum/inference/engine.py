@@ -121,9 +121,6 @@ class EngineSettings:
     sliding_window_cache: Literal["ring", "full"] = "ring"
     # Static cache only: prefill this many rows at a time (0 = the whole batch at once).
     prefill_chunk_rows: int = 0
-    # Forces every row to generate at least this many tokens (stop tokens are masked until then). Benchmarks only:
-    # random weights never emit a stop token at a realistic point, so tokens/s needs a fixed length.
-    min_new_tokens: int = 0
 
     @classmethod
     def from_config(cls, cfg: InferenceConfig) -> EngineSettings:
@@ -405,15 +402,7 @@ class InferenceEngine:
             attention_mask[i, length - n :] = 1
         limits = [r.max_new_tokens for r in rows]
         max_new = max(limits)
-        config = GenerationConfig(
-            max_new_tokens=max_new,
-            min_new_tokens=min(s.min_new_tokens, max_new) or None,
-            do_sample=False,
-            num_beams=1,
-            eos_token_id=self.stop_ids,
-            pad_token_id=self.pad_id,
-            bos_token_id=self.tokenizer.bos_token_id,
-        )
+        config = self.decoding_config(max_new)
         kwargs: dict[str, Any] = {}
         cache = None
         if s.cache_implementation == "static":
@@ -477,6 +466,19 @@ class InferenceEngine:
                 )
             )
         return results
+
+    def decoding_config(self, max_new_tokens: int) -> GenerationConfig:
+        """The generation config of a batch whose longest row may generate ``max_new_tokens``: greedy (sampling is
+        a logits processor), the engine's stop and pad tokens. Subclasses may extend it (the throughput benchmark
+        forces a fixed output length); the static-cache compile settings are added after it."""
+        return GenerationConfig(
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            eos_token_id=self.stop_ids,
+            pad_token_id=self.pad_id,
+            bos_token_id=self.tokenizer.bos_token_id,
+        )
 
     def _reset_static_cache(self) -> Any:
         assert self._static_shape is not None

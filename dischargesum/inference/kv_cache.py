@@ -124,10 +124,10 @@ class RingSlidingLayer(StaticLayer):  # type: ignore[misc]
 
 def ring_supported(model: Any) -> bool:
     """Whether ``model`` decodes through our attention function, which applies the ring's mask."""
-    from dischargesum.inference.attention import NAME
+    from dischargesum.inference.attention import FOLD_NAMES
 
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return getattr(inner.config, "_attn_implementation", None) == NAME
+    return getattr(inner.config, "_attn_implementation", None) in FOLD_NAMES
 
 
 def build_static_cache(text_config: Any, max_cache_len: int, *, ring: bool) -> Any:
