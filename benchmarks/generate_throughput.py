@@ -22,7 +22,7 @@ Default variants (issue 14's levers one at a time; they run in this order, and t
 * ``engine_static_compile`` — the engine as issue 8 left it: bf16 weights with the adapter merged, static KV cache
   reused across batches (sliding-window layers at full length), ``torch.compile`` (mode reduce-overhead: CUDA graphs)
   of the decoding step, our decoding attention ``sdpa_gqa_fold``; batch 64 under the default budget.
-* ``engine_ring_b2x_chunked`` — plus ring-buffer sliding-window layers (dischargesum/kv_cache.py: 1,024 slots
+* ``engine_ring_b2x_chunked`` — plus ring-buffer sliding-window layers (dischargesum/inference/kv_cache.py: 1,024 slots
   instead of the cache length), at twice the budget and batch cap (batch 128) with the prefill in chunks of
   ``--prefill_chunk_rows`` (32) notes: the candidate for the medgemma recipe (not its default until measured).
 * ``compile_rerun`` — ``--rerun_variant`` (the row above) loaded and warmed up again in a second process on the same

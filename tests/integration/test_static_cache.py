@@ -2,7 +2,7 @@
 than the sliding window — with full-length sliding layers, with ring-buffer sliding layers, and with the prefill run in
 row chunks — and compiled decoding compiles once — no recompilation per step (transformers' own sliding static layer
 recompiles every step and then silently runs eagerly; see ``compile_friendly_static_cache`` and
-dischargesum/kv_cache.py)."""
+dischargesum/inference/kv_cache.py)."""
 
 from __future__ import annotations
 
