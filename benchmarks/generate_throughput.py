@@ -22,7 +22,7 @@ Default variants (issue 14's levers one at a time; they run in this order, and t
 * ``engine_static_compile`` — the engine as issue 8 left it: bf16 weights with the adapter merged, static KV cache
   reused across batches (sliding-window layers at full length), ``torch.compile`` (mode reduce-overhead: CUDA graphs)
   of the decoding step, our decoding attention ``sdpa_gqa_fold``; batch 64 under the default budget.
-* ``engine_ring_b2x_chunked`` — plus ring-buffer sliding-window layers (dischargesum/kv_cache.py: 1,024 slots
+* ``engine_ring_b2x_chunked`` — plus ring-buffer sliding-window layers (dischargesum/inference/kv_cache.py: 1,024 slots
   instead of the cache length), at twice the budget and batch cap (batch 128) with the prefill in chunks of
   ``--prefill_chunk_rows`` (32) notes: the candidate for the medgemma recipe (not its default until measured).
 * ``compile_rerun`` — ``--rerun_variant`` (the row above) loaded and warmed up again in a second process on the same
@@ -186,7 +186,7 @@ def build_inputs(args: argparse.Namespace) -> dict[str, Any]:
 
     from dischargesum.data import schema
     from dischargesum.data.formatting import prompt_messages
-    from dischargesum.inference import encode_chats
+    from dischargesum.inference.engine import encode_chats
     from dischargesum.modeling import load_tokenizer
 
     work = Path(args.work_dir) / ("smoke" if args.smoke else "full")
@@ -266,7 +266,7 @@ def build_adapter(work: Path, model_dir: Path, *, seed: int) -> Path:
 
 
 def release() -> None:
-    from dischargesum.inference import release_memory
+    from dischargesum.inference.engine import release_memory
 
     gc.collect()
     release_memory()
@@ -407,7 +407,8 @@ ENGINE_VARIANTS: dict[str, dict[str, Any]] = {
 
 def load_engine_model(inputs: dict[str, Any]) -> tuple[Any, float]:
     """bf16 base with the adapter merged (the generate recipe's default), through the stage's own loader."""
-    from dischargesum.inference import EngineSettings, load_engine, resolve_model_source
+    from dischargesum.inference.engine import EngineSettings
+    from dischargesum.inference.loading import load_engine, resolve_model_source
 
     began = time.perf_counter()
     source = resolve_model_source(str(inputs["model_dir"]), str(inputs["adapter_dir"]))
@@ -427,15 +428,14 @@ def run_engine_variant(
     scale = spec.pop("scale", 1)
     attn = spec.pop("attn", None)
     kernel = spec.pop("decode_kernel", None)
-    if kernel is not None:  # our decoding attention's other kernel (dischargesum.attention.decode_kernel)
-        from dischargesum import attention
+    if kernel == "matmul":  # our decoding attention with its other kernel (benchmarks/_engine_ablations.py)
+        from _engine_ablations import use_matmul_fold
 
-        previous_kernel = attention.decode_kernel
-        attention.decode_kernel = kernel
+        previous = use_matmul_fold(base_engine.model)
         try:
-            return run_engine_variant_inner(name, base_engine, args, inputs, spec, scale, None)
+            return run_engine_variant_inner(name, base_engine, args, inputs, spec, scale, None, decode_kernel=kernel)
         finally:
-            attention.decode_kernel = previous_kernel
+            base_engine.model.set_attn_implementation(previous)
     if attn is not None:  # the ablation of our decoding attention: transformers' own sdpa (repeat_kv copies)
         previous = base_engine.model.config._attn_implementation
         base_engine.model.set_attn_implementation(attn)
@@ -454,17 +454,18 @@ def run_engine_variant_inner(
     spec: dict[str, Any],
     scale: int,
     attn: str | None,
+    *,
+    decode_kernel: str = "sdpa",
 ) -> dict[str, Any]:
-    from dischargesum.inference import EngineSettings, GenerationRequest, InferenceEngine
-    from dischargesum.kv_cache import ring_layers
+    from _engine_ablations import FixedLengthEngine
+
+    from dischargesum.inference.engine import EngineSettings, GenerationRequest
+    from dischargesum.inference.kv_cache import ring_layers
 
     settings = EngineSettings(
-        batch_token_budget=args.batch_token_budget * scale,
-        max_batch_size=args.max_batch_size * scale,
-        min_new_tokens=args.max_new_tokens,
-        **spec,
+        batch_token_budget=args.batch_token_budget * scale, max_batch_size=args.max_batch_size * scale, **spec
     )
-    engine = InferenceEngine(base_engine.model, base_engine.tokenizer, settings)
+    engine = FixedLengthEngine(base_engine.model, base_engine.tokenizer, settings, min_new_tokens=args.max_new_tokens)
     requests = all_requests(args, inputs)
     batches = engine.plan(requests)
     # Warm-up on the first planned batch with a few tokens: CUDA kernels, cuBLAS heuristics and — for the
@@ -500,8 +501,9 @@ def run_engine_variant_inner(
         batches=len(batches), batch_size=max(len(b) for b in batches), finish_reasons=finish,
         weights="bf16, LoRA merged", decoding="sample (top-k 50, per-note seed)" if settings.do_sample else "greedy",
         cache=settings.cache_implementation, compile=settings.compile,
-        attention=base_engine.model.config._attn_implementation,
-        decode_kernel=__import__("dischargesum.attention").attention.decode_kernel,
+        # the matmul kernel is registered under its own name; the row keeps naming the attention and its kernel
+        attention="sdpa_gqa_fold" if decode_kernel == "matmul" else base_engine.model.config._attn_implementation,
+        decode_kernel=decode_kernel,
         batch_token_budget=settings.batch_token_budget, max_batch_size=settings.max_batch_size,
         sliding_window_cache=settings.sliding_window_cache if settings.cache_implementation == "static" else None,
         ring_layers=len(ring_layers(engine._static_cache)), prefill_chunk_rows=settings.prefill_chunk_rows,
@@ -539,7 +541,7 @@ def profile_decoding(engine: Any, batch: list[Any], args: argparse.Namespace) ->
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from dischargesum.inference import GenerationRequest
+    from dischargesum.inference.engine import GenerationRequest
 
     cap = max(r.max_new_tokens for r in batch)  # a static cache holds no more
     steps = max(1, min(args.profile_tokens, cap - 1))
@@ -581,7 +583,8 @@ def profile_decoding(engine: Any, batch: list[Any], args: argparse.Namespace) ->
 
 
 def all_requests(args: argparse.Namespace, inputs: dict[str, Any]) -> list[Any]:
-    from dischargesum.inference import GenerationRequest, note_seed
+    from dischargesum.inference.engine import GenerationRequest
+    from dischargesum.inference.sampling import note_seed
 
     return [
         GenerationRequest(f"n{i}", tuple(p), args.max_new_tokens, seed=note_seed(args.seed, f"n{i}"), index=i)
@@ -603,14 +606,14 @@ def check_keys(args: argparse.Namespace, inputs: dict[str, Any]) -> list[str]:
 def compute_reference(base_engine: Any, args: argparse.Namespace, inputs: dict[str, Any]) -> dict[str, Any]:
     """Greedy outputs of the check notes through the dynamic-cache path (no static cache, no compilation), in one
     batch: what every greedy engine row is compared with."""
-    from dischargesum.inference import EngineSettings, InferenceEngine
+    from _engine_ablations import FixedLengthEngine
+
+    from dischargesum.inference.engine import EngineSettings
 
     keys = set(check_keys(args, inputs))
     requests = [r for r in all_requests(args, inputs) if r.key in keys]
-    settings = EngineSettings(
-        batch_token_budget=10**9, max_batch_size=len(requests) or 1, min_new_tokens=args.max_new_tokens
-    )
-    engine = InferenceEngine(base_engine.model, base_engine.tokenizer, settings)
+    settings = EngineSettings(batch_token_budget=10**9, max_batch_size=len(requests) or 1)
+    engine = FixedLengthEngine(base_engine.model, base_engine.tokenizer, settings, min_new_tokens=args.max_new_tokens)
     began = time.perf_counter()
     results = engine.generate_all(requests)
     sync()
@@ -779,7 +782,8 @@ def compile_rerun(args: argparse.Namespace, rows: list[dict[str, Any]]) -> dict[
 
 def warmup_child(args: argparse.Namespace) -> None:
     """compile_rerun's second process: load, plan and run the warm-up batch of one variant; write its timings."""
-    from dischargesum.inference import GenerationRequest, configure_compile_cache
+    from dischargesum.inference.engine import GenerationRequest
+    from dischargesum.inference.loading import configure_compile_cache
 
     configure_compile_cache(args.compile_cache_dir)
     inputs = build_inputs(args)
@@ -788,15 +792,14 @@ def warmup_child(args: argparse.Namespace) -> None:
     if spec.pop("chunked", False):
         spec["prefill_chunk_rows"] = args.prefill_chunk_rows
     scale = spec.pop("scale", 1)
-    from dischargesum.inference import EngineSettings, InferenceEngine
+    from _engine_ablations import FixedLengthEngine
+
+    from dischargesum.inference.engine import EngineSettings
 
     settings = EngineSettings(
-        batch_token_budget=args.batch_token_budget * scale,
-        max_batch_size=args.max_batch_size * scale,
-        min_new_tokens=args.max_new_tokens,
-        **spec,
+        batch_token_budget=args.batch_token_budget * scale, max_batch_size=args.max_batch_size * scale, **spec
     )
-    runner = InferenceEngine(engine.model, engine.tokenizer, settings)
+    runner = FixedLengthEngine(engine.model, engine.tokenizer, settings, min_new_tokens=args.max_new_tokens)
     batches = runner.plan(all_requests(args, inputs))
     warm = [GenerationRequest(r.key, r.prompt_ids, min(8, args.max_new_tokens), r.seed, r.index) for r in batches[0]]
     began = time.perf_counter()
@@ -823,7 +826,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return {}
     import torch
 
-    from dischargesum.inference import configure_compile_cache
+    from dischargesum.inference.loading import configure_compile_cache
 
     if args.compile_cache_dir is None:  # fresh per run: every compiled row's warm-up here is a first run
         args.compile_cache_dir = str(Path(args.work_dir) / "compile_cache" / time.strftime("%Y%m%dT%H%M%S"))

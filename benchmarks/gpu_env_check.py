@@ -109,7 +109,7 @@ def main() -> int:
     checks["spacy_blank"] = _try(lambda: len(importlib.import_module("spacy").blank("en")("BP 120/80")))
 
     def build():
-        from dischargesum.tiny_models import build_random_gemma3_4b
+        from _common import build_random_gemma3_4b  # benchmarks/ is this script's directory
 
         t = time.perf_counter()
         build_random_gemma3_4b("/tmp/gemma3-4b-random")

@@ -10,7 +10,7 @@ Everything goes through the real entry points, each run in its own process group
 ``accelerate launch --config_file accelerate_configs/<topology>.yaml --num_processes N scripts/sft_qlora.py
 --config recipes/medgemma-4b/sft_qlora.yaml`` and ``accelerate launch ... scripts/generate.py --config
 recipes/medgemma-4b/generate.yaml``, on a random-initialised model of the Gemma-3-4B text architecture
-(:func:`dischargesum.tiny_models.build_random_gemma3_4b`, built once) and synthetic notes prepared with
+(:func:`_common.build_random_gemma3_4b`, built once) and synthetic notes prepared with
 ``scripts/prepare_data.py``. What it measures:
 
 * **Training modes** ``single`` (single_gpu.yaml, 1 GPU: the reference), ``ddp`` (ddp.yaml), ``zero2``
@@ -730,8 +730,13 @@ class Bench:
         t0 = time.monotonic()
         if not (self.model / "config.json").is_file():
             shutil.rmtree(self.model, ignore_errors=True)
-            builder = "build_tiny_gemma3" if self.s.smoke else "build_random_gemma3_4b"
-            code = f"from dischargesum.tiny_models import {builder}; {builder}({str(self.model)!r}, seed=0)"
+            if self.s.smoke:
+                builder = "from dischargesum.tiny_models import build_tiny_gemma3 as build"
+            else:
+                bench_dir = str(Path(__file__).resolve().parent)
+                builder = f"import sys; sys.path.insert(0, {bench_dir!r}); from _common import build_random_gemma3_4b"
+                builder += " as build"
+            code = f"{builder}; build({str(self.model)!r}, seed=0)"
             rec = run_launch(
                 "build_model", [sys.executable, "-c", code], self.logs / "build_model.log",
                 timeout=600, env=child_env(cpu_only=self.s.smoke),
@@ -1234,13 +1239,8 @@ def adapter_check(checkpoint: str, dataset_dir: str, out_json: str, merged_dir: 
     from safetensors import safe_open
 
     from dischargesum.data.formatting import prompt_messages
-    from dischargesum.inference import (
-        EngineSettings,
-        GenerationRequest,
-        encode_chats,
-        load_engine,
-        resolve_model_source,
-    )
+    from dischargesum.inference.engine import EngineSettings, GenerationRequest, encode_chats
+    from dischargesum.inference.loading import load_engine, resolve_model_source
     from dischargesum.modeling import merge_adapter, resolve_adapter_base
     from dischargesum.training.checkpointing import validate_checkpoint
 

@@ -12,7 +12,7 @@ does not wait for the optimizer step, so the SIGTERM latency does not depend on 
 
 1. writes a random-initialised model of the exact Gemma-3-4B text architecture (hidden 2560, intermediate 10240,
    34 layers, 8 heads / 4 KV heads, head_dim 256, vocab 262,208, sliding window 1024 with 5 local : 1 global) with
-   :func:`dischargesum.tiny_models.build_random_gemma3_4b` — the FLOPs and bytes of MedGemma's language model
+   :func:`_common.build_random_gemma3_4b` — the FLOPs and bytes of MedGemma's language model
    without its weights — and synthetic notes prepared with its tokenizer;
 2. trains ``--max_steps`` steps uninterrupted (the reference losses), then once more in a fresh process (how far
    two uninterrupted runs drift apart on this GPU: the noise floor a resume is judged against);
@@ -174,9 +174,7 @@ def benchmark(args: argparse.Namespace, result: dict[str, Any]) -> None:
 
             build_tiny_gemma3(model_dir, seed=0)
         else:
-            from dischargesum.tiny_models import build_random_gemma3_4b
-
-            build_random_gemma3_4b(model_dir, seed=0)
+            _common.build_random_gemma3_4b(model_dir, seed=0)
     result["timings_s"]["build_model"] = round(time.perf_counter() - t0, 1)
     if not (data_dir / "manifest.json").is_file():
         shutil.rmtree(data_dir, ignore_errors=True)

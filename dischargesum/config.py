@@ -520,8 +520,8 @@ class InferenceConfig(BaseConfig):
     )
     attn_implementation: Literal["auto", "eager", "sdpa", "flash_attention_2", "flash_attention_3"] = _help(
         "Attention kernel. `auto` = sdpa, with decoding steps of grouped-query models through "
-        "`sdpa_gqa_fold` (same results, no copy of the KV cache per step: dischargesum/attention.py); `sdpa` = "
-        "transformers' own.",
+        "`sdpa_gqa_fold` (same results, no copy of the KV cache per step: dischargesum/inference/attention.py); "
+        "`sdpa` = transformers' own.",
         default="auto",
     )
     cache_implementation: Literal["dynamic", "static"] = _help(

@@ -143,7 +143,7 @@ def run_export(cfg: ExportConfig) -> Path:
         ArtifactError: the adapter or an eval directory is missing or incomplete. ConfigError: the base model cannot
             be found, or output_dir holds something else.
     """
-    from dischargesum.inference import resolve_model_source
+    from dischargesum.inference.loading import resolve_model_source
     from dischargesum.modeling import merge_adapter
 
     out = Path(cfg.output_dir)

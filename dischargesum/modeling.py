@@ -178,42 +178,65 @@ class TrainingPlan:
         }
 
 
+FP16_OVERFLOW = (
+    "Gemma 3 activations exceed fp16's range (max 65504): the loss turns NaN or CUDA asserts within a few steps."
+)
+
+
+def resolve_precision(
+    precision: str, model: ModelInfo, *, device: str, bf16_supported: bool, device_name: str = ""
+) -> tuple[Literal["bfloat16", "float32", "float16"], str | None]:
+    """THE precision rule (training and inference): the dtype a model computes in, and a note when it is not what
+    ``auto`` would pick on a bf16 GPU (shown at INFO).
+
+    ``fp32`` -> float32; ``auto`` and ``bf16`` -> bfloat16 on a CUDA GPU with native bf16, else float32 (with a note
+    saying why); ``fp16`` -> float16, except for Gemma 3, which overflows it.
+
+    Raises:
+        ConfigError: ``fp16`` with a Gemma 3 model.
+    """
+    if precision == "fp16":
+        if model.is_gemma3:
+            raise ConfigError(
+                f"`precision` = fp16 with {model.model_type} ({model.path}): {FP16_OVERFLOW} Use `precision: auto` "
+                "(bf16 where the GPU supports it, else fp32)."
+            )
+        return "float16", None
+    if precision == "fp32":
+        return "float32", None
+    if device == "cuda" and bf16_supported:
+        return "bfloat16", None
+    where = "the CPU" if device != "cuda" else f"this GPU ({device_name}) has no native bf16"
+    return "float32", (
+        f"precision: fp32 because {where} (bf16 needs an Ampere-or-newer GPU; fp16 is not an option for Gemma 3)."
+    )
+
+
 def preflight(cfg: SFTConfig, model: ModelInfo, hw: Hardware) -> TrainingPlan:
     """Check the training setup and decide precision, quantisation storage and attention before any allocation.
 
+    Precision is :func:`resolve_precision`'s (sft_qlora also refuses fp16 for other models).
+
     Raises:
-        ConfigError: fp16 for Gemma 3 (config or launcher), 4-bit without bitsandbytes, an attention kernel that
-            is not installed or needs a GPU, packing with an attention path that would let packed examples attend
-            to each other, Liger kernels or GPU-only optimizers on CPU, base-weight hashing on sharded weights.
+        ConfigError: fp16 (for Gemma 3 in the config or the launcher's; in sft_qlora for any model), 4-bit
+            without bitsandbytes, an attention kernel that is not installed or needs a GPU, packing with an
+            attention path that would let packed examples attend to each other, Liger kernels or GPU-only
+            optimizers on CPU, base-weight hashing on sharded weights.
     """
     notes: list[str] = []
-    fp16_why = (
-        "Gemma 3 activations exceed fp16's range (max 65504): the loss turns NaN or CUDA asserts within a few steps."
-    )
-    if cfg.precision == "fp16":
-        if model.is_gemma3:
-            raise ConfigError(
-                f"`precision` = fp16 with {model.model_type} ({model.path}): {fp16_why} Use `precision: auto` (bf16 "
-                "where the GPU supports it, else fp32)."
-            )
+    if cfg.precision == "fp16" and not model.is_gemma3:
         raise ConfigError("`precision` = fp16 is not supported by sft_qlora; use `auto`, `bf16` or `fp32`.")
+    compute_name, precision_note = resolve_precision(
+        cfg.precision, model, device=hw.device, bf16_supported=hw.bf16_supported, device_name=hw.device_name
+    )
     if hw.launcher_mixed_precision == "fp16" and model.is_gemma3:
         raise ConfigError(
-            f"the accelerate config sets `mixed_precision: fp16` for {model.model_type}: {fp16_why} Use "
+            f"the accelerate config sets `mixed_precision: fp16` for {model.model_type}: {FP16_OVERFLOW} Use "
             "`mixed_precision: bf16` (or `no`) in the accelerate config or `accelerate launch --mixed_precision bf16`."
         )
-    compute: Literal["bfloat16", "float32"]
-    if cfg.precision == "fp32":
-        compute = "float32"
-    elif hw.device == "cuda" and hw.bf16_supported:
-        compute = "bfloat16"
-    else:
-        compute = "float32"
-        where = "the CPU" if hw.device == "cpu" else f"this GPU ({hw.device_name}) has no native bf16"
-        notes.append(
-            f"precision: training in fp32 because {where} (bf16 needs an Ampere-or-newer GPU; fp16 is not an option "
-            "for Gemma 3). Expect ~2x memory for activations and lower speed."
-        )
+    compute: Literal["bfloat16", "float32"] = "bfloat16" if compute_name == "bfloat16" else "float32"
+    if precision_note:
+        notes.append(f"{precision_note} Expect ~2x memory for activations and lower speed.")
 
     if cfg.load_in_4bit and importlib.util.find_spec("bitsandbytes") is None:
         raise ConfigError(
@@ -319,24 +342,37 @@ def torch_dtype(name: str) -> torch.dtype:
     return {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}[name]
 
 
-def load_tokenizer(path: str, *, padding_side: Literal["left", "right"] | None = None) -> PreTrainedTokenizerBase:
-    """Load the tokenizer (with its chat template) of a model or adapter directory; never runs remote code.
+def load_tokenizer(
+    name_or_path: str, *, field: str = "model_name_or_path", padding_side: Literal["left", "right"] | None = None
+) -> PreTrainedTokenizerBase:
+    """Load the tokenizer (with its chat template) of a model or adapter directory; never runs remote code. The one
+    tokenizer loader of every stage (prepare_data counts tokens with it, sft_qlora trains with it, generate and
+    compress prompt with it). ``field`` is the config key that named ``name_or_path``: errors name it.
 
-    Generation wants ``padding_side="left"``; training pads itself (TRL's collator pads right).
+    A tokenizer without a pad token gets eos as pad (padded positions are masked out). Generation wants
+    ``padding_side="left"``; training pads itself (TRL's collator pads right).
 
     Raises:
-        ConfigError: no tokenizer at ``path``, or it has no chat template (the prompts are chat turns).
+        ConfigError: the tokenizer cannot be loaded, or it has no chat template (the prompts are chat turns).
     """
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(path), trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path), trust_remote_code=False)
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"cannot load a tokenizer from {path!r}: {str(exc).splitlines()[0]}") from None
+        hint = (
+            "the directory has no tokenizer files"
+            if Path(name_or_path).is_dir()
+            else "it is not a local directory and is not in the Hugging Face cache (this stage never downloads "
+            "unless HF_HUB_OFFLINE is unset; gated models such as google/medgemma-4b-it need `hf auth login` and "
+            "an accepted licence)"
+        )
+        raise ConfigError(f"`{field}` = {name_or_path!r} could not be loaded: {hint}. ({exc})") from exc
     if not getattr(tokenizer, "chat_template", None):
         raise ConfigError(
-            f"the tokenizer at {path!r} has no chat template; dischargesum renders notes as chat turns. Use an "
-            "instruction-tuned model (e.g. google/medgemma-4b-it) or add a chat template to its tokenizer_config."
+            f"`{field}` = {name_or_path!r} has no chat template; dischargesum renders notes as chat turns. Point it "
+            "at an instruction-tuned model (e.g. google/medgemma-4b-it; its tokenizer_config.json or "
+            "chat_template.jinja carries the template)."
         )
     if tokenizer.pad_token is None:
         # Gemma ships <pad>; other bases may not. eos as pad is safe here: padded positions are masked out.

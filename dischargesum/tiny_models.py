@@ -66,7 +66,7 @@ GEMMA_CHAT_TEMPLATE = (
 )
 
 
-def _default_corpus(seed: int, n_rows: int = 400) -> Iterator[str]:
+def default_corpus(seed: int, n_rows: int = 400) -> Iterator[str]:
     """Synthetic notes and summaries (tiny + kaggle profiles) as tokenizer training text."""
     from dischargesum.data.synthetic import generate_rows
 
@@ -139,7 +139,7 @@ def build_tiny_gemma3(
     out.mkdir(parents=True, exist_ok=True)
     random.seed(seed)
     torch.manual_seed(seed)
-    tokenizer = train_tiny_tokenizer(corpus if corpus is not None else _default_corpus(seed), vocab_size)
+    tokenizer = train_tiny_tokenizer(corpus if corpus is not None else default_corpus(seed), vocab_size)
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     text_kwargs: dict[str, Any] = dict(
         vocab_size=len(tokenizer),
@@ -205,7 +205,7 @@ def build_tiny_bert(output_dir: str | Path, *, seed: int = 0, corpus: Iterable[s
     return build_random_bert(
         output_dir,
         seed=seed,
-        corpus=corpus if corpus is not None else _default_corpus(seed, n_rows=200),
+        corpus=corpus if corpus is not None else default_corpus(seed, n_rows=200),
         tokenizer_vocab_size=800,
         lowercase=True,
         hidden_size=32,
@@ -284,80 +284,4 @@ def build_random_bert(
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     logger.info("wrote random BERT encoder (%d parameters) to %s", model.num_parameters(), out)
-    return out
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Full-size random model for GPU benchmarks
-# ---------------------------------------------------------------------------------------------------------------
-
-# MedGemma-4B's language model (Gemma-3-4B text): the FLOPs and bytes of the real model without its weights.
-GEMMA3_4B_TEXT: dict[str, Any] = dict(
-    vocab_size=262_208,
-    hidden_size=2560,
-    intermediate_size=10_240,
-    num_hidden_layers=34,
-    num_attention_heads=8,
-    num_key_value_heads=4,
-    head_dim=256,
-    query_pre_attn_scalar=256,
-    sliding_window=1024,
-    max_position_embeddings=131_072,
-    rope_scaling={"rope_type": "linear", "factor": 8.0},
-    rope_theta=1_000_000.0,
-    rope_local_base_freq=10_000.0,
-)
-
-
-def gemma3_4b_text_config():  # -> Gemma3TextConfig
-    """Gemma-3-4B text architecture: 34 layers with the 5 sliding : 1 full attention pattern."""
-    from transformers import Gemma3TextConfig
-
-    kwargs = dict(GEMMA3_4B_TEXT)
-    layer_types = ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(34)]
-    # transformers >= 5 takes rope settings as `rope_parameters` per attention kind; older keyword names are
-    # accepted by some 5.x releases only, so build the dict explicitly.
-    kwargs.pop("rope_scaling")
-    theta, local = kwargs.pop("rope_theta"), kwargs.pop("rope_local_base_freq")
-    rope_parameters = {
-        "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": theta},
-        "sliding_attention": {"rope_type": "default", "rope_theta": local},
-    }
-    return Gemma3TextConfig(
-        **kwargs,
-        layer_types=layer_types,
-        rope_parameters=rope_parameters,
-        pad_token_id=0,
-        eos_token_id=1,
-        bos_token_id=2,
-    )
-
-
-def build_random_gemma3_4b(output_dir: str | Path, *, seed: int = 0, tokenizer_dir: str | Path | None = None) -> Path:
-    """Write a random-initialised Gemma-3-4B text model (bf16 safetensors, ~8.6 GB) for GPU benchmarks.
-
-    The tokenizer is the tiny byte-level one (from ``tokenizer_dir`` or built here): benchmarks feed token ids,
-    and the 262k-row embedding keeps the real model's logits cost. Builds on the GPU when one is present.
-    """
-    import torch
-    from transformers import Gemma3ForCausalLM, GenerationConfig
-
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    with torch.device(device):
-        model = Gemma3ForCausalLM(gemma3_4b_text_config()).to(torch.bfloat16)  # type: ignore[arg-type]
-    model.save_pretrained(out, safe_serialization=True)
-    if tokenizer_dir is not None:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    else:
-        tokenizer = train_tiny_tokenizer(_default_corpus(seed))
-    tokenizer.save_pretrained(out)
-    eot = tokenizer.convert_tokens_to_ids("<end_of_turn>")
-    GenerationConfig(bos_token_id=2, pad_token_id=0, eos_token_id=[1, eot], do_sample=False).save_pretrained(out)
-    logger.info("wrote random Gemma-3-4B text model (%d parameters) to %s", model.num_parameters(), out)
-    del model
     return out

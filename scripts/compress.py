@@ -20,7 +20,7 @@ from dischargesum.config import CompressConfig
 
 
 def compress(cfg: CompressConfig) -> int:
-    from dischargesum.compress import run_compress
+    from dischargesum.inference.compress import run_compress
 
     run_compress(cfg)
     return 0

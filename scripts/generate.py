@@ -19,7 +19,7 @@ from dischargesum.config import GenerateConfig
 
 
 def generate(cfg: GenerateConfig) -> int:
-    from dischargesum.inference import run_generate
+    from dischargesum.inference.generate import run_generate
 
     run_generate(cfg)
     return 0

@@ -22,7 +22,7 @@ from dischargesum.config import PipelineConfig
 
 
 def pipeline(cfg: PipelineConfig) -> int:
-    from dischargesum.compress import run_pipeline
+    from dischargesum.inference.pipeline import run_pipeline
 
     run_pipeline(cfg)
     return 0

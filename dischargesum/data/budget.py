@@ -34,12 +34,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from dischargesum.config import ConfigError
 from dischargesum.data.formatting import DEFAULT_INSTRUCTION, completion_messages, prompt_messages
 from dischargesum.logging_utils import get_logger
 
@@ -60,33 +58,6 @@ class TokenizedExamples:
     def completion_lengths(self) -> np.ndarray:
         """Tokens with completion_mask = 1 (the summary turn, including its end-of-turn tokens)."""
         return self.total_lengths - self.completion_starts
-
-
-def load_tokenizer(name_or_path: str, *, field: str = "tokenizer_name_or_path") -> Any:
-    """Load a tokenizer with a chat template (``trust_remote_code`` off; local directory or Hub cache).
-
-    Raises:
-        ConfigError: the tokenizer cannot be loaded, or it has no chat template.
-    """
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=False)
-    except (OSError, ValueError) as exc:
-        hint = (
-            "the directory has no tokenizer files"
-            if Path(name_or_path).is_dir()
-            else "it is not a local directory and is not in the Hugging Face cache (this stage never downloads "
-            "unless HF_HUB_OFFLINE is unset; gated models such as google/medgemma-4b-it need `hf auth login` and "
-            "an accepted licence)"
-        )
-        raise ConfigError(f"`{field}` = {name_or_path!r} could not be loaded: {hint}. ({exc})") from exc
-    if not getattr(tokenizer, "chat_template", None):
-        raise ConfigError(
-            f"`{field}` = {name_or_path!r} has no chat template; point it at the instruction-tuned model you will "
-            "train (its tokenizer_config.json or chat_template.jinja carries the template)."
-        )
-    return tokenizer
 
 
 def chat_template_fingerprint(tokenizer: Any) -> str:

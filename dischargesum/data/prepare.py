@@ -39,7 +39,6 @@ from dischargesum.data import schema
 from dischargesum.data.budget import (
     TokenCounter,
     chat_template_fingerprint,
-    load_tokenizer,
     render_loss_mask,
     tokenize_examples,
 )
@@ -63,6 +62,7 @@ from dischargesum.manifest import (
     start_run,
     warn_if_replacing,
 )
+from dischargesum.modeling import load_tokenizer
 
 logger = get_logger(__name__)
 
@@ -243,7 +243,7 @@ def _worker_counter() -> TokenCounter:
     counter = _WORKER.get("counter")
     if counter is None:
         params: ChunkParams = _WORKER["params"]
-        tokenizer = load_tokenizer(params.tokenizer_name_or_path)
+        tokenizer = load_tokenizer(params.tokenizer_name_or_path, field="tokenizer_name_or_path")
         counter = TokenCounter(tokenizer, params.instruction, mode=params.token_counting)
         _WORKER["counter"] = counter
     return counter
@@ -553,7 +553,7 @@ def run_prepare_data(cfg: PrepareDataConfig) -> PrepareResult:
     """
     began = time.perf_counter()
     info = inspect_source(cfg)
-    tokenizer = load_tokenizer(cfg.tokenizer_name_or_path)
+    tokenizer = load_tokenizer(cfg.tokenizer_name_or_path, field="tokenizer_name_or_path")
     out = Path(cfg.output_dir)
     warn_if_replacing(out, cfg.STAGE)
     inputs = {
@@ -695,7 +695,7 @@ def debug_examples(cfg: PrepareDataConfig) -> str:
         ConfigError: as :func:`run_prepare_data`.
     """
     info = inspect_source(cfg)
-    tokenizer = load_tokenizer(cfg.tokenizer_name_or_path)
+    tokenizer = load_tokenizer(cfg.tokenizer_name_or_path, field="tokenizer_name_or_path")
     params = ChunkParams.from_config(cfg)
     _init_worker(params, single_threaded=False)
     _WORKER["counter"] = TokenCounter(tokenizer, cfg.instruction, mode=cfg.token_counting)

@@ -14,13 +14,8 @@ import pytest
 import torch
 import yaml
 
-from dischargesum.inference import (
-    EngineSettings,
-    GenerationRequest,
-    InferenceEngine,
-    load_engine,
-    resolve_model_source,
-)
+from dischargesum.inference.engine import EngineSettings, GenerationRequest, InferenceEngine
+from dischargesum.inference.loading import load_engine, resolve_model_source
 
 pytestmark = pytest.mark.gpu
 MIB = 1 << 20
@@ -104,8 +99,8 @@ def test_four_bit_engine_with_unmerged_adapter_runs(tmp_path: Path, tiny_model_d
 
 def test_pipeline_frees_stage1_memory_before_stage2(tmp_path: Path, tiny_model_dir: Path) -> None:
     _warm_cublas()
-    from dischargesum.compress import run_pipeline
     from dischargesum.config import PipelineConfig
+    from dischargesum.inference.pipeline import run_pipeline
     from tests.fixtures_data import make_prepared_dataset
     from tests.integration.test_generate import make_tiny_adapter
 

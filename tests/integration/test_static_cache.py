@@ -2,7 +2,7 @@
 than the sliding window — with full-length sliding layers, with ring-buffer sliding layers, and with the prefill run in
 row chunks — and compiled decoding compiles once — no recompilation per step (transformers' own sliding static layer
 recompiles every step and then silently runs eagerly; see ``compile_friendly_static_cache`` and
-dischargesum/kv_cache.py)."""
+dischargesum/inference/kv_cache.py)."""
 
 from __future__ import annotations
 
@@ -10,14 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from dischargesum.inference import (
-    EngineSettings,
-    GenerationRequest,
-    InferenceEngine,
-    compile_friendly_static_cache,
-    load_engine,
-    resolve_model_source,
-)
+from dischargesum.inference.engine import EngineSettings, GenerationRequest, InferenceEngine
+from dischargesum.inference.kv_cache import compile_friendly_static_cache
+from dischargesum.inference.loading import load_engine, resolve_model_source
 
 pytestmark = pytest.mark.integration
 
@@ -63,7 +58,7 @@ def reference(dynamic_engine: InferenceEngine) -> list[tuple[int, ...]]:
 def test_static_cache_gives_the_dynamic_cache_tokens_beyond_the_window(
     dynamic_engine: InferenceEngine, reference: list[tuple[int, ...]], sliding: str, chunk_rows: int
 ) -> None:
-    from dischargesum.kv_cache import ring_layers
+    from dischargesum.inference.kv_cache import ring_layers
 
     window = dynamic_engine.model.config.get_text_config(decoder=True).sliding_window
     static = InferenceEngine(
@@ -113,7 +108,7 @@ def test_compiled_decoding_does_not_recompile_per_step(dynamic_engine: Inference
 
 
 def test_memory_plan_counts_ring_layers_at_their_window(dynamic_engine: InferenceEngine) -> None:
-    from dischargesum.kv_cache import memory_plan
+    from dischargesum.inference.kv_cache import memory_plan
 
     model = dynamic_engine.model
     config = model.config.get_text_config(decoder=True)

@@ -1,14 +1,19 @@
-"""``sdpa_gqa_fold`` (dischargesum.attention) computes what transformers' ``sdpa`` computes, without the KV copy."""
+"""``sdpa_gqa_fold`` (dischargesum.inference.attention) computes what transformers' ``sdpa`` computes, without the KV
+copy — with its SDPA kernel and with the benchmark's matmul kernel (benchmarks/_engine_ablations.py)."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from dischargesum import attention
-from dischargesum.attention import NAME, sdpa_gqa_fold_forward, use_gqa_fold
+from dischargesum.inference.attention import NAME, gqa_fold_forward, sdpa_gqa_fold_forward, sdpa_kernel, use_gqa_fold
+
+# benchmarks/ is not a package (and a site-packages distribution owns the name `benchmarks`): import by path.
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+from _engine_ablations import matmul_kernel, use_matmul_fold
 
 pytestmark = pytest.mark.unit
 
@@ -21,9 +26,7 @@ class _Module(torch.nn.Module):
 
 
 @pytest.mark.parametrize("n_rep", [2, 4])
-def test_folded_decoding_attention_equals_sdpa_with_a_padding_mask(
-    n_rep: int, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_folded_decoding_attention_equals_sdpa_with_a_padding_mask(n_rep: int) -> None:
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     torch.manual_seed(0)
@@ -36,9 +39,8 @@ def test_folded_decoding_attention_equals_sdpa_with_a_padding_mask(
     mask[2, ..., :20] = False  # and a sliding window's cut
     module = _Module(n_rep)
     expected, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.25)
-    for kernel in attention.DECODE_KERNELS:
-        monkeypatch.setattr(attention, "decode_kernel", kernel)
-        got, _ = sdpa_gqa_fold_forward(module, query, key, value, mask, scaling=0.25)
+    for kernel in (sdpa_kernel, matmul_kernel):
+        got, _ = gqa_fold_forward(kernel)(module, query, key, value, mask, scaling=0.25)
         assert got.shape == expected.shape == (batch, 1, kv_heads * n_rep, dim)
         torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
 
@@ -54,9 +56,7 @@ def test_prefill_goes_to_sdpa_unchanged() -> None:
     assert torch.equal(got, expected)
 
 
-def test_model_generates_the_same_tokens_with_the_folded_attention(
-    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_model_generates_the_same_tokens_with_the_folded_attention(tiny_model_dir: Path) -> None:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa").eval()
@@ -75,7 +75,7 @@ def test_model_generates_the_same_tokens_with_the_folded_attention(
     for a, b in zip(after.logits, before.logits):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     assert not use_gqa_fold(model)  # already switched: no-op
-    monkeypatch.setattr(attention, "decode_kernel", "matmul")
+    assert use_matmul_fold(model) == NAME
     with torch.inference_mode():
         matmul = model.generate(input_ids=ids, attention_mask=mask, return_dict_in_generate=True, **kwargs)
     assert torch.equal(matmul.sequences, before.sequences)

@@ -16,9 +16,7 @@ pytestmark = pytest.mark.unit
 
 
 def test_flop_model_counts_gemma3_4b() -> None:
-    from dischargesum.tiny_models import gemma3_4b_text_config
-
-    cfg = gemma3_4b_text_config().to_dict()
+    cfg = _common.gemma3_4b_text_config().to_dict()
     fm = _common.flop_model(cfg, [2048], [512], lora_r=32)
     assert fm.base_matmul_params == 34 * (2560 * 2048 * 2 + 2560 * 1024 * 2 + 3 * 2560 * 10240)  # 3.21e9
     assert fm.lm_head_params == 2560 * 262_208

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from dischargesum.compress import (
+from dischargesum.evaluation.entities import extract_entities, format_entity_checklist
+from dischargesum.inference.compress import (
     CompressionSettings,
     compress_notes,
     compression_messages,
@@ -17,8 +18,7 @@ from dischargesum.compress import (
     read_stage1,
     summarize_stage2,
 )
-from dischargesum.evaluation.entities import extract_entities, format_entity_checklist
-from dischargesum.inference import GenerationRequest, GenerationResult
+from dischargesum.inference.engine import GenerationRequest, GenerationResult
 from dischargesum.manifest import ArtifactError
 
 pytestmark = pytest.mark.unit
@@ -210,8 +210,8 @@ def test_compress_with_a_half_written_input_exits_2_before_loading(
 ) -> None:
     import dischargesum.modeling
     from dischargesum.cli import run_stage
-    from dischargesum.compress import run_compress
     from dischargesum.config import CompressConfig
+    from dischargesum.inference.compress import run_compress
 
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the input was checked")
@@ -232,7 +232,7 @@ def test_compress_with_a_half_written_input_exits_2_before_loading(
 
 
 def test_pipeline_memory_note_on_cpu_and_gpu() -> None:
-    from dischargesum.compress import _memory_note
+    from dischargesum.inference.pipeline import _memory_note
 
     assert _memory_note(None, None) == "no CUDA device: memory not measured"  # was "CUDA allocated: None bytes"
     assert _memory_note(2048, 0) == "CUDA allocated: 2,048 bytes before stage 1, 0 after"

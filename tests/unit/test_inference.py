@@ -13,26 +13,19 @@ import pytest
 import torch
 
 from dischargesum.config import ConfigError, GenerateConfig
-from dischargesum.inference import (
+from dischargesum.inference.engine import (
     EngineSettings,
     GenerationRequest,
     InferenceEngine,
-    Processes,
-    ShardedJsonlOutput,
     batch_cost,
-    deal_batches,
     encode_chats,
-    gumbel_noise,
-    hash32,
-    load_engine,
-    note_seed,
     plan_batches,
     plan_fixed_shape_batches,
-    repair_jsonl,
-    request_seeds,
-    resolve_model_source,
     stop_token_ids,
 )
+from dischargesum.inference.loading import load_engine, resolve_model_source
+from dischargesum.inference.sampling import gumbel_noise, hash32, note_seed, request_seeds
+from dischargesum.inference.stage import Processes, ShardedJsonlOutput, repair_jsonl
 from dischargesum.manifest import ArtifactError
 
 pytestmark = pytest.mark.unit
@@ -91,7 +84,7 @@ def test_fixed_shape_plan_evens_out_the_batches() -> None:
 def test_dealing_batches_to_ranks_keeps_every_batch_whole() -> None:
     batches = plan_batches(_requests(list(range(1, 40))), batch_token_budget=120, max_batch_size=4)
     for world in (1, 2, 3):
-        shares = [deal_batches(batches, rank, world) for rank in range(world)]
+        shares = [Processes(rank, world, "cpu", lambda: None).share(batches) for rank in range(world)]
         dealt = [b for share in shares for b in share]
         assert sorted(map(tuple, ([r.key for r in b] for b in dealt))) == sorted(
             tuple(r.key for r in b) for b in batches
@@ -316,7 +309,7 @@ def test_rows_stop_at_their_own_max_new_tokens(tiny_engine: InferenceEngine) -> 
 def test_closing_the_engine_frees_the_model(tiny_model_dir: Path) -> None:
     import weakref
 
-    from dischargesum.inference import live_model_count
+    from dischargesum.inference.loading import live_model_count
 
     source = resolve_model_source(str(tiny_model_dir), None)
     engine = load_engine(
@@ -491,7 +484,7 @@ def test_generate_with_a_missing_adapter_exits_2_before_loading(
 
 def test_generate_with_a_half_written_dataset_exits_2(tmp_path: Path, no_model_loading, log_messages) -> None:
     from dischargesum.cli import run_stage
-    from dischargesum.inference import run_generate
+    from dischargesum.inference.generate import run_generate
 
     data = tmp_path / "data"
     data.mkdir()

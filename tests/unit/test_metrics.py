@@ -269,12 +269,13 @@ def test_eval_config_cross_field_checks(args: list[str], message: str) -> None:
 
 
 def test_output_file_names_match_the_writing_stages() -> None:
-    from dischargesum import compress, inference
     from dischargesum.artifacts import OUR_OUTPUT_FILES
     from dischargesum.evaluation.inputs import DEFAULT_PREDICTION_COLUMNS
+    from dischargesum.inference import compress, generate
+    from dischargesum.inference.engine import GenerationResult
 
-    assert OUR_OUTPUT_FILES == {"generate": inference.STAGE1_FILE, "compress": compress.STAGE2_FILE}
-    record = inference.generation_record(inference.GenerationResult("n1", "text", (5,), 3, 2, "eos", 0.1, 1))
+    assert OUR_OUTPUT_FILES == {"generate": generate.STAGE1_FILE, "compress": compress.STAGE2_FILE}
+    record = generate.generation_record(GenerationResult("n1", "text", (5,), 3, 2, "eos", 0.1, 1))
     assert set(DEFAULT_PREDICTION_COLUMNS["stage1"].values()) <= set(record)
     # compress's record fields (its module docstring is the contract: ``summary``, ``stage1_summary``).
     for column in DEFAULT_PREDICTION_COLUMNS["stage2"].values():

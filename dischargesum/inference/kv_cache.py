@@ -11,7 +11,7 @@ key order, only about the mask, so the decoding step gets a mask of its own (:me
 slot ``j`` holds position ``pos_j = p - ((p - j) mod window)`` (the latest position <= p that maps to j, always within
 the window), which is attended when ``pos_j`` is at or after the row's first real token (left padding). transformers'
 mask for that layer is built for an ordered window and is ignored: the attention function
-(:func:`dischargesum.attention.sdpa_gqa_fold_forward`) takes the ring's mask from the attention module, where
+(:func:`dischargesum.inference.attention.sdpa_gqa_fold_forward`) takes the ring's mask from the attention module, where
 :func:`attach_ring` puts the layer for the duration of a ``generate`` call. So the ring needs that attention function
 (``attn_implementation: auto`` on a grouped-query model); elsewhere the engine keeps full-length layers.
 
@@ -25,7 +25,7 @@ chunk's activations instead of the batch's.
 **Memory plan** (:func:`memory_plan`): what a static-cache batch needs — weights, KV cache (ring layers at their
 window), the prefill's working set (an estimate) and the free GPU memory — logged by the engine when it builds a cache.
 The batch size itself still comes from ``batch_token_budget``; a batch that runs out of memory is halved
-(:meth:`dischargesum.inference.InferenceEngine.run_batch`).
+(:meth:`dischargesum.inference.engine.InferenceEngine.run_batch`).
 """
 
 from __future__ import annotations
@@ -124,10 +124,10 @@ class RingSlidingLayer(StaticLayer):  # type: ignore[misc]
 
 def ring_supported(model: Any) -> bool:
     """Whether ``model`` decodes through our attention function, which applies the ring's mask."""
-    from dischargesum.attention import NAME
+    from dischargesum.inference.attention import FOLD_NAMES
 
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return getattr(inner.config, "_attn_implementation", None) == NAME
+    return getattr(inner.config, "_attn_implementation", None) in FOLD_NAMES
 
 
 def build_static_cache(text_config: Any, max_cache_len: int, *, ring: bool) -> Any:
@@ -277,3 +277,19 @@ def memory_plan(
         free, _total = torch.cuda.mem_get_info(device)
         plan["free"] = (free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)) / 2**30
     return plan
+
+
+def compile_friendly_static_cache(text_config: Any, max_cache_len: int) -> Any:
+    """A ``StaticCache`` whose sliding-window layers are full-length static layers (the mask applies the window).
+
+    Why not transformers' own: its ``StaticSlidingWindowLayer`` (a ring buffer) branches on a Python int that grows
+    every decoding step, so ``torch.compile`` guards on its value and recompiles at every step until the recompile
+    limit (8), then silently runs eagerly (transformers issue 44609, declined upstream; measured on an H100: 80 ms
+    per step at batch 64 with ``compile: true``). Each step it also ``roll``s the whole window (a full read + write of
+    the sliding cache). A full-length :class:`StaticLayer` writes each token in place at its absolute position
+    (``index_copy_`` with a tensor position: no Python-int guard) and the sliding-window mask, built from absolute
+    positions, keeps attention to the last ``sliding_window`` tokens — the same outputs (tested against the dynamic
+    cache), for (max_cache_len / window) x the memory of those layers. ``sliding_window_cache: ring`` replaces these
+    layers by ring buffers of ``window`` slots (:func:`build_static_cache`), without the per-step guard.
+    """
+    return build_static_cache(text_config, max_cache_len, ring=False)

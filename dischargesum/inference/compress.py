@@ -24,7 +24,7 @@ compression model's tokenizer), ``chars``, ``tokens``, ``stage1_chars``, ``stage
 ``prompt_tokens`` and ``new_tokens`` (summed over attempts), ``seconds``, ``finish_reason`` (of the last attempt)
 and ``attempt_log`` (per attempt: retention, ratio, finish reason, missing keys, why it was rejected).
 
-The generation itself is :class:`dischargesum.inference.InferenceEngine`; this module only builds prompts and
+The generation itself is :class:`dischargesum.inference.engine.InferenceEngine`; this module only builds prompts and
 judges outputs, so its retry and fallback logic is tested with a scripted model double (anything with
 ``encode_chats``, ``count_tokens`` and ``generate_all``).
 """
@@ -32,20 +32,20 @@ judges outputs, so its retry and fallback logic is tested with a scripted model 
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from dischargesum.artifacts import STAGE2_FILE
-from dischargesum.config import CompressConfig, GenerateConfig, PipelineConfig, parse_config
+from dischargesum.config import CompressConfig
 from dischargesum.logging_utils import get_logger
-from dischargesum.manifest import ArtifactError, fingerprint_file, finish_run, require_artifact, sha256_file, start_run
+from dischargesum.manifest import ArtifactError, require_artifact, sha256_file
 
 if TYPE_CHECKING:
     from dischargesum.evaluation.entities import Entity
-    from dischargesum.inference import GenerationRequest, GenerationResult
+    from dischargesum.inference.engine import GenerationRequest, GenerationResult
+    from dischargesum.inference.stage import Append
 
 logger = get_logger(__name__)
 
@@ -176,7 +176,8 @@ def compress_notes(
     All notes of an attempt round are generated together (one ``generate_all`` call), so retries batch well.
     """
     from dischargesum.evaluation.entities import compare_entities, extract_entities_batch, format_entity_checklist
-    from dischargesum.inference import GenerationRequest, note_seed
+    from dischargesum.inference.engine import GenerationRequest
+    from dischargesum.inference.sampling import note_seed
 
     summaries = [summary for _, summary in items]
     entity_lists = extract_entities_batch(summaries)
@@ -357,15 +358,8 @@ def run_compress(cfg: CompressConfig) -> dict[str, Any]:
         ArtifactError: the input is missing, half-written or malformed. ConfigError: unknown model, or output_dir
             holds outputs of different settings.
     """
-    from dischargesum.inference import (
-        ShardedJsonlOutput,
-        current_processes,
-        engine_from_config,
-        progress_bar,
-        read_jsonl,
-        resolve_model_source,
-        resume_key,
-    )
+    from dischargesum.inference.loading import engine_from_config, resolve_model_source
+    from dischargesum.inference.stage import current_processes, progress_bar, resume_key, run_sharded_stage
 
     procs = current_processes()
     items = read_stage1(cfg.input)
@@ -376,55 +370,43 @@ def run_compress(cfg: CompressConfig) -> dict[str, Any]:
     source = resolve_model_source(cfg.model_name_or_path, cfg.adapter)
     input_sha = sha256_file(cfg.input)
     key = resume_key(cfg, input_sha256=input_sha, base=source.base, adapter_sha256=source.adapter_sha256)
-    output = ShardedJsonlOutput(cfg.output_dir, STAGE2_FILE, procs)
-    output.check_resumable(key, overwrite=cfg.overwrite)
-    procs.barrier()
-    start_run(
-        cfg.output_dir,
+
+    def compress_share(todo: list[int], append: Append) -> int:
+        mine = procs.share([items[i] for i in todo])
+        if not mine:
+            return 0
+        written = 0
+        engine = engine_from_config(cfg, source, procs.device)
+        settings = CompressionSettings.from_config(cfg)
+        bar = progress_bar(len(mine), "compress", procs)
+        try:
+            for chunk in _chunks(mine, cfg.chunk_notes):
+                records = compress_notes(chunk, engine, settings)
+                append(records)
+                written += len(records)
+                bar.update(len(records))
+                bar.set_postfix(fallbacks=sum(1 for r in records if r["fallback"]), refresh=False)
+        finally:
+            bar.close()
+            engine.close()
+        return written
+
+    return run_sharded_stage(
         cfg,
+        procs,
+        file_name=STAGE2_FILE,
+        key=key,
         inputs={
             "input": str(Path(cfg.input).resolve()),
             "input_sha256": input_sha,
             "model": source.base,
             "adapter": source.adapter,
         },
+        order=[note_id for note_id, _ in items],
+        work=compress_share,
+        summarize=summarize_stage2,
+        describe=describe_stage2,
     )
-    output.prepare(key, overwrite=cfg.overwrite, description={"stage": "compress"})
-    done = output.done_records()
-    todo = [item for item in items if item[0] not in done]
-    if done:
-        logger.info("resuming: %d of %d notes already written", len(items) - len(todo), len(items))
-    mine = todo[procs.rank :: procs.world_size]
-    started = time.perf_counter()
-    written = 0
-    if mine:
-        engine = engine_from_config(cfg, source, procs.device)
-        settings = CompressionSettings.from_config(cfg)
-        bar = progress_bar(len(mine), "compress", procs)
-        try:
-            with output.writer() as append:
-                for chunk in _chunks(mine, cfg.chunk_notes):
-                    records = compress_notes(chunk, engine, settings)
-                    append(records)
-                    written += len(records)
-                    bar.update(len(records))
-                    bar.set_postfix(fallbacks=sum(1 for r in records if r["fallback"]), refresh=False)
-        finally:
-            bar.close()
-            engine.close()
-    output.finish_rank(written)
-    summary: dict[str, Any] = {}
-    if procs.is_main:
-        output.wait_for_ranks()
-        output.merge([note_id for note_id, _ in items])
-        summary = summarize_stage2(read_jsonl(output.path))
-        summary["this_run"] = {"notes": len(todo), "wall_seconds": round(time.perf_counter() - started, 3)}
-        finish_run(cfg.output_dir, {STAGE2_FILE: fingerprint_file(output.path, cfg.output_dir)}, summary=summary)
-        output.mark_complete()
-        logger.info("wrote %s: %s", output.path, describe_stage2(summary))
-    else:
-        output.wait_until_complete()
-    return summary
 
 
 def describe_stage2(summary: dict[str, Any]) -> str:
@@ -439,77 +421,3 @@ def describe_stage2(summary: dict[str, Any]) -> str:
         + f", {with_entities} of {n} stage-1 summaries have entities to retain; "
         + f"length ratio (of totals) {summary.get('ratio_chars_of_totals')}"
     )
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Both stages in one process
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def _cuda_allocated() -> int | None:
-    import torch
-
-    return int(torch.cuda.memory_allocated()) if torch.cuda.is_available() else None
-
-
-def _memory_note(before: int | None, after: int | None) -> str:
-    """How the stage-1 release is reported: CUDA bytes, or why there are none (CPU runs have no CUDA allocator)."""
-    if before is None or after is None:
-        return "no CUDA device: memory not measured"
-    return f"CUDA allocated: {before:,} bytes before stage 1, {after:,} after"
-
-
-def stage_configs(cfg: PipelineConfig) -> tuple[GenerateConfig, CompressConfig]:
-    """The two stage configs of a pipeline run: the recipes with output_dirs under the pipeline's output_dir and
-    the compress input wired to stage 1's output.
-
-    Raises:
-        ConfigError: either recipe is invalid.
-    """
-    root = Path(cfg.output_dir)
-    gen = parse_config(GenerateConfig, ["--config", cfg.generate_config, "--output_dir", str(root / "generate")])
-    comp = parse_config(
-        CompressConfig,
-        [
-            "--config",
-            cfg.compress_config,
-            "--output_dir",
-            str(root / "compress"),
-            "--input",
-            str(root / "generate" / "stage1.jsonl"),
-        ],
-    )
-    return gen, comp
-
-
-def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
-    """generate then compress in one process; the stage-1 model is fully released before stage 2 loads.
-
-    After stage 1 the pipeline checks that no model loaded by the engine is still alive (weak references) and
-    records CUDA memory before stage 1, after it and after stage 2 in its manifest.
-
-    Raises:
-        ConfigError / ArtifactError: as the stages (both recipes and the compression model are checked before
-            stage 1 starts). RuntimeError: the stage-1 model is still referenced after it was released.
-    """
-    from dischargesum.inference import live_model_count, release_memory, resolve_model_source, run_generate
-
-    gen_cfg, comp_cfg = stage_configs(cfg)
-    resolve_model_source(comp_cfg.model_name_or_path, comp_cfg.adapter)
-    start_run(
-        cfg.output_dir, cfg, inputs={"generate_config": cfg.generate_config, "compress_config": cfg.compress_config}
-    )
-    memory: dict[str, int | None] = {"before_stage1": _cuda_allocated()}
-    stage1 = run_generate(gen_cfg)
-    release_memory()
-    memory["after_stage1"] = _cuda_allocated()
-    alive = live_model_count()
-    if alive:
-        raise RuntimeError(f"{alive} stage-1 model(s) are still referenced after release; stage 2 would not fit")
-    logger.info("stage-1 model released (%s)", _memory_note(memory["before_stage1"], memory["after_stage1"]))
-    stage2 = run_compress(comp_cfg)
-    release_memory()
-    memory["after_stage2"] = _cuda_allocated()
-    summary = {"generate": stage1, "compress": stage2, "cuda_memory_allocated": memory, "stage1_model_released": True}
-    finish_run(cfg.output_dir, {}, summary=summary)
-    return summary
