@@ -1,4 +1,6 @@
-"""Token counting exactly as training sees it — the one implementation every stage reuses.
+"""Token counting exactly as training sees it — the one implementation every stage reuses — and the length
+budget built on it (:func:`fit_to_budget`: count, shorten over-long notes with :mod:`dischargesum.data.shorten`
+until they fit, reject rows whose summary alone cannot fit).
 
 TRL's ``SFTTrainer`` tokenizes a conversational prompt-completion example (``trl/trainer/sft_trainer.py``,
 ``tokenize_fn``) as::
@@ -32,8 +34,10 @@ never a silently different count. ``exact`` always tokenizes as TRL does.
 
 from __future__ import annotations
 
+import math
+from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +45,7 @@ import numpy as np
 
 from dischargesum.config import ConfigError
 from dischargesum.data.formatting import DEFAULT_INSTRUCTION, completion_messages, prompt_messages
+from dischargesum.data.shorten import MARKER, shorten_note
 from dischargesum.logging_utils import get_logger
 
 logger = get_logger(__name__)
@@ -467,3 +472,107 @@ class TokenCounter:
         self.stats["exact_rows"] += int(fallback.sum())
         self.stats["split_rows"] += int((~fallback).sum())
         return prompt, completion, total
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# length budget: count, then shorten over-long notes until they fit
+
+_MAX_FIT_ROUNDS = 8
+
+
+@dataclass
+class BudgetResult:
+    """Per-row outcome of :func:`fit_to_budget` (arrays aligned with the input rows)."""
+
+    notes: list[str]
+    prompt_tokens: np.ndarray
+    completion_tokens: np.ndarray
+    total_tokens: np.ndarray
+    shortened: np.ndarray  # bool
+    rejected: dict[int, str]  # row index -> detail (summary_too_long)
+    stats: Counter[str] = field(default_factory=Counter)
+
+
+def _count(counter: TokenCounter, notes: list[str], summaries: list[str], batch_size: int) -> tuple[np.ndarray, ...]:
+    """``counter.count`` in batches (token id lists of a whole chunk would hold ~100 MB of Python ints)."""
+    parts = [
+        counter.count(notes[i : i + batch_size], summaries[i : i + batch_size])
+        for i in range(0, len(notes), batch_size)
+    ]
+    if not parts:
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty.copy(), empty.copy()
+    return tuple(np.concatenate([part[k] for part in parts]) for k in range(3))
+
+
+def fit_to_budget(
+    counter: TokenCounter,
+    notes: list[str],
+    summaries: list[str],
+    *,
+    max_seq_length: int,
+    min_note_tokens: int,
+    strategy: str,
+    batch_size: int = 512,
+) -> BudgetResult:
+    """Count tokens; shorten the notes of over-long examples until they fit; never touch a summary.
+
+    A row is rejected (``summary_too_long``) when the prompt frame plus the whole summary leave fewer than
+    ``min_note_tokens`` of ``max_seq_length`` for the note. Shortening converts the token excess to characters
+    with the note's own characters-per-token ratio, re-counts exactly and asks for more until the example fits;
+    after ``_MAX_FIT_ROUNDS`` rounds the note becomes the bare marker, which is known to fit.
+    """
+    prompt, completion, total = _count(counter, notes, summaries, batch_size)
+    result = BudgetResult(list(notes), prompt, completion, total, np.zeros(len(notes), dtype=bool), {})
+    over = np.flatnonzero(total > max_seq_length)
+    if not len(over):
+        return result
+    over_summaries = [summaries[i] for i in over]
+    bare_prompt, _, bare_total = _count(counter, [MARKER] * len(over), over_summaries, batch_size)
+    feasible: list[int] = []
+    for k, i in enumerate(over):
+        room = max_seq_length - int(bare_total[k])
+        if room < min_note_tokens:
+            result.rejected[int(i)] = (
+                f"summary turn {int(completion[i])} tokens + prompt frame {int(bare_prompt[k])} = "
+                f"{int(bare_total[k])} tokens leaves {room} of max_seq_length {max_seq_length} for the note "
+                f"(min_note_tokens {min_note_tokens})"
+            )
+        else:
+            feasible.append(k)
+    # characters per note token, from this note's own tokenisation (note tokens = prompt - bare prompt frame)
+    ratio = {k: len(notes[over[k]]) / max(1, int(prompt[over[k]] - bare_prompt[k]) + 1) for k in feasible}
+    remove = {k: math.ceil((int(total[over[k]]) - max_seq_length) * ratio[k]) for k in feasible}
+    pending = feasible
+    for round_ in range(1, _MAX_FIT_ROUNDS + 1):
+        if not pending:
+            break
+        attempts = {k: shorten_note(notes[over[k]], remove[k], strategy) for k in pending}  # type: ignore[arg-type]
+        if round_ == _MAX_FIT_ROUNDS:
+            for k in pending:  # give up estimating: the bare marker fits (checked above)
+                attempts[k].text = MARKER
+        p, c, t = _count(
+            counter, [attempts[k].text for k in pending], [summaries[over[k]] for k in pending], batch_size
+        )
+        still = []
+        for j, k in enumerate(pending):
+            if t[j] <= max_seq_length:
+                i = int(over[k])
+                attempt = attempts[k]
+                result.notes[i] = attempt.text
+                result.prompt_tokens[i], result.completion_tokens[i], result.total_tokens[i] = p[j], c[j], t[j]
+                result.shortened[i] = True
+                result.stats[f"fit_rounds_{round_}"] += 1
+                result.stats["sections_dropped"] += len(attempt.dropped)
+                for name in attempt.dropped:
+                    result.stats[f"dropped:{name}"] += 1
+                if attempt.trimmed:
+                    result.stats[f"trimmed:{attempt.trimmed}"] += 1
+                if attempt.middle_cut_chars:
+                    result.stats["middle_cuts"] += 1
+            else:
+                # asked for too little: add the remaining excess, at this note's ratio, plus a small margin
+                remove[k] += math.ceil((int(t[j]) - max_seq_length) * ratio[k]) + 8
+                still.append(k)
+        pending = still
+    return result
