@@ -177,6 +177,20 @@ class PrepareDataConfig(BaseConfig):
         "cuts the middle. Summaries are never shortened.",
         default="sections",
     )
+    shortening_rank_by_target: bool = _help(
+        "`sections` shortening of train and validation notes drops first the sections that support the fewest of "
+        "the summary's entities (none before one; DROP_ORDER breaks ties), so training inputs keep what their "
+        "target cites. Test notes always keep the fixed DROP_ORDER: generate and eval use them as at inference, "
+        "where there is no target. false: the fixed order everywhere. Ignored with `note_shortening: middle`. Costs "
+        "entity extraction of each over-budget note and its summary.",
+        default=True,
+    )
+    entity_support_stats: Literal["shortened", "all", "off"] = _help(
+        "Data card: per split, the fraction of summary entities supported by the model input before (whole note) "
+        "and after shortening, for the shortened notes (`shortened`), also over every note (`all`: extracts "
+        "entities of every note and summary, the costliest step of the stage at 270k rows), or `off`.",
+        default="shortened",
+    )
     max_note_chars: int = _help(
         "Reject notes longer than this many characters (note_too_long): far beyond any real discharge note "
         "(MIMIC max ≈ 15-30k), such rows are concatenation errors. 0 disables the check.",

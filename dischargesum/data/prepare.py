@@ -9,7 +9,9 @@ second pass over a staging file because its rare-word filter needs corpus counts
    normalise each chunk (:func:`dischargesum.data.validate.validate_chunk`), count tokens exactly as TRL's
    SFTTrainer will (:class:`dischargesum.data.budget.TokenCounter`), shorten over-long notes
    (:mod:`dischargesum.data.shorten`) until they fit and reject rows whose summary alone cannot fit
-   (:func:`dischargesum.data.budget.fit_to_budget`).
+   (:func:`dischargesum.data.budget.fit_to_budget`). A row's split is a function of the row, so the worker
+   knows it: train and validation notes drop the sections that support the fewest summary entities first, test
+   notes keep the fixed order (:mod:`dischargesum.data.target_support`, ``shortening_rank_by_target``).
 3. The main process drops duplicate ``note_id`` rows (the first row that passed every other check wins),
    assigns patient-level splits (:mod:`dischargesum.data.split`) and appends to the split files.
 4. The data card (:mod:`dischargesum.data.card`) proves the accounting (rows in = rows in splits + rejects),
@@ -111,6 +113,11 @@ class ChunkParams:
     min_note_tokens: int
     note_shortening: str
     tokenize_batch_size: int
+    shortening_rank_by_target: bool
+    entity_support_stats: str
+    seed: int
+    validation_fraction: float
+    test_fraction: float
 
     @classmethod
     def from_config(cls, cfg: PrepareDataConfig) -> ChunkParams:
@@ -128,6 +135,11 @@ class ChunkParams:
             min_note_tokens=cfg.min_note_tokens,
             note_shortening=cfg.note_shortening,
             tokenize_batch_size=cfg.tokenize_batch_size,
+            shortening_rank_by_target=cfg.shortening_rank_by_target,
+            entity_support_stats=cfg.entity_support_stats,
+            seed=cfg.seed,
+            validation_fraction=cfg.validation_fraction,
+            test_fraction=cfg.test_fraction,
         )
 
 
@@ -163,10 +175,32 @@ def _fit_chunk(chunk: ValidatedChunk) -> tuple[ValidatedChunk, BudgetResult]:
         min_note_tokens=params.min_note_tokens,
         strategy=params.note_shortening,
         batch_size=params.tokenize_batch_size,
+        # the split is known here (a function of the row): rank by the target on training data only, never on test
+        rank_by_target=[split != "test" for split in _row_splits(chunk, params)]
+        if params.shortening_rank_by_target
+        else None,
+        entity_support=params.entity_support_stats,
     )
     for key, value in counter.stats.items():
         fitted.stats[f"token_counting:{key}"] += value - before.get(key, 0)
     return chunk, fitted
+
+
+def _row_splits(chunk: ValidatedChunk, params: ChunkParams) -> list[str]:
+    """The split of every row of ``chunk``: the input's own column, or a hash of subject_id and seed."""
+    if params.validation.use_input_split:
+        if None in chunk.input_split:  # validate_chunk rejects rows without a known split (a bug otherwise)
+            raise RuntimeError("a validated row has no input split")
+        return [str(split) for split in chunk.input_split]
+    return [
+        assign_split(
+            subject,
+            seed=params.seed,
+            validation_fraction=params.validation_fraction,
+            test_fraction=params.test_fraction,
+        )
+        for subject in chunk.subject_id
+    ]
 
 
 def _validate_only(raw: RawChunk) -> ValidatedChunk:
@@ -417,17 +451,10 @@ def _write_chunk(
 ) -> None:
     """Reject summary_too_long and duplicate rows, assign splits and append the rest to the split files."""
     by_split: dict[str, list[int]] = {split: [] for split in schema.SPLITS}
+    splits = _row_splits(chunk, ChunkParams.from_config(cfg))
     for j in _kept_rows(chunk, fitted, seen, totals):
-        subject = chunk.subject_id[j]
-        if cfg.input_split_column is not None:
-            split = chunk.input_split[j]
-            assert split is not None
-        else:
-            split = assign_split(
-                subject, seed=cfg.seed, validation_fraction=cfg.validation_fraction, test_fraction=cfg.test_fraction
-            )
-        tracker.add(subject, split)
-        by_split[split].append(j)
+        tracker.add(chunk.subject_id[j], splits[j])
+        by_split[splits[j]].append(j)
     for split, js in by_split.items():
         if not js:
             continue
@@ -454,6 +481,9 @@ def _write_chunk(
             "note_chars_original": np.asarray(original, dtype=np.int64),
             "summary_chars": np.fromiter((len(chunk.summary[j]) for j in js), dtype=np.int64, count=len(js)),
             "note_shortened": fitted.shortened[idx].astype(np.int64),
+            "target_entities": fitted.target_entities[idx],
+            "supported_before": fitted.supported_before[idx],
+            "supported_after": fitted.supported_after[idx],
         }
         writers.write(split, columns, lengths)
 
