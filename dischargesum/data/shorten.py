@@ -16,12 +16,13 @@ Why rank by the target on training data. A fixed order is blind to what the summ
 small budget, the first 20 training notes lost every dose ("Medications on Admission" goes early) while their
 targets cite doses, which teaches the model to write facts that are not in its input. So when the pipeline knows
 the target (``shortening_rank_by_target``), it passes ``section_support`` — per section, how many of the target's
-entities the section alone supports (:mod:`dischargesum.data.target_support`) — and the droppable sections go in
-order of that support: sections that support no target entity first, then one, ...; :data:`DROP_ORDER` breaks
-ties. Only the train and validation splits are ranked. The test split keeps the fixed :data:`DROP_ORDER` because
-it is what generate and eval feed the model, and at inference there is no target to rank by: ranking test notes
-by their reference summaries would hand the model inputs shortened with knowledge of the answer, inputs no real
-note would get, and inflate every score measured on them.
+entities the section supports that the text shortening never drops does not already support (a dose repeated in
+Discharge Medications is no reason to keep Medications on Admission; :mod:`dischargesum.data.target_support`) — and
+the droppable sections go in order of that support: sections that support no target entity first, then one, ...;
+:data:`DROP_ORDER` breaks ties. Only the train and validation splits are ranked. The test split keeps the fixed
+:data:`DROP_ORDER` because it is what generate and eval feed the model, and at inference there is no target to rank
+by: ranking test notes by their reference summaries would hand the model inputs shortened with knowledge of the
+answer, inputs no real note would get, and inflate every score measured on them.
 
 Every removal leaves the marker :data:`MARKER` so neither the model nor a reader mistakes a shortened note for a
 complete one. Sections are recognised in both layouts: Kaggle plain text (``Family History:`` at a line start)
