@@ -13,6 +13,10 @@ Steps (the timed run is a subprocess, exactly as a user runs the stage, so its p
    ``--seed_sample`` rows in this process and extrapolated linearly to ``--rows`` (it is per-row work; the
    corpus-level rare-word filter adds a counting pass that is cheap by comparison).
 
+``--shortening_rank_by_target`` / ``--entity_support_stats`` are passed to the stage (ranking train/validation
+sections by the summary's entities and the card's support fractions cost entity extraction of the over-budget
+notes); run once with ``false`` / ``off`` for the cost of the plain budget. ``--skip_seed_sample`` skips step 3.
+
 Tokenizer: the real Gemma-3 tokenizer (262k vocabulary) cannot be downloaded here, so the budget is counted with
 the tiny Gemma-3 tokenizer (byte-level BPE, 1,024 tokens, Gemma chat template) that ``build_tiny_model`` writes.
 It yields ~2.5 characters per token, so it produces *more* tokens (and more notes to shorten at the same
@@ -33,6 +37,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -106,6 +111,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="result JSON (default: print only)")
     parser.add_argument("--extrapolate_to", type=int, default=270_000, help="rows to extrapolate timings to")
     parser.add_argument("--note", default=None, help="free text stored in the result (e.g. what else ran meanwhile)")
+    parser.add_argument(
+        "--shortening_rank_by_target",
+        default="true",
+        choices=("true", "false"),
+        help="passed to prepare_data (ranking train/validation sections by the summary's entities costs extraction)",
+    )
+    parser.add_argument(
+        "--entity_support_stats",
+        default="shortened",
+        choices=("shortened", "all", "off"),
+        help="passed to prepare_data",
+    )
+    parser.add_argument("--skip_seed_sample", action="store_true", help="do not time the seed-style NLTK cleaning")
     args = parser.parse_args(argv)
 
     from dischargesum.data.synthetic import write_synthetic
@@ -133,8 +151,14 @@ def main(argv: list[str] | None = None) -> int:
         str(args.num_workers),
         "--max_reject_fraction",
         "0.01",
+        "--shortening_rank_by_target",
+        args.shortening_rank_by_target,
+        "--entity_support_stats",
+        args.entity_support_stats,
     ]
-    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    # this checkout first; keep the caller's entries after it (e.g. a sitecustomize that hides an editable install)
+    pythonpath = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, PYTHONPATH=pythonpath, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     env.pop("TOKENIZERS_PARALLELISM", None)  # let the fast tokenizer use every core, as a user's run does
     load_before = os.getloadavg()
     cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -154,10 +178,14 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(stderr[-5000:])
         return proc.returncode
     card = json.loads((out_dir / "data_card.json").read_text())
-    seed = _time_seed_sample(csv_path, args.seed_sample)
-    target = args.extrapolate_to
-    seed[f"extrapolated_seconds_{target}_rows_one_process"] = round(target / seed["rows_per_second_one_process"])
-    seed[f"extrapolated_seconds_{target}_rows_two_workers"] = round(target / seed["rows_per_second_one_process"] / 2)
+    seed: dict[str, Any] | None = None
+    if not args.skip_seed_sample:
+        seed = _time_seed_sample(csv_path, args.seed_sample)
+        target = args.extrapolate_to
+        seed[f"extrapolated_seconds_{target}_rows_one_process"] = round(target / seed["rows_per_second_one_process"])
+        seed[f"extrapolated_seconds_{target}_rows_two_workers"] = round(
+            target / seed["rows_per_second_one_process"] / 2
+        )
     result = {
         "benchmark": "prepare_data_throughput",
         "date": _dt.date.today().isoformat(),
@@ -192,6 +220,11 @@ def main(argv: list[str] | None = None) -> int:
             "rows_rejected": card["accounting"]["rows_rejected"],
             "rows_shortened": card["length_budget"]["rows_shortened"],
             "shortening_events": card["length_budget"]["events"],
+            "shortening_rank_by_target": args.shortening_rank_by_target,
+            "entity_support_stats": args.entity_support_stats,
+            "target_entity_support": {
+                split: card["splits"][split].get("target_entity_support") for split in ("train", "validation", "test")
+            },
             "total_tokens_train": card["splits"]["train"]["lengths"]["total_tokens"],
         },
         "seed_style_nltk_sample": seed,

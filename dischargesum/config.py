@@ -32,8 +32,6 @@ from typing import Any, Literal, TypeVar, get_args, get_origin
 
 import yaml
 
-from dischargesum.data.formatting import DEFAULT_INSTRUCTION
-
 T = TypeVar("T", bound="BaseConfig")
 
 
@@ -76,6 +74,28 @@ class BaseConfig:
 # ---------------------------------------------------------------------------------------------------------------
 # Stage configs
 # ---------------------------------------------------------------------------------------------------------------
+
+
+# The instruction that leads every prompt (training and inference). Defined here, in the base layer, because it is
+# PrepareDataConfig's default; dischargesum.data.formatting re-exports it next to the prompt builders.
+DEFAULT_INSTRUCTION = (
+    "Write the brief hospital course for this discharge note. Keep every medication with its dose, route and "
+    "frequency, every vital sign and lab value, every date, diagnosis and procedure, and every negation."
+)
+
+# Defect rows the synthetic generator can inject (dischargesum.data.synthetic.DEFECTS is this tuple); here so that
+# PrepareDataConfig checks `synthetic_defects` without importing the data package.
+SYNTHETIC_DEFECTS: tuple[str, ...] = (
+    "empty_note",
+    "whitespace_target",
+    "empty_target",
+    "invalid_utf8",
+    "missing_subject_id",
+    "missing_subject_id_underivable",
+    "duplicate_note_id",
+    "giant_row",
+    "non_string",
+)
 
 
 @dataclass
@@ -142,7 +162,7 @@ class PrepareDataConfig(BaseConfig):
         default=DEFAULT_INSTRUCTION,
     )
     synthetic_defects: list[str] = _help(
-        "Defect rows to inject when `source: synthetic` (names from dischargesum.data.synthetic.DEFECTS, e.g. "
+        "Defect rows to inject when `source: synthetic` (any of " + ", ".join(SYNTHETIC_DEFECTS) + "; e.g. "
         "empty_note,duplicate_note_id); shows the reject path in demos.",
         default_factory=list,
     )
@@ -161,6 +181,20 @@ class PrepareDataConfig(BaseConfig):
         "first (instructions, follow-up, family/social history, exam, ...), then cuts the middle; `middle` only "
         "cuts the middle. Summaries are never shortened.",
         default="sections",
+    )
+    shortening_rank_by_target: bool = _help(
+        "`sections` shortening of train and validation notes drops first the sections that support the fewest of "
+        "the summary's entities (none before one; DROP_ORDER breaks ties), so training inputs keep what their "
+        "target cites. Test notes always keep the fixed DROP_ORDER: generate and eval use them as at inference, "
+        "where there is no target. false: the fixed order everywhere. Ignored with `note_shortening: middle`. Costs "
+        "entity extraction of each over-budget note and its summary.",
+        default=True,
+    )
+    entity_support_stats: Literal["shortened", "all", "off"] = _help(
+        "Data card: per split, the fraction of summary entities supported by the model input before (whole note) "
+        "and after shortening, for the shortened notes (`shortened`), also over every note (`all`: extracts "
+        "entities of every note and summary, the costliest step of the stage at 270k rows), or `off`.",
+        default="shortened",
     )
     max_note_chars: int = _help(
         "Reject notes longer than this many characters (note_too_long): far beyond any real discharge note "
@@ -233,14 +267,12 @@ class PrepareDataConfig(BaseConfig):
             )
         if not self.instruction.strip():
             raise ConfigError("prepare_data: `instruction` is empty; the prompt needs an instruction.")
-        if self.synthetic_defects:
-            from dischargesum.data.synthetic import DEFECTS
-
-            bad = [d for d in self.synthetic_defects if d not in DEFECTS]
-            if bad:
-                raise ConfigError(
-                    f"prepare_data: `synthetic_defects` has unknown name(s) {bad}; choose from {', '.join(DEFECTS)}."
-                )
+        bad = [d for d in self.synthetic_defects if d not in SYNTHETIC_DEFECTS]
+        if bad:
+            raise ConfigError(
+                f"prepare_data: `synthetic_defects` has unknown name(s) {bad}; choose from "
+                f"{', '.join(SYNTHETIC_DEFECTS)}."
+            )
         if self.input_split_column is not None and not self.input_split_column.strip():
             raise ConfigError("prepare_data: `input_split_column` is empty; name a column or pass `none`.")
 

@@ -1,4 +1,6 @@
-"""Token counting exactly as training sees it — the one implementation every stage reuses.
+"""Token counting exactly as training sees it — the one implementation every stage reuses — and the length
+budget built on it (:func:`fit_to_budget`: count, shorten over-long notes with :mod:`dischargesum.data.shorten`
+until they fit, reject rows whose summary alone cannot fit).
 
 TRL's ``SFTTrainer`` tokenizes a conversational prompt-completion example (``trl/trainer/sft_trainer.py``,
 ``tokenize_fn``) as::
@@ -32,13 +34,16 @@ never a silently different count. ``exact`` always tokenizes as TRL does.
 
 from __future__ import annotations
 
+import math
+from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from dischargesum.data.formatting import DEFAULT_INSTRUCTION, completion_messages, prompt_messages
+from dischargesum.data.shorten import MARKER, find_sections, shorten_note
 from dischargesum.logging_utils import get_logger
 
 logger = get_logger(__name__)
@@ -438,3 +443,229 @@ class TokenCounter:
         self.stats["exact_rows"] += int(fallback.sum())
         self.stats["split_rows"] += int((~fallback).sum())
         return prompt, completion, total
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# length budget: count, then shorten over-long notes until they fit
+
+_MAX_FIT_ROUNDS = 8
+
+
+@dataclass
+class BudgetResult:
+    """Per-row outcome of :func:`fit_to_budget` (arrays aligned with the input rows)."""
+
+    notes: list[str]
+    prompt_tokens: np.ndarray
+    completion_tokens: np.ndarray
+    total_tokens: np.ndarray
+    shortened: np.ndarray  # bool
+    rejected: dict[int, str]  # row index -> detail (summary_too_long)
+    stats: Counter[str] = field(default_factory=Counter)
+    # Target-entity support (dischargesum.data.target_support), -1 where not measured: distinct target entities,
+    # and how many of them the whole normalised note ("before") and the note as written ("after") support.
+    target_entities: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    supported_before: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    supported_after: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+
+
+def _count(counter: TokenCounter, notes: list[str], summaries: list[str], batch_size: int) -> tuple[np.ndarray, ...]:
+    """``counter.count`` in batches (token id lists of a whole chunk would hold ~100 MB of Python ints)."""
+    parts = [
+        counter.count(notes[i : i + batch_size], summaries[i : i + batch_size])
+        for i in range(0, len(notes), batch_size)
+    ]
+    if not parts:
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty.copy(), empty.copy()
+    return tuple(np.concatenate([part[k] for part in parts]) for k in range(3))
+
+
+def fit_to_budget(
+    counter: TokenCounter,
+    notes: list[str],
+    summaries: list[str],
+    *,
+    max_seq_length: int,
+    min_note_tokens: int,
+    strategy: str,
+    batch_size: int = 512,
+    rank_by_target: Sequence[bool] | None = None,
+    entity_support: str = "off",
+) -> BudgetResult:
+    """Count tokens; shorten the notes of over-long examples until they fit; never touch a summary.
+
+    A row is rejected (``summary_too_long``) when the prompt frame plus the whole summary leave fewer than
+    ``min_note_tokens`` of ``max_seq_length`` for the note. Shortening converts the token excess to characters
+    with the note's own characters-per-token ratio, re-counts exactly and asks for more until the example fits;
+    after ``_MAX_FIT_ROUNDS`` rounds the note becomes the bare marker, which is known to fit.
+
+    ``rank_by_target`` (per row; ``sections`` only): shorten that row's note dropping first the sections that
+    support the fewest of its summary's entities (training and validation rows; a test row keeps the fixed order,
+    see :mod:`dischargesum.data.shorten`). ``entity_support``: measure target-entity support before and after
+    shortening (``BudgetResult.target_entities`` / ``supported_before`` / ``supported_after``) for the shortened
+    rows (``shortened``), every kept row (``all``) or none (``off``). Entities are extracted only for the rows
+    that need them: the over-budget ones, plus every row with ``all``.
+    """
+    prompt, completion, total = _count(counter, notes, summaries, batch_size)
+    unmeasured = np.full(len(notes), -1, dtype=np.int64)
+    result = BudgetResult(
+        list(notes),
+        prompt,
+        completion,
+        total,
+        np.zeros(len(notes), dtype=bool),
+        {},
+        target_entities=unmeasured,
+        supported_before=unmeasured.copy(),
+        supported_after=unmeasured.copy(),
+    )
+    over = np.flatnonzero(total > max_seq_length)
+    if len(over):
+        _shorten_over_budget(
+            counter,
+            notes,
+            summaries,
+            result,
+            over,
+            max_seq_length=max_seq_length,
+            min_note_tokens=min_note_tokens,
+            strategy=strategy,
+            batch_size=batch_size,
+            rank_by_target=rank_by_target,
+            entity_support=entity_support,
+        )
+    if entity_support == "all":
+        rest = [i for i in range(len(notes)) if result.target_entities[i] < 0 and i not in result.rejected]
+        _measure_support(result, rest, [summaries[i] for i in rest], [notes[i] for i in rest])
+    return result
+
+
+def _measure_support(
+    result: BudgetResult,
+    rows: Sequence[int],
+    summaries: Sequence[str],
+    notes: Sequence[str],
+    note_entities: Sequence[Sequence[Any]] | None = None,
+    target_entities: Sequence[Sequence[Any]] | None = None,
+) -> None:
+    """Fill the support arrays of ``rows``: before = by ``notes`` (their unshortened text), after = by the note
+    the result holds; entities already extracted may be passed in."""
+    from dischargesum.data.target_support import extract_entities, supported_keys, target_entity_count
+
+    if not rows:
+        return
+    if note_entities is None or target_entities is None:
+        extracted = extract_entities([*summaries, *notes])
+        target_entities, note_entities = extracted[: len(rows)], extracted[len(rows) :]
+    changed = [m for m, i in enumerate(rows) if result.notes[i] != notes[m]]
+    written = dict(zip(changed, extract_entities([result.notes[rows[m]] for m in changed])))
+    for m, i in enumerate(rows):
+        target = target_entities[m]
+        result.target_entities[i] = target_entity_count(target)
+        result.supported_before[i] = len(supported_keys(target, note_entities[m]))
+        result.supported_after[i] = (
+            len(supported_keys(target, written[m])) if m in written else result.supported_before[i]
+        )
+
+
+def _shorten_over_budget(
+    counter: TokenCounter,
+    notes: list[str],
+    summaries: list[str],
+    result: BudgetResult,
+    over: np.ndarray,
+    *,
+    max_seq_length: int,
+    min_note_tokens: int,
+    strategy: str,
+    batch_size: int,
+    rank_by_target: Sequence[bool] | None,
+    entity_support: str,
+) -> None:
+    """:func:`fit_to_budget` for the rows ``over`` the budget (reject, or shorten until they fit)."""
+    prompt, completion, total = result.prompt_tokens.copy(), result.completion_tokens, result.total_tokens.copy()
+    over_summaries = [summaries[i] for i in over]
+    bare_prompt, _, bare_total = _count(counter, [MARKER] * len(over), over_summaries, batch_size)
+    feasible: list[int] = []
+    for k, i in enumerate(over):
+        room = max_seq_length - int(bare_total[k])
+        if room < min_note_tokens:
+            result.rejected[int(i)] = (
+                f"summary turn {int(completion[i])} tokens + prompt frame {int(bare_prompt[k])} = "
+                f"{int(bare_total[k])} tokens leaves {room} of max_seq_length {max_seq_length} for the note "
+                f"(min_note_tokens {min_note_tokens})"
+            )
+        else:
+            feasible.append(k)
+    # characters per note token, from this note's own tokenisation (note tokens = prompt - bare prompt frame)
+    ratio = {k: len(notes[over[k]]) / max(1, int(prompt[over[k]] - bare_prompt[k]) + 1) for k in feasible}
+    remove = {k: math.ceil((int(total[over[k]]) - max_seq_length) * ratio[k]) for k in feasible}
+    ranked = [k for k in feasible if strategy == "sections" and rank_by_target is not None and rank_by_target[over[k]]]
+    measured = feasible if entity_support != "off" else ranked
+    entities = _entities_of(measured, [summaries[over[k]] for k in measured], [notes[over[k]] for k in measured])
+    support: dict[int, list[int]] = {}
+    if ranked:
+        from dischargesum.data.target_support import section_support
+
+        for k in ranked:
+            target, note_entities = entities[k]
+            support[k] = section_support(find_sections(notes[over[k]]), note_entities, target)
+            result.stats["ranked_by_target"] += 1
+    pending = feasible
+    for round_ in range(1, _MAX_FIT_ROUNDS + 1):
+        if not pending:
+            break
+        attempts = {
+            k: shorten_note(notes[over[k]], remove[k], strategy, support.get(k))  # type: ignore[arg-type]
+            for k in pending
+        }
+        if round_ == _MAX_FIT_ROUNDS:
+            for k in pending:  # give up estimating: the bare marker fits (checked above)
+                attempts[k].text = MARKER
+        p, c, t = _count(
+            counter, [attempts[k].text for k in pending], [summaries[over[k]] for k in pending], batch_size
+        )
+        still = []
+        for j, k in enumerate(pending):
+            if t[j] <= max_seq_length:
+                i = int(over[k])
+                attempt = attempts[k]
+                result.notes[i] = attempt.text
+                result.prompt_tokens[i], result.completion_tokens[i], result.total_tokens[i] = p[j], c[j], t[j]
+                result.shortened[i] = True
+                result.stats[f"fit_rounds_{round_}"] += 1
+                result.stats["sections_dropped"] += len(attempt.dropped)
+                for name in attempt.dropped:
+                    result.stats[f"dropped:{name}"] += 1
+                if attempt.trimmed:
+                    result.stats[f"trimmed:{attempt.trimmed}"] += 1
+                if attempt.middle_cut_chars:
+                    result.stats["middle_cuts"] += 1
+            else:
+                # asked for too little: add the remaining excess, at this note's ratio, plus a small margin
+                remove[k] += math.ceil((int(t[j]) - max_seq_length) * ratio[k]) + 8
+                still.append(k)
+        pending = still
+    if entity_support != "off" and measured:
+        rows = [int(over[k]) for k in measured]
+        _measure_support(
+            result,
+            rows,
+            [summaries[i] for i in rows],
+            [notes[i] for i in rows],
+            note_entities=[entities[k][1] for k in measured],
+            target_entities=[entities[k][0] for k in measured],
+        )
+
+
+def _entities_of(
+    keys: Sequence[int], summaries: list[str], notes: list[str]
+) -> dict[int, tuple[list[Any], list[Any]]]:
+    """``{key: (summary entities, note entities)}``, extracted in one batch."""
+    if not keys:
+        return {}
+    from dischargesum.data.target_support import extract_entities
+
+    extracted = extract_entities([*summaries, *notes])
+    return {key: (extracted[m], extracted[len(keys) + m]) for m, key in enumerate(keys)}

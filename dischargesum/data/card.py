@@ -5,6 +5,11 @@ when and where. Stripped instruction prefixes are recorded as counts and sha256 
 name, MRN and date of birth, and the card is copied next to the adapter (``final/data_fingerprint.json``). Keys
 other stages read: ``instruction``, ``tokenizer_name_or_path``, ``max_seq_length``,
 ``normalization``, ``data_fingerprint``.
+
+``splits.<split>.target_entity_support`` (counts and fractions only): of the summaries' distinct entities, how many
+the model input supports before shortening (the whole normalised note) and after (the note written), for the
+shortened notes and — with ``entity_support_stats: all`` — for every note; "supported" is eval's matching
+(:mod:`dischargesum.data.target_support`). ``length_budget.rank_by_target`` says how sections were ranked.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ if TYPE_CHECKING:
     from dischargesum.data.readers import SourceInfo
     from dischargesum.data.split import SplitTracker
 
-CARD_VERSION = 2  # 2: instruction prefixes as digests, no text
+CARD_VERSION = 3  # 2: instruction prefixes as digests, no text; 3: target-entity support before/after shortening
 PLOT_FILES = ("lengths_tokens.png", "lengths_chars.png")
 
 
@@ -44,6 +49,40 @@ def length_stats(values: np.ndarray) -> dict[str, float | int]:
         "p99": int(q[3]),
         "max": int(values.max()),
     }
+
+
+def support_summary(
+    target: np.ndarray, before: np.ndarray, after: np.ndarray, rows: np.ndarray
+) -> dict[str, float | int | None]:
+    """Micro-averaged target-entity support over the selected ``rows`` (a boolean mask)."""
+    entities = int(target[rows].sum())
+    supported_before, supported_after = int(before[rows].sum()), int(after[rows].sum())
+    return {
+        "notes": int(rows.sum()),
+        "target_entities": entities,
+        "supported_before": supported_before,
+        "supported_after": supported_after,
+        "fraction_before": round(supported_before / entities, 4) if entities else None,
+        "fraction_after": round(supported_after / entities, 4) if entities else None,
+    }
+
+
+def target_entity_support(arrays: dict[str, np.ndarray], mode: str) -> dict[str, Any] | None:
+    """The card's per-split block: target (summary) entities supported by the input before / after shortening.
+
+    ``shortened``: the notes the budget shortened; ``all``: every note of the split (present with
+    ``entity_support_stats: all`` only; unshortened notes count the same before and after). None when off.
+    """
+    if mode == "off":
+        return None
+    empty = np.zeros(0, dtype=np.int64)
+    target = arrays.get("target_entities", empty)
+    before, after = arrays.get("supported_before", empty), arrays.get("supported_after", empty)
+    shortened = arrays.get("note_shortened", empty).astype(bool) & (target >= 0)
+    block: dict[str, Any] = {"shortened": support_summary(target, before, after, shortened)}
+    if mode == "all":
+        block["all"] = support_summary(target, before, after, target >= 0)
+    return block
 
 
 def build_card(
@@ -74,6 +113,7 @@ def build_card(
             "patients": patients[split],
             "row_fraction": round(rows / max(1, sum(tracker.rows.values())), 4),
             "notes_shortened": int(arrays["note_shortened"].sum()) if "note_shortened" in arrays else 0,
+            "target_entity_support": target_entity_support(arrays, cfg.entity_support_stats),
             "lengths": {
                 name: length_stats(arrays.get(name, np.zeros(0, dtype=np.int64)))
                 for name in (
@@ -134,6 +174,20 @@ def build_card(
             "completion)); the summary is never shortened",
             "note_shortening": cfg.note_shortening,
             "drop_order": list(DROP_ORDER) if cfg.note_shortening == "sections" else [],
+            "rank_by_target": (
+                "train and validation: sections supporting the fewest summary entities dropped first (drop_order "
+                "breaks ties); test: drop_order (as at inference, where there is no target)"
+                if cfg.note_shortening == "sections" and cfg.shortening_rank_by_target
+                else None
+            ),
+            "target_entity_support": (
+                None
+                if cfg.entity_support_stats == "off"
+                else "summary entities (distinct matching keys, dischargesum.evaluation.entities) covered by an "
+                "entity of the model input, as eval's reference_vs_source; before = the whole normalised note, "
+                "after = the note written;"
+                f" per split in splits.*.target_entity_support ({cfg.entity_support_stats} notes)"
+            ),
             "marker": MARKER,
             "min_note_tokens": cfg.min_note_tokens,
             "token_counting": {

@@ -4,10 +4,9 @@
 
 from __future__ import annotations
 
-DEFAULT_INSTRUCTION = (
-    "Write the brief hospital course for this discharge note. Keep every medication with its dose, route and "
-    "frequency, every vital sign and lab value, every date, diagnosis and procedure, and every negation."
-)
+from dischargesum.config import DEFAULT_INSTRUCTION
+
+__all__ = ["DEFAULT_INSTRUCTION", "completion_messages", "prompt_messages"]
 
 
 def prompt_messages(note: str, instruction: str = DEFAULT_INSTRUCTION) -> list[dict[str, str]]:

@@ -8,7 +8,10 @@ second pass over a staging file because its rare-word filter needs corpus counts
 2. Worker processes (``num_workers``; at most ``2 * num_workers`` chunks in flight) decode, validate and
    normalise each chunk (:func:`dischargesum.data.validate.validate_chunk`), count tokens exactly as TRL's
    SFTTrainer will (:class:`dischargesum.data.budget.TokenCounter`), shorten over-long notes
-   (:mod:`dischargesum.data.shorten`) until they fit and reject rows whose summary alone cannot fit.
+   (:mod:`dischargesum.data.shorten`) until they fit and reject rows whose summary alone cannot fit
+   (:func:`dischargesum.data.budget.fit_to_budget`). A row's split is a function of the row, so the worker
+   knows it: train and validation notes drop the sections that support the fewest summary entities first, test
+   notes keep the fixed order (:mod:`dischargesum.data.target_support`, ``shortening_rank_by_target``).
 3. The main process drops duplicate ``note_id`` rows (the first row that passed every other check wins),
    assigns patient-level splits (:mod:`dischargesum.data.split`) and appends to the split files.
 4. The data card (:mod:`dischargesum.data.card`) proves the accounting (rows in = rows in splits + rejects),
@@ -20,13 +23,14 @@ rows keep input order; Parquet files are written with fixed settings).
 
 from __future__ import annotations
 
-import math
+import dataclasses
+import itertools
 import multiprocessing
 import os
 import shutil
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,14 +41,15 @@ from dischargesum.cli import UserError
 from dischargesum.config import ConfigError, PrepareDataConfig
 from dischargesum.data import schema
 from dischargesum.data.budget import (
+    BudgetResult,
     TokenCounter,
     chat_template_fingerprint,
+    fit_to_budget,
     render_loss_mask,
     tokenize_examples,
 )
 from dischargesum.data.normalize import filter_rare_words, seed_backends
 from dischargesum.data.readers import RawChunk, SourceInfo, inspect_source, iter_chunks, sample_chunks
-from dischargesum.data.shorten import MARKER, shorten_note
 from dischargesum.data.split import SplitTracker, assign_split
 from dischargesum.data.validate import ValidatedChunk, ValidationOptions, reject_record, validate_chunk
 from dischargesum.logging_utils import get_logger, is_main_process, show_progress
@@ -66,8 +71,9 @@ from dischargesum.modeling import load_tokenizer
 
 logger = get_logger(__name__)
 
-_MAX_FIT_ROUNDS = 8
 _STAGING_DIR = ".staging"
+# --debug reads chunks of at least this many rows (a few rejects or duplicates rarely need a second chunk)
+_DEBUG_CHUNK_ROWS = 256
 
 
 def output_arrow_schema() -> Any:
@@ -92,108 +98,6 @@ def output_arrow_schema() -> Any:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# length budget
-
-
-@dataclass
-class BudgetResult:
-    """Per-row outcome of :func:`fit_to_budget` (arrays aligned with the input rows)."""
-
-    notes: list[str]
-    prompt_tokens: np.ndarray
-    completion_tokens: np.ndarray
-    total_tokens: np.ndarray
-    shortened: np.ndarray  # bool
-    rejected: dict[int, str]  # row index -> detail (summary_too_long)
-    stats: Counter[str] = field(default_factory=Counter)
-
-
-def _count(counter: TokenCounter, notes: list[str], summaries: list[str], batch_size: int) -> tuple[np.ndarray, ...]:
-    """``counter.count`` in batches (token id lists of a whole chunk would hold ~100 MB of Python ints)."""
-    parts = [
-        counter.count(notes[i : i + batch_size], summaries[i : i + batch_size])
-        for i in range(0, len(notes), batch_size)
-    ]
-    if not parts:
-        empty = np.zeros(0, dtype=np.int64)
-        return empty, empty.copy(), empty.copy()
-    return tuple(np.concatenate([part[k] for part in parts]) for k in range(3))
-
-
-def fit_to_budget(
-    counter: TokenCounter,
-    notes: list[str],
-    summaries: list[str],
-    *,
-    max_seq_length: int,
-    min_note_tokens: int,
-    strategy: str,
-    batch_size: int = 512,
-) -> BudgetResult:
-    """Count tokens; shorten the notes of over-long examples until they fit; never touch a summary.
-
-    A row is rejected (``summary_too_long``) when the prompt frame plus the whole summary leave fewer than
-    ``min_note_tokens`` of ``max_seq_length`` for the note. Shortening converts the token excess to characters
-    with the note's own characters-per-token ratio, re-counts exactly and asks for more until the example fits;
-    after ``_MAX_FIT_ROUNDS`` rounds the note becomes the bare marker, which is known to fit.
-    """
-    prompt, completion, total = _count(counter, notes, summaries, batch_size)
-    result = BudgetResult(list(notes), prompt, completion, total, np.zeros(len(notes), dtype=bool), {})
-    over = np.flatnonzero(total > max_seq_length)
-    if not len(over):
-        return result
-    over_summaries = [summaries[i] for i in over]
-    bare_prompt, _, bare_total = _count(counter, [MARKER] * len(over), over_summaries, batch_size)
-    feasible: list[int] = []
-    for k, i in enumerate(over):
-        room = max_seq_length - int(bare_total[k])
-        if room < min_note_tokens:
-            result.rejected[int(i)] = (
-                f"summary turn {int(completion[i])} tokens + prompt frame {int(bare_prompt[k])} = "
-                f"{int(bare_total[k])} tokens leaves {room} of max_seq_length {max_seq_length} for the note "
-                f"(min_note_tokens {min_note_tokens})"
-            )
-        else:
-            feasible.append(k)
-    # characters per note token, from this note's own tokenisation (note tokens = prompt - bare prompt frame)
-    ratio = {k: len(notes[over[k]]) / max(1, int(prompt[over[k]] - bare_prompt[k]) + 1) for k in feasible}
-    remove = {k: math.ceil((int(total[over[k]]) - max_seq_length) * ratio[k]) for k in feasible}
-    pending = feasible
-    for round_ in range(1, _MAX_FIT_ROUNDS + 1):
-        if not pending:
-            break
-        attempts = {k: shorten_note(notes[over[k]], remove[k], strategy) for k in pending}  # type: ignore[arg-type]
-        if round_ == _MAX_FIT_ROUNDS:
-            for k in pending:  # give up estimating: the bare marker fits (checked above)
-                attempts[k].text = MARKER
-        p, c, t = _count(
-            counter, [attempts[k].text for k in pending], [summaries[over[k]] for k in pending], batch_size
-        )
-        still = []
-        for j, k in enumerate(pending):
-            if t[j] <= max_seq_length:
-                i = int(over[k])
-                attempt = attempts[k]
-                result.notes[i] = attempt.text
-                result.prompt_tokens[i], result.completion_tokens[i], result.total_tokens[i] = p[j], c[j], t[j]
-                result.shortened[i] = True
-                result.stats[f"fit_rounds_{round_}"] += 1
-                result.stats["sections_dropped"] += len(attempt.dropped)
-                for name in attempt.dropped:
-                    result.stats[f"dropped:{name}"] += 1
-                if attempt.trimmed:
-                    result.stats[f"trimmed:{attempt.trimmed}"] += 1
-                if attempt.middle_cut_chars:
-                    result.stats["middle_cuts"] += 1
-            else:
-                # asked for too little: add the remaining excess, at this note's ratio, plus a small margin
-                remove[k] += math.ceil((int(t[j]) - max_seq_length) * ratio[k]) + 8
-                still.append(k)
-        pending = still
-    return result
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # chunk work (runs in worker processes, or in-process with num_workers: 0)
 
 
@@ -209,6 +113,11 @@ class ChunkParams:
     min_note_tokens: int
     note_shortening: str
     tokenize_batch_size: int
+    shortening_rank_by_target: bool
+    entity_support_stats: str
+    seed: int
+    validation_fraction: float
+    test_fraction: float
 
     @classmethod
     def from_config(cls, cfg: PrepareDataConfig) -> ChunkParams:
@@ -226,6 +135,11 @@ class ChunkParams:
             min_note_tokens=cfg.min_note_tokens,
             note_shortening=cfg.note_shortening,
             tokenize_batch_size=cfg.tokenize_batch_size,
+            shortening_rank_by_target=cfg.shortening_rank_by_target,
+            entity_support_stats=cfg.entity_support_stats,
+            seed=cfg.seed,
+            validation_fraction=cfg.validation_fraction,
+            test_fraction=cfg.test_fraction,
         )
 
 
@@ -261,10 +175,32 @@ def _fit_chunk(chunk: ValidatedChunk) -> tuple[ValidatedChunk, BudgetResult]:
         min_note_tokens=params.min_note_tokens,
         strategy=params.note_shortening,
         batch_size=params.tokenize_batch_size,
+        # the split is known here (a function of the row): rank by the target on training data only, never on test
+        rank_by_target=[split != "test" for split in _row_splits(chunk, params)]
+        if params.shortening_rank_by_target
+        else None,
+        entity_support=params.entity_support_stats,
     )
     for key, value in counter.stats.items():
         fitted.stats[f"token_counting:{key}"] += value - before.get(key, 0)
     return chunk, fitted
+
+
+def _row_splits(chunk: ValidatedChunk, params: ChunkParams) -> list[str]:
+    """The split of every row of ``chunk``: the input's own column, or a hash of subject_id and seed."""
+    if params.validation.use_input_split:
+        if None in chunk.input_split:  # validate_chunk rejects rows without a known split (a bug otherwise)
+            raise RuntimeError("a validated row has no input split")
+        return [str(split) for split in chunk.input_split]
+    return [
+        assign_split(
+            subject,
+            seed=params.seed,
+            validation_fraction=params.validation_fraction,
+            test_fraction=params.test_fraction,
+        )
+        for subject in chunk.subject_id
+    ]
 
 
 def _validate_only(raw: RawChunk) -> ValidatedChunk:
@@ -308,6 +244,14 @@ def _bounded_imap(fn: Callable[[Any], Any], items: Iterable[Any], workers: int, 
             yield pending.popleft().get()
 
 
+class _NoProgress:
+    def update(self, n: int) -> None:
+        pass
+
+
+_NO_PROGRESS = _NoProgress()
+
+
 def _progress(desc: str, total: int | None) -> Any:
     from tqdm.auto import tqdm
 
@@ -330,14 +274,18 @@ class _Totals:
 
 
 def _fitted_chunks(
-    info: SourceInfo, cfg: PrepareDataConfig, totals: _Totals, bar: Any
-) -> Iterator[tuple[ValidatedChunk, BudgetResult]]:
-    """Validated, normalised and fitted chunks in input order (seed mode: via a staging file, see below)."""
+    info: SourceInfo, cfg: PrepareDataConfig, totals: _Totals, bar: Any, *, rare_word_filter: bool = True
+) -> Generator[tuple[ValidatedChunk, BudgetResult], None, None]:
+    """Validated, normalised and fitted chunks in input order (seed mode: via a staging file, see below).
+
+    ``rare_word_filter=False`` (``--debug``) streams seed-mode chunks without the corpus-level rare-word filter,
+    which would need the whole input and a staging file first.
+    """
     params = ChunkParams.from_config(cfg)
     raw = iter_chunks(info, cfg)
     if cfg.sample_fraction < 1.0:
         raw = sample_chunks(raw, cfg.sample_fraction, cfg.seed, totals.stats)
-    if cfg.normalization == "clinical":
+    if cfg.normalization == "clinical" or not rare_word_filter:
         for chunk, fitted in _bounded_imap(_validate_and_fit, raw, cfg.num_workers, params):
             totals.absorb(chunk)
             bar.update(chunk.rows_read)
@@ -475,6 +423,23 @@ _LENGTH_NAMES = (
 )
 
 
+def _kept_rows(chunk: ValidatedChunk, fitted: BudgetResult, seen: dict[str, int], totals: _Totals) -> Iterator[int]:
+    """Indices of the chunk's rows that are kept; summary_too_long and duplicate rows go to ``totals.rejects``.
+
+    The first row of a ``note_id`` that passed every other check wins (``seen``: note_id -> its row number).
+    """
+    for j, (row, note_id) in enumerate(zip(chunk.rows, chunk.note_id)):
+        if j in fitted.rejected:
+            totals.rejects.append(reject_record(row, note_id, "summary_too_long", fitted.rejected[j]))
+            continue
+        first = seen.get(note_id)
+        if first is not None:
+            totals.rejects.append(reject_record(row, note_id, "duplicate_note_id", f"first kept at row {first}"))
+            continue
+        seen[note_id] = row
+        yield j
+
+
 def _write_chunk(
     chunk: ValidatedChunk,
     fitted: BudgetResult,
@@ -486,25 +451,10 @@ def _write_chunk(
 ) -> None:
     """Reject summary_too_long and duplicate rows, assign splits and append the rest to the split files."""
     by_split: dict[str, list[int]] = {split: [] for split in schema.SPLITS}
-    for j, (row, note_id) in enumerate(zip(chunk.rows, chunk.note_id)):
-        if j in fitted.rejected:
-            totals.rejects.append(reject_record(row, note_id, "summary_too_long", fitted.rejected[j]))
-            continue
-        first = seen.get(note_id)
-        if first is not None:
-            totals.rejects.append(reject_record(row, note_id, "duplicate_note_id", f"first kept at row {first}"))
-            continue
-        seen[note_id] = row
-        subject = chunk.subject_id[j]
-        if cfg.input_split_column is not None:
-            split = chunk.input_split[j]
-            assert split is not None
-        else:
-            split = assign_split(
-                subject, seed=cfg.seed, validation_fraction=cfg.validation_fraction, test_fraction=cfg.test_fraction
-            )
-        tracker.add(subject, split)
-        by_split[split].append(j)
+    splits = _row_splits(chunk, ChunkParams.from_config(cfg))
+    for j in _kept_rows(chunk, fitted, seen, totals):
+        tracker.add(chunk.subject_id[j], splits[j])
+        by_split[splits[j]].append(j)
     for split, js in by_split.items():
         if not js:
             continue
@@ -531,6 +481,9 @@ def _write_chunk(
             "note_chars_original": np.asarray(original, dtype=np.int64),
             "summary_chars": np.fromiter((len(chunk.summary[j]) for j in js), dtype=np.int64, count=len(js)),
             "note_shortened": fitted.shortened[idx].astype(np.int64),
+            "target_entities": fitted.target_entities[idx],
+            "supported_before": fitted.supported_before[idx],
+            "supported_after": fitted.supported_after[idx],
         }
         writers.write(split, columns, lengths)
 
@@ -688,17 +641,19 @@ def _write_rejects(path: Path, rejects: list[dict[str, Any]]) -> None:
 def debug_examples(cfg: PrepareDataConfig) -> str:
     """N rendered training examples from the start of the input, trained tokens inside ⟦ ⟧ (nothing is written).
 
-    Uses the same validation, normalisation, duplicate check and length budget as the full run (the seed mode's
-    corpus-level rare-word filter excepted, which needs the whole input).
+    Runs the stage's own chunk loop (:func:`_fitted_chunks`: read, sample, validate, normalise, fit the length
+    budget) and duplicate check (:func:`_kept_rows`) in this process, so the examples are the first N rows the full
+    run would keep — the seed mode's corpus-level rare-word filter excepted, which needs the whole input.
 
     Raises:
         ConfigError: as :func:`run_prepare_data`.
     """
     info = inspect_source(cfg)
     tokenizer = load_tokenizer(cfg.tokenizer_name_or_path, field="tokenizer_name_or_path")
-    params = ChunkParams.from_config(cfg)
-    _init_worker(params, single_threaded=False)
-    _WORKER["counter"] = TokenCounter(tokenizer, cfg.instruction, mode=cfg.token_counting)
+    # in-process (no worker pool for a handful of rows), in chunks no larger than the examples asked for need
+    cfg = dataclasses.replace(cfg, num_workers=0, chunk_rows=min(cfg.chunk_rows, max(cfg.debug, _DEBUG_CHUNK_ROWS)))
+    _init_worker(ChunkParams.from_config(cfg), single_threaded=False)
+    _WORKER["counter"] = TokenCounter(tokenizer, cfg.instruction, mode=cfg.token_counting)  # reuse the loaded one
     totals = _Totals()
     seen: dict[str, int] = {}
     blocks: list[str] = [
@@ -708,49 +663,25 @@ def debug_examples(cfg: PrepareDataConfig) -> str:
         + ".\nTokens inside ⟦ ⟧ are trained on (completion_mask = 1); all others have label -100.\n"
     ]
     shown = 0
-    for raw in iter_chunks(info, cfg):
-        chunk = validate_chunk(raw, params.validation)
-        totals.absorb(chunk)
-        wanted: list[int] = []
-        for j, (row, note_id) in enumerate(zip(chunk.rows, chunk.note_id)):
-            if note_id in seen:
-                totals.rejects.append(
-                    reject_record(row, note_id, "duplicate_note_id", f"first at row {seen[note_id]}")
-                )
-            elif len(wanted) < cfg.debug - shown:
-                seen[note_id] = row
-                wanted.append(j)
-        fitted = fit_to_budget(
-            _WORKER["counter"],
-            [chunk.note[j] for j in wanted],
-            [chunk.summary[j] for j in wanted],
-            max_seq_length=cfg.max_seq_length,
-            min_note_tokens=cfg.min_note_tokens,
-            strategy=cfg.note_shortening,
-            batch_size=cfg.tokenize_batch_size,
-        )
-        usable = [k for k in range(len(wanted)) if k not in fitted.rejected]
+    chunks = _fitted_chunks(info, cfg, totals, _NO_PROGRESS, rare_word_filter=False)
+    for chunk, fitted in chunks:
+        wanted = list(itertools.islice(_kept_rows(chunk, fitted, seen, totals), cfg.debug - shown))
         tokenized = tokenize_examples(
-            tokenizer, [fitted.notes[k] for k in usable], [chunk.summary[wanted[k]] for k in usable], cfg.instruction
+            tokenizer, [fitted.notes[j] for j in wanted], [chunk.summary[j] for j in wanted], cfg.instruction
         )
-        for m, k in enumerate(usable):
-            j = wanted[k]
+        for m, j in enumerate(wanted):
             blocks.append(
                 f"===== example {shown + 1}: row {chunk.rows[j]}, note_id {chunk.note_id[j]}, "
-                f"note_shortened {bool(fitted.shortened[k])}, prompt {int(tokenized.prompt_lengths[m])} tokens, "
+                f"note_shortened {bool(fitted.shortened[j])}, prompt {int(tokenized.prompt_lengths[m])} tokens, "
                 f"trained {int(tokenized.completion_lengths[m])} tokens, total {int(tokenized.total_lengths[m])} / "
                 f"{cfg.max_seq_length} =====\n"
                 + render_loss_mask(tokenizer, tokenized.input_ids[m], int(tokenized.completion_starts[m]))
                 + "\n"
             )
             shown += 1
-        for k in fitted.rejected:
-            j = wanted[k]
-            totals.rejects.append(
-                reject_record(chunk.rows[j], chunk.note_id[j], "summary_too_long", fitted.rejected[k])
-            )
         if shown >= cfg.debug:
             break
+    chunks.close()
     if shown < cfg.debug:
         blocks.append(f"(only {shown} valid rows in the input)\n")
     reasons = Counter(r["reason"] for r in totals.rejects)

@@ -77,6 +77,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from dischargesum.config import SYNTHETIC_DEFECTS
 from dischargesum.data import lexicon
 
 logger = logging.getLogger(__name__)
@@ -98,17 +99,8 @@ KAGGLE_COLUMNS: tuple[str, ...] = (
 PHYSIONET_COLUMNS: tuple[str, ...] = ("note_id", "input", "target", "input_tokens", "target_tokens")
 ENTITY_COLUMN = "gt_entities"
 ENTITY_TYPES: tuple[str, ...] = ("medication", "vital", "lab", "date", "diagnosis", "procedure")
-DEFECTS: tuple[str, ...] = (
-    "empty_note",
-    "whitespace_target",
-    "empty_target",
-    "invalid_utf8",
-    "missing_subject_id",
-    "missing_subject_id_underivable",
-    "duplicate_note_id",
-    "giant_row",
-    "non_string",
-)
+# The defect names live in the base layer (PrepareDataConfig validates `synthetic_defects` against them).
+DEFECTS: tuple[str, ...] = SYNTHETIC_DEFECTS
 WRITE_SUFFIXES: tuple[str, ...] = (".csv", ".jsonl", ".parquet")
 INSTRUCTION_PREFIXES: tuple[str, ...] = (
     "summarize:\n",

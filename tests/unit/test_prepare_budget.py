@@ -8,10 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dischargesum.data.budget import TokenCounter, count_tokens, tokenize_examples
+from dischargesum.data.budget import TokenCounter, count_tokens, fit_to_budget, tokenize_examples
 from dischargesum.data.formatting import DEFAULT_INSTRUCTION, completion_messages, prompt_messages
 from dischargesum.data.normalize import normalize_clinical_note
-from dischargesum.data.prepare import fit_to_budget
 from dischargesum.data.shorten import DROP_ORDER, MARKER, find_sections, middle_cut, shorten_note
 from dischargesum.data.synthetic import generate_rows
 from dischargesum.modeling import load_tokenizer

@@ -207,6 +207,19 @@ def test_debug_shows_the_loss_mask(tmp_path: Path, tiny_model_dir: Path) -> None
     assert not Path(cfg.output_dir).exists()  # --debug writes nothing
 
 
+def test_debug_shows_the_rows_the_full_run_keeps(tmp_path: Path, tiny_model_dir: Path) -> None:
+    # At 200 tokens most tiny summaries still fit but some early rows are summary_too_long, and the defects add an
+    # empty note and a duplicate: --debug must skip them as the full run does and still show N examples.
+    kw = dict(source="synthetic", synthetic_rows=40, max_seq_length=200, max_reject_fraction=0.9)
+    kw["synthetic_defects"] = ["empty_note", "duplicate_note_id"]
+    result = run_prepare_data(_cfg(tmp_path, tiny_model_dir, "full", **kw))
+    assert result.card["rejects_by_reason"]["summary_too_long"] > 0
+    kept = sorted((r["source_row"], r["note_id"]) for rows in _read(tmp_path / "full").values() for r in rows)
+    text = debug_examples(_cfg(tmp_path, tiny_model_dir, "dbg", debug=4, chunk_rows=7, **kw))
+    shown = [line.split("note_id ", 1)[1].split(",", 1)[0] for line in text.splitlines() if "===== example" in line]
+    assert shown == [note_id for _, note_id in kept[:4]]
+
+
 def test_make_prepared_dataset_fixture(tmp_path: Path, tiny_model_dir: Path) -> None:
     out = make_prepared_dataset(tmp_path / "ds", tiny_model_dir, n_rows=24)
     manifest = require_artifact(out, stage="prepare_data", field="dataset_dir", files=schema.SPLIT_FILES.values())
