@@ -31,7 +31,12 @@ from trl.data_utils import pack_dataset
 from dischargesum.cli import UserError
 from dischargesum.logging_utils import get_logger
 from dischargesum.manifest import RESOLVED_CONFIG_NAME, atomic_write_text
-from dischargesum.training.checkpointing import CheckpointingTrainerMixin
+from dischargesum.training.checkpoint_trainer import (
+    CheckpointingTrainerMixin,
+    gather_fsdp_adapter,
+    load_fsdp_adapter,
+    save_fsdp_adapter,
+)
 from dischargesum.training.metrics import MetricsLog
 
 logger = get_logger(__name__)
@@ -115,101 +120,6 @@ def gemma3_vlm_needs_token_type_ids() -> bool:
         return False
     fn = getattr(modeling_gemma3, "create_causal_mask_mapping", None)
     return fn is not None and "is_training" in inspect.signature(fn).parameters
-
-
-def _lora_name(name: str) -> str | None:
-    """The PEFT-model name of a LoRA parameter seen through FSDP wrappers (None: not a LoRA parameter)."""
-    if "lora_" not in name:
-        return None
-    return name.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", "")
-
-
-def _peft_file_key(key: str, adapter: str) -> str:
-    """PEFT's adapter-file name of a live LoRA parameter: ``...lora_A.default.weight`` -> ``...lora_A.weight``."""
-    return key.replace(f".{adapter}.", ".", 1)
-
-
-def gather_fsdp_adapter(fsdp_model: Any, peft_model: Any) -> dict[str, torch.Tensor]:
-    """Full LoRA tensors of an FSDP-wrapped PEFT model, on the CPU of the main process (empty dict elsewhere).
-
-    Collective (every rank must call it): ``summon_full_params`` unshards each FSDP unit in turn, rank 0 copies the
-    LoRA parameters out. Keys are the PEFT model's own names (``...lora_A.default.weight``), what
-    ``PeftModel.save_pretrained(state_dict=...)`` expects.
-    """
-    import torch.distributed as dist
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-    main = not dist.is_initialized() or dist.get_rank() == 0
-    sharded = dist.is_initialized() and dist.get_world_size() > 1  # FSDP refuses CPU offload with one process
-    out: dict[str, torch.Tensor] = {}
-    with FSDP.summon_full_params(fsdp_model, writeback=False, rank0_only=True, offload_to_cpu=sharded):
-        if main:
-            for name, param in peft_model.named_parameters():
-                key = _lora_name(name)
-                if key is not None:
-                    out[key] = param.detach().to("cpu", copy=True)
-    return out
-
-
-def save_fsdp_adapter(peft_model: Any, adapter: dict[str, torch.Tensor], output_dir: Path) -> Path:
-    """Write ``adapter`` (from :func:`gather_fsdp_adapter`) as PEFT's ``adapter_model.safetensors`` +
-    ``adapter_config.json``, loadable by ``PeftModel.from_pretrained``.
-
-    Why not ``PeftModel.save_pretrained(state_dict=...)``: PEFT (0.21) selects the adapter's keys from the model's
-    module names and strips only a *leading* ``_fsdp_wrapped_module.``; with FSDP's nested wrapping (every decoder
-    layer and LoRA linear is a unit) no name matches and it writes an adapter with 0 tensors — what our FSDP-QLoRA
-    checkpoints held on 2 H100s.
-    """
-    import copy
-
-    from safetensors.torch import save_file
-
-    name = getattr(peft_model, "active_adapter", "default")
-    tensors = {_peft_file_key(key, name): t.contiguous() for key, t in adapter.items()}
-    output_dir.mkdir(parents=True, exist_ok=True)
-    path = output_dir / "adapter_model.safetensors"
-    save_file(tensors, str(path), metadata={"format": "pt"})
-    config = copy.deepcopy(peft_model.peft_config[name])
-    config.inference_mode = True
-    config.save_pretrained(str(output_dir))
-    return path
-
-
-def load_fsdp_adapter(fsdp_model: Any, peft_model: Any, checkpoint: Path) -> int:
-    """Copy ``checkpoint/adapter_model.safetensors`` into the LoRA parameters of an FSDP-wrapped PEFT model on every
-    rank (collective); returns how many tensors were loaded.
-
-    Raises:
-        UserError: no adapter file, an empty one, or a LoRA parameter the file does not have (shape mismatches too).
-    """
-    from safetensors.torch import load_file
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-    path = checkpoint / "adapter_model.safetensors"
-    if not path.is_file():
-        raise UserError(f"FSDP checkpoint {checkpoint} has no adapter_model.safetensors to resume the adapter from")
-    saved = load_file(str(path), device="cpu")
-    if not saved:
-        raise UserError(f"{path} holds no tensors: the checkpoint's adapter was not saved; resume from another")
-    adapter = getattr(peft_model, "active_adapter", "default")
-    loaded = 0
-    with torch.no_grad(), FSDP.summon_full_params(fsdp_model, writeback=True, rank0_only=False):
-        for name, param in peft_model.named_parameters():
-            key = _lora_name(name)
-            if key is None:
-                continue
-            file_key = _peft_file_key(key, adapter)
-            tensor = saved.get(file_key)
-            if tensor is None or tuple(tensor.shape) != tuple(param.shape):
-                raise UserError(
-                    f"FSDP resume: {path} has no tensor {file_key} of shape {tuple(param.shape)} "
-                    f"(found {None if tensor is None else tuple(tensor.shape)})"
-                )
-            param.copy_(tensor.to(param.device, param.dtype))
-            loaded += 1
-    if loaded == 0:
-        raise UserError(f"FSDP resume: the model has no LoRA parameters to load {path} into")
-    return loaded
 
 
 @dataclasses.dataclass

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from dischargesum.training.checkpointing import list_checkpoint_dirs, validate_checkpoint
+from dischargesum.training.checkpoint_store import list_checkpoint_dirs, validate_checkpoint
 from dischargesum.training.metrics import note_ids_by_step, train_loss_by_step
 from tests.fixtures_data import make_prepared_dataset
 from tests.helpers import ACCELERATE_CONFIGS, ROOT, accelerate_launch, subprocess_env
