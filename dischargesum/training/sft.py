@@ -260,7 +260,9 @@ def _trl_args(cfg: SFTConfig, plan: TrainingPlan, data: DataInputs):
         # sequence); lengths are checked, not truncated.
         completion_only_loss=cfg.completion_only_loss,
         assistant_only_loss=False,
-        max_length=data.max_seq_length if cfg.packing else None,
+        # TRL's max_length truncates (it would cut the summary): off. The budget reaches the trainer only as
+        # DischargeSFTTrainer(max_seq_length=...), which checks every example against it and packs to it.
+        max_length=None,
         packing=cfg.packing,
         packing_strategy="bfd",
         padding_free=cfg.padding_free,
