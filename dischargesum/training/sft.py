@@ -20,6 +20,12 @@ step (``tokens`` = non-pad tokens processed since the last row, ``trained_tokens
 ``{"step", "eval_loss", ...}`` rows for evaluations, ``{"step", "note_ids": [...]}`` rows when ``log_note_ids``
 (ranks' examples concatenated rank-major) and one final ``{"step", "train_runtime", ...}`` row. After a resume,
 rows past the resumed step are dropped first, so every step appears once.
+
+Why one module of ~700 lines: it is the stage's single path, read top to bottom — data card and token budget,
+TRL arguments, trainer build, resume / train / finish, model card — and each part is used only by the next. What is
+reusable lives beside it: the trainer (:mod:`~dischargesum.training.trainer`), the checkpoint store and its Trainer
+integration (:mod:`~dischargesum.training.checkpoint_store`, :mod:`~dischargesum.training.checkpoint_trainer`),
+preemption, the non-finite guard and metrics.jsonl.
 """
 
 from __future__ import annotations
