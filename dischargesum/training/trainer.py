@@ -232,7 +232,8 @@ class DischargeSFTTrainer(CheckpointingTrainerMixin, SFTTrainer):
     # Kept private override: Trainer._remove_unused_columns (transformers/trainer.py) drops every column not in
     # self._signature_columns, which TRL's SFTTrainer._set_signature_columns_if_needed fixes to input_ids / labels /
     # seq_lengths (ignoring args.label_names), and there is no public way to add one; example_index must reach the
-    # batch for `log_note_ids`. Pinned by tests/unit/test_trainer_upstream.py (a batch carries example_index).
+    # batch for `log_note_ids`. Pinned by tests/unit/test_sft.py::test_packing_packs_to_max_seq_length_and_truncates_
+    # nothing (a batch carries example_index) and tests/unit/test_trainer_upstream.py (TRL's fixed list).
     def _set_signature_columns_if_needed(self) -> None:
         super()._set_signature_columns_if_needed()
         if self._signature_columns is not None and EXAMPLE_INDEX not in self._signature_columns:
