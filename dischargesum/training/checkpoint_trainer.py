@@ -45,7 +45,7 @@ from dischargesum.training.checkpoint_store import (
     find_latest_valid_checkpoint,
     rotate_checkpoints,
 )
-from dischargesum.training.fault_injection import SaveFaultInjector, fault_pause, save_fault_injector
+from dischargesum.training.fault_injection import SaveFaultInjector, evaluation_pause_callback, save_fault_injector
 from dischargesum.training.preemption import (
     PREEMPTED_EXIT_CODE,
     agree_across_ranks,
@@ -193,7 +193,6 @@ class PreemptionCallback(TrainerCallback):
         return control
 
     def on_prediction_step(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
-        fault_pause("evaluate")
         if agree_across_ranks(preemption_requested()):
             raise PreemptedDuringEvaluation
         return control
@@ -211,8 +210,17 @@ class PreemptionCallback(TrainerCallback):
 def make_checkpoint_callbacks(
     facts: RunFacts, output_dir: str | Path, save_total_limit: int | None
 ) -> list[TrainerCallback]:
-    """The callbacks a :class:`CheckpointingTrainerMixin` trainer needs: manifest facts + rotation, preemption."""
-    return [CheckpointRotationCallback(facts, output_dir, save_total_limit), PreemptionCallback()]
+    """The callbacks a :class:`CheckpointingTrainerMixin` trainer needs: manifest facts + rotation, preemption.
+
+    With ``DISCHARGESUM_FAULT_PAUSE=evaluate`` (tests only) a pause callback goes just before the preemption one, so
+    the first prediction step pauses and then agrees on the signal that landed in the pause.
+    """
+    pause = evaluation_pause_callback()
+    return [
+        CheckpointRotationCallback(facts, output_dir, save_total_limit),
+        *([pause] if pause is not None else []),
+        PreemptionCallback(),
+    ]
 
 
 class CheckpointingTrainerMixin:

@@ -1,10 +1,11 @@
 """TEST-ONLY fault injection for the checkpoint save path and the preemption tests. Never set these outside tests.
 
 The kill-mid-save and signal tests launch the real ``sft_qlora`` entry point in subprocesses, so the crash and pause
-points must live in the package; they are kept here, in one module, and reach the save path only through hooks:
-:func:`save_fault_injector` returns None unless one of the variables below is set, and the store
-(:func:`~dischargesum.training.checkpoint_store.commit_checkpoint`, ``rotate_checkpoints``) only calls an
-``on_event`` callable it is handed.
+points must live in the package; they are kept here, in one module, and reach the training code only through
+hooks that are absent unless a variable below is set: :func:`save_fault_injector` (None otherwise) feeds the save
+path, whose store (:func:`~dischargesum.training.checkpoint_store.commit_checkpoint`, ``rotate_checkpoints``) only
+calls an ``on_event`` callable it is handed; :func:`evaluation_pause_callback` (None otherwise) is a Trainer
+callback; ``sft_qlora`` calls :func:`fault_pause` ``("load")`` once, a no-op without the variable.
 
 * ``DISCHARGESUM_FAULT_AFTER_FILE=N`` SIGKILLs the committing process at the N-th event of a checkpoint save (each
   file appearing in the staging directory, then ``manifest``, ``commit`` and each rotation deletion), in the save at
@@ -25,6 +26,7 @@ import os
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 from dischargesum.logging_utils import get_logger, process_rank
 
@@ -107,3 +109,18 @@ def save_fault_injector(step: int) -> SaveFaultInjector | None:
     if not any(os.environ.get(name) for name in _FAULT_ENVS):
         return None
     return SaveFaultInjector(step)
+
+
+def evaluation_pause_callback() -> Any:
+    """A Trainer callback that runs :func:`fault_pause` ``("evaluate")`` at each prediction step, or None unless
+    ``DISCHARGESUM_FAULT_PAUSE=evaluate``."""
+    if os.environ.get(FAULT_PAUSE_ENV, "") != "evaluate":
+        return None
+    from transformers.trainer_callback import TrainerCallback
+
+    class EvaluationPause(TrainerCallback):
+        def on_prediction_step(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+            fault_pause("evaluate")
+            return control
+
+    return EvaluationPause()

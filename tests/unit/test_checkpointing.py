@@ -316,3 +316,16 @@ def test_the_checkpoint_store_needs_no_trainer_and_no_fault_hooks_without_the_va
     monkeypatch.setenv("DISCHARGESUM_FAULT_AT_STEP", "3")
     injector = fault_injection.save_fault_injector(2)
     assert injector is not None and not injector.active  # armed for step 3 only
+    from dischargesum.training.checkpoint_trainer import PreemptionCallback, make_checkpoint_callbacks
+
+    names = [type(cb).__name__ for cb in make_checkpoint_callbacks(_facts(), "out", None)]
+    assert names == ["CheckpointRotationCallback", "PreemptionCallback"]
+    monkeypatch.setenv("DISCHARGESUM_FAULT_PAUSE", "evaluate")
+    callbacks = make_checkpoint_callbacks(_facts(), "out", None)
+    # the pause runs right before the preemption check of the same prediction step
+    assert [type(cb).__name__ for cb in callbacks] == [
+        "CheckpointRotationCallback",
+        "EvaluationPause",
+        "PreemptionCallback",
+    ]
+    assert isinstance(callbacks[2], PreemptionCallback)
