@@ -134,7 +134,7 @@ def test_sigterm_to_one_rank_stops_both_at_the_same_step_then_sigkill_then_resum
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     text = log1.read_text()
-    agreed = re.findall(r"\[dischargesum\.training\.checkpointing rank(\d)\] preemption \((\w[\w ]*)\) agreed "
+    agreed = re.findall(r"\[dischargesum\.training\.checkpoint_trainer rank(\d)\] preemption \((\w[\w ]*)\) agreed "
                         r"across ranks at step (\d+)", text)  # fmt: skip
     assert sorted((rank, step) for rank, _why, step in agreed) == [("0", agreed[0][2]), ("1", agreed[0][2])], text
     assert {rank: why for rank, why, _ in agreed} == {"0": "signal on another rank", "1": "SIGTERM"}
