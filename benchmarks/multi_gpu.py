@@ -362,7 +362,7 @@ def _rank_process(seen: dict[int, Any], root_pid: int, plan: KillPlan) -> Any | 
 
 
 def _ready_to_kill(plan: KillPlan) -> bool:
-    from dischargesum.training.checkpointing import validate_checkpoint
+    from dischargesum.training.checkpoint_store import validate_checkpoint
     from dischargesum.training.metrics import train_loss_by_step
 
     steps = train_loss_by_step(plan.run_dir)
@@ -825,7 +825,7 @@ class Bench:
             if "kill" not in rec:
                 rec.setdefault("log_tail", tail(Path(rec["log"])))
                 raise LaunchFailed(rec)
-            from dischargesum.training.checkpointing import find_latest_valid_checkpoint
+            from dischargesum.training.checkpoint_store import find_latest_valid_checkpoint
 
             killed_rows = training_rows(run_dir)
             # The SIGKILL lands when the process group gets it, not when it was planned: on a fast run more steps
@@ -854,7 +854,7 @@ class Bench:
             raise LaunchFailed(rec)
 
         from dischargesum.manifest import read_manifest
-        from dischargesum.training.checkpointing import find_latest_valid_checkpoint
+        from dischargesum.training.checkpoint_store import find_latest_valid_checkpoint
         from dischargesum.training.metrics import note_ids_by_step
 
         rows = training_rows(run_dir)
@@ -1047,7 +1047,7 @@ class Bench:
             self.say(self.result["error"])
             return 1
         # Imported now: the kill watcher polls with these and must not pay the transformers import mid-run.
-        import dischargesum.training.checkpointing
+        import dischargesum.training.checkpoint_store
         import dischargesum.training.metrics  # noqa: F401
 
         for mode in RUN_ORDER:
@@ -1242,7 +1242,7 @@ def adapter_check(checkpoint: str, dataset_dir: str, out_json: str, merged_dir: 
     from dischargesum.inference.engine import EngineSettings, GenerationRequest, encode_chats
     from dischargesum.inference.loading import load_engine, resolve_model_source
     from dischargesum.modeling import merge_adapter, resolve_adapter_base
-    from dischargesum.training.checkpointing import validate_checkpoint
+    from dischargesum.training.checkpoint_store import validate_checkpoint
 
     out: dict[str, Any] = {}
 

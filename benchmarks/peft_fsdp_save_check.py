@@ -3,7 +3,7 @@
     python benchmarks/peft_fsdp_save_check.py --model_dir outputs/demo/tiny-gemma3 --out benchmarks/results
 
 One CPU process (gloo) wraps the tiny Gemma-3 + LoRA with PEFT's FSDP wrap policy (what accelerate uses), gathers the
-LoRA tensors with ``dischargesum.training.trainer.gather_fsdp_adapter`` and saves twice: through
+LoRA tensors with ``dischargesum.training.checkpoint_trainer.gather_fsdp_adapter`` and saves twice: through
 ``PeftModel.save_pretrained(state_dict=gathered)`` and through ``save_fsdp_adapter``. Records how many tensors each
 file holds (``peft_fsdp_save_cpu.json``). With PEFT 0.21 the first holds none: PEFT picks adapter keys from module
 names and strips only a leading ``_fsdp_wrapped_module.``.
@@ -38,7 +38,7 @@ def main() -> None:
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
     from transformers import AutoModelForCausalLM
 
-    from dischargesum.training.trainer import gather_fsdp_adapter, save_fsdp_adapter
+    from dischargesum.training.checkpoint_trainer import gather_fsdp_adapter, save_fsdp_adapter
 
     with socket.socket() as sock:  # a free port for the one-process group
         sock.bind(("127.0.0.1", 0))

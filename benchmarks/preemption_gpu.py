@@ -124,7 +124,7 @@ def _wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: fl
 
 
 def _wait_for_commit(run_dir: Path, after_step: int, proc: subprocess.Popen, timeout: float) -> tuple[float, Path]:
-    from dischargesum.training.checkpointing import list_checkpoint_dirs, validate_checkpoint
+    from dischargesum.training.checkpoint_store import list_checkpoint_dirs, validate_checkpoint
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -59,7 +59,7 @@ def interrupted_message(cfg: BaseConfig) -> str:
     output_dir = getattr(cfg, "output_dir", "")
     if output_dir and any(Path(output_dir).glob("checkpoint-*")):
         # Imported here: it pulls in torch, which prepare_data / eval users should not wait for on Ctrl-C.
-        from dischargesum.training.checkpointing import list_checkpoint_dirs, validate_checkpoint
+        from dischargesum.training.checkpoint_store import list_checkpoint_dirs, validate_checkpoint
 
         for _step, path in reversed(list_checkpoint_dirs(output_dir)):
             # Sizes only: hashing a large adapter would keep the user waiting after Ctrl-C; the rerun verifies.

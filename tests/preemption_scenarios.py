@@ -5,7 +5,7 @@ process, as ``docker stop`` / Kubernetes / a SLURM ``scancel`` of the batch step
 training process only: rank 1 of two), ``all`` (SIGTERM to every process of the job at once: the outer process
 group plus torchrun's workers, which sit in sessions of their own — what systemd does to a service's cgroup when a
 VM shuts down). Phases are made to last long enough for a signal to land in them with the test-only pause of
-:mod:`dischargesum.training.checkpointing` (``DISCHARGESUM_FAULT_PAUSE``), except mid-step, which is simply a step
+:mod:`dischargesum.training.fault_injection` (``DISCHARGESUM_FAULT_PAUSE``), except mid-step, which is simply a step
 after the first two.
 
 The launches of one phase run side by side (one per target), so the imports of the three overlap.
@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dischargesum.training.checkpointing import list_checkpoint_dirs, validate_checkpoint
+from dischargesum.training.checkpoint_store import list_checkpoint_dirs, validate_checkpoint
 from dischargesum.training.metrics import train_loss_by_step
 from tests.helpers import ACCELERATE_CONFIGS, ROOT, subprocess_env
 

@@ -45,7 +45,7 @@ class ModelSource:
 def check_adapter_dir(adapter: str, *, field: str = "adapter") -> tuple[str | None, str]:
     """Check that ``adapter`` is a usable LoRA adapter directory before any model is loaded.
 
-    A ``checkpoint-N`` directory must pass :func:`dischargesum.training.checkpointing.validate_checkpoint` (size
+    A ``checkpoint-N`` directory must pass :func:`dischargesum.training.checkpoint_store.validate_checkpoint` (size
     check); a directory with a dischargesum manifest (sft_qlora's ``final/``) must be a completed sft_qlora output; a
     plain peft directory (no manifest) is accepted with a warning. Returns ``(producing stage, weights sha256)``.
 
@@ -53,7 +53,7 @@ def check_adapter_dir(adapter: str, *, field: str = "adapter") -> tuple[str | No
         ArtifactError: missing directory, incomplete or foreign output, invalid checkpoint, no adapter weights.
     """
     from dischargesum.manifest import sha256_file
-    from dischargesum.training.checkpointing import parse_checkpoint_step, validate_checkpoint
+    from dischargesum.training.checkpoint_store import parse_checkpoint_step, validate_checkpoint
 
     d = Path(adapter)
     if not d.is_dir():

@@ -9,7 +9,7 @@ template lacks). :class:`DischargeSFTTrainer` then checks every example — no e
 and packs when asked. TRL's fused LM head computes the loss in chunks without materialising 262k-wide logits.
 
 Outputs in ``output_dir``: ``checkpoint-<step>/`` (committed atomically with a manifest by
-:mod:`dischargesum.training.checkpointing`), ``tensorboard/`` (one directory for the whole run, resumed runs
+:mod:`dischargesum.training.checkpoint_store`), ``tensorboard/`` (one directory for the whole run, resumed runs
 continue the same curves), ``metrics.jsonl`` (one row per logging step; with ``log_note_ids`` one more row per
 optimizer step with the note_ids it trained on), ``final/`` (adapter, tokenizer, resolved config, data fingerprint,
 model card, manifest) and a completed ``manifest.json``.
@@ -20,6 +20,12 @@ step (``tokens`` = non-pad tokens processed since the last row, ``trained_tokens
 ``{"step", "eval_loss", ...}`` rows for evaluations, ``{"step", "note_ids": [...]}`` rows when ``log_note_ids``
 (ranks' examples concatenated rank-major) and one final ``{"step", "train_runtime", ...}`` row. After a resume,
 rows past the resumed step are dropped first, so every step appears once.
+
+Why one module of ~700 lines: it is the stage's single path, read top to bottom — data card and token budget,
+TRL arguments, trainer build, resume / train / finish, model card — and each part is used only by the next. What is
+reusable lives beside it: the trainer (:mod:`~dischargesum.training.trainer`), the checkpoint store and its Trainer
+integration (:mod:`~dischargesum.training.checkpoint_store`, :mod:`~dischargesum.training.checkpoint_trainer`),
+preemption, the non-finite guard and metrics.jsonl.
 """
 
 from __future__ import annotations
@@ -196,7 +202,7 @@ def _check_output_dir(cfg: SFTConfig) -> None:
     Raises:
         ConfigError: naming the directory and the fix.
     """
-    from dischargesum.training.checkpointing import list_checkpoint_dirs
+    from dischargesum.training.checkpoint_store import list_checkpoint_dirs
 
     out = Path(cfg.output_dir)
     manifest = read_manifest(out)
@@ -260,7 +266,9 @@ def _trl_args(cfg: SFTConfig, plan: TrainingPlan, data: DataInputs):
         # sequence); lengths are checked, not truncated.
         completion_only_loss=cfg.completion_only_loss,
         assistant_only_loss=False,
-        max_length=data.max_seq_length if cfg.packing else None,
+        # TRL's max_length truncates (it would cut the summary): off. The budget reaches the trainer only as
+        # DischargeSFTTrainer(max_seq_length=...), which checks every example against it and packs to it.
+        max_length=None,
         packing=cfg.packing,
         packing_strategy="bfd",
         padding_free=cfg.padding_free,
@@ -289,7 +297,7 @@ def _trl_args(cfg: SFTConfig, plan: TrainingPlan, data: DataInputs):
 def run_facts(cfg: SFTConfig, data: DataInputs, plan: TrainingPlan, world_size: int):
     """What every checkpoint records about this run (the resume guards compare it)."""
     from dischargesum.modeling import lora_facts, resolve_model_path
-    from dischargesum.training.checkpointing import RunFacts
+    from dischargesum.training.checkpoint_store import RunFacts
 
     return RunFacts.create(
         config_hash=config_hash(cfg),
@@ -327,7 +335,8 @@ def build_trainer(
         load_tokenizer,
         lora_config,
     )
-    from dischargesum.training.checkpointing import fault_pause, make_checkpoint_callbacks
+    from dischargesum.training.checkpoint_trainer import make_checkpoint_callbacks
+    from dischargesum.training.fault_injection import fault_pause
     from dischargesum.training.nonfinite import NonFiniteGuard
     from dischargesum.training.preemption import stop_if_preempted
     from dischargesum.training.trainer import (
@@ -476,7 +485,7 @@ def train(cfg: SFTConfig) -> int:
 def _start_and_build(cfg: SFTConfig, data: DataInputs, plan: TrainingPlan, world_size: int) -> tuple[Any, Any, str]:
     """Resolve the resume checkpoint, start the run's manifest, build the trainer (the loading half of train)."""
     from dischargesum.modeling import resolve_model_path
-    from dischargesum.training.checkpointing import checkpoint_global_step, resolve_resume_checkpoint
+    from dischargesum.training.checkpoint_store import checkpoint_global_step, resolve_resume_checkpoint
 
     out = Path(cfg.output_dir)
     facts = run_facts(cfg, data, plan, world_size)
@@ -502,8 +511,13 @@ def _run(
 ) -> int:
     """Train, then write final/ (or, when preempted, mark the manifest interrupted and return 143)."""
     from dischargesum.modeling import base_weights_digest
-    from dischargesum.training.checkpointing import find_latest_valid_checkpoint, preemption_requested
-    from dischargesum.training.preemption import PREEMPTED_EXIT_CODE, preemption_signal_name, set_preemption_outcome
+    from dischargesum.training.checkpoint_store import find_latest_valid_checkpoint
+    from dischargesum.training.preemption import (
+        PREEMPTED_EXIT_CODE,
+        preemption_requested,
+        preemption_signal_name,
+        set_preemption_outcome,
+    )
 
     out = Path(cfg.output_dir)
     digest_before = base_weights_digest(trainer.model) if cfg.check_base_unchanged and state.is_main_process else None
@@ -581,7 +595,7 @@ def _run(
 
 def _stopped_at_step(trainer: Any) -> int | None:
     """The step at which the preemption callback stopped the run (None: it did not)."""
-    from dischargesum.training.checkpointing import PreemptionCallback
+    from dischargesum.training.checkpoint_trainer import PreemptionCallback
 
     for cb in trainer.callback_handler.callbacks:
         if isinstance(cb, PreemptionCallback):

@@ -2,21 +2,29 @@
 
 What we add to TRL and why (everything else is TRL / transformers as shipped):
 
-* ``_prepare_dataset``: TRL tokenizes and builds completion-only labels; we run it *without* truncation and check
-  every example (TRL truncates the end of a too-long example — the summary — silently), then pack.
+* ``_prepare_dataset``: TRL tokenizes and builds completion-only labels; we run it *without* truncation or packing
+  and check every example against ``max_seq_length`` (TRL truncates the end of a too-long example — the summary —
+  silently), then pack to ``max_seq_length``. The budget reaches the trainer through that one argument: TRL's own
+  ``max_length`` is always None (``sft._trl_args``).
 * ``compute_loss``: counts non-pad and trained tokens on the device (no per-micro-batch host sync) and records
   each step's example indices when asked; ``log`` reduces the counts across ranks once per logging step and adds
   tokens/s and GPU memory to the logs, so TensorBoard and ``metrics.jsonl`` get them from the same place.
-* ``_save``: writes the resolved config into every checkpoint (generate can load any ``checkpoint-N``).
+* ``save_model``: writes the resolved config into every checkpoint (generate can load any ``checkpoint-N``) and, under
+  FSDP, the adapter itself.
 * ``compute_loss`` also flags a non-finite loss on the device for
   :class:`~dischargesum.training.nonfinite.NonFiniteGuard` (read once per optimizer step).
-* no telemetry, no TRL model card in ``output_dir`` (``final/README.md`` is ours).
+* no telemetry (:func:`disable_hub_telemetry`), no TRL model card in ``output_dir`` (``final/README.md`` is ours).
+
+The private methods still overridden (here and in :class:`~dischargesum.training.checkpoint_trainer.
+CheckpointingTrainerMixin`) each say which upstream behaviour forces it and which test fails when upstream changes
+(tests/unit/test_trainer_upstream.py pins the upstream side).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import inspect
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -31,12 +39,31 @@ from trl.data_utils import pack_dataset
 from dischargesum.cli import UserError
 from dischargesum.logging_utils import get_logger
 from dischargesum.manifest import RESOLVED_CONFIG_NAME, atomic_write_text
-from dischargesum.training.checkpointing import CheckpointingTrainerMixin
+from dischargesum.training.checkpoint_trainer import (
+    CheckpointingTrainerMixin,
+    gather_fsdp_adapter,
+    load_fsdp_adapter,
+    save_fsdp_adapter,
+)
 from dischargesum.training.metrics import MetricsLog
 
 logger = get_logger(__name__)
 
 EXAMPLE_INDEX = "example_index"
+
+
+def disable_hub_telemetry() -> None:
+    """Turn off the Hugging Face usage pings for this process and its children: a clinical pipeline sends none.
+
+    TRL's trainers ping from ``__init__`` (trl/trainer/base_trainer.py, ``_BaseTrainer._send_telemetry`` ->
+    ``huggingface_hub.utils.send_telemetry``), which honours the documented ``HF_HUB_DISABLE_TELEMETRY``. The hub reads
+    that variable once, into ``huggingface_hub.constants``, when it is first imported — long before a trainer is
+    built — so the constant is set too. Pinned by tests/unit/test_trainer_upstream.py.
+    """
+    from huggingface_hub import constants
+
+    os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+    constants.HF_HUB_DISABLE_TELEMETRY = True
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -117,101 +144,6 @@ def gemma3_vlm_needs_token_type_ids() -> bool:
     return fn is not None and "is_training" in inspect.signature(fn).parameters
 
 
-def _lora_name(name: str) -> str | None:
-    """The PEFT-model name of a LoRA parameter seen through FSDP wrappers (None: not a LoRA parameter)."""
-    if "lora_" not in name:
-        return None
-    return name.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", "")
-
-
-def _peft_file_key(key: str, adapter: str) -> str:
-    """PEFT's adapter-file name of a live LoRA parameter: ``...lora_A.default.weight`` -> ``...lora_A.weight``."""
-    return key.replace(f".{adapter}.", ".", 1)
-
-
-def gather_fsdp_adapter(fsdp_model: Any, peft_model: Any) -> dict[str, torch.Tensor]:
-    """Full LoRA tensors of an FSDP-wrapped PEFT model, on the CPU of the main process (empty dict elsewhere).
-
-    Collective (every rank must call it): ``summon_full_params`` unshards each FSDP unit in turn, rank 0 copies the
-    LoRA parameters out. Keys are the PEFT model's own names (``...lora_A.default.weight``), what
-    ``PeftModel.save_pretrained(state_dict=...)`` expects.
-    """
-    import torch.distributed as dist
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-    main = not dist.is_initialized() or dist.get_rank() == 0
-    sharded = dist.is_initialized() and dist.get_world_size() > 1  # FSDP refuses CPU offload with one process
-    out: dict[str, torch.Tensor] = {}
-    with FSDP.summon_full_params(fsdp_model, writeback=False, rank0_only=True, offload_to_cpu=sharded):
-        if main:
-            for name, param in peft_model.named_parameters():
-                key = _lora_name(name)
-                if key is not None:
-                    out[key] = param.detach().to("cpu", copy=True)
-    return out
-
-
-def save_fsdp_adapter(peft_model: Any, adapter: dict[str, torch.Tensor], output_dir: Path) -> Path:
-    """Write ``adapter`` (from :func:`gather_fsdp_adapter`) as PEFT's ``adapter_model.safetensors`` +
-    ``adapter_config.json``, loadable by ``PeftModel.from_pretrained``.
-
-    Why not ``PeftModel.save_pretrained(state_dict=...)``: PEFT (0.21) selects the adapter's keys from the model's
-    module names and strips only a *leading* ``_fsdp_wrapped_module.``; with FSDP's nested wrapping (every decoder
-    layer and LoRA linear is a unit) no name matches and it writes an adapter with 0 tensors — what our FSDP-QLoRA
-    checkpoints held on 2 H100s.
-    """
-    import copy
-
-    from safetensors.torch import save_file
-
-    name = getattr(peft_model, "active_adapter", "default")
-    tensors = {_peft_file_key(key, name): t.contiguous() for key, t in adapter.items()}
-    output_dir.mkdir(parents=True, exist_ok=True)
-    path = output_dir / "adapter_model.safetensors"
-    save_file(tensors, str(path), metadata={"format": "pt"})
-    config = copy.deepcopy(peft_model.peft_config[name])
-    config.inference_mode = True
-    config.save_pretrained(str(output_dir))
-    return path
-
-
-def load_fsdp_adapter(fsdp_model: Any, peft_model: Any, checkpoint: Path) -> int:
-    """Copy ``checkpoint/adapter_model.safetensors`` into the LoRA parameters of an FSDP-wrapped PEFT model on every
-    rank (collective); returns how many tensors were loaded.
-
-    Raises:
-        UserError: no adapter file, an empty one, or a LoRA parameter the file does not have (shape mismatches too).
-    """
-    from safetensors.torch import load_file
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-    path = checkpoint / "adapter_model.safetensors"
-    if not path.is_file():
-        raise UserError(f"FSDP checkpoint {checkpoint} has no adapter_model.safetensors to resume the adapter from")
-    saved = load_file(str(path), device="cpu")
-    if not saved:
-        raise UserError(f"{path} holds no tensors: the checkpoint's adapter was not saved; resume from another")
-    adapter = getattr(peft_model, "active_adapter", "default")
-    loaded = 0
-    with torch.no_grad(), FSDP.summon_full_params(fsdp_model, writeback=True, rank0_only=False):
-        for name, param in peft_model.named_parameters():
-            key = _lora_name(name)
-            if key is None:
-                continue
-            file_key = _peft_file_key(key, adapter)
-            tensor = saved.get(file_key)
-            if tensor is None or tuple(tensor.shape) != tuple(param.shape):
-                raise UserError(
-                    f"FSDP resume: {path} has no tensor {file_key} of shape {tuple(param.shape)} "
-                    f"(found {None if tensor is None else tuple(tensor.shape)})"
-                )
-            param.copy_(tensor.to(param.device, param.dtype))
-            loaded += 1
-    if loaded == 0:
-        raise UserError(f"FSDP resume: the model has no LoRA parameters to load {path} into")
-    return loaded
-
-
 @dataclasses.dataclass
 class BatchExtrasCollator:
     """Wraps TRL's collator: carries ``example_index`` into the batch (the trainer pops it before the forward) and,
@@ -237,7 +169,8 @@ class BatchExtrasCollator:
 class DischargeSFTTrainer(CheckpointingTrainerMixin, SFTTrainer):
     """TRL's SFTTrainer with our checkpoint protocol, example checks, token accounting and no telemetry.
 
-    Extra keyword arguments: ``max_seq_length`` (the token budget examples are checked against and packed to),
+    Extra keyword arguments: ``max_seq_length`` (the token budget examples are checked against and packed to; the
+    one channel of the budget: ``args.max_length`` must be None, or TRL would truncate),
     ``resolved_config_yaml`` (written into every checkpoint and ``final/``), ``note_ids_for_check`` (``{"train":
     [...], "eval": [...]}`` to name failing examples).
     """
@@ -250,8 +183,15 @@ class DischargeSFTTrainer(CheckpointingTrainerMixin, SFTTrainer):
         note_ids_for_check: dict[str, list[str]] | None = None,
         **kwargs: Any,
     ) -> None:
+        training_args = kwargs.get("args")
+        if training_args is not None and getattr(training_args, "max_length", None) is not None:
+            raise ValueError(
+                f"DischargeSFTTrainer: args.max_length = {training_args.max_length}, but the token budget is "
+                f"`max_seq_length` ({max_seq_length}) alone; TRL's max_length would truncate examples (cut "
+                "summaries). Set it to None."
+            )
         # Read by _prepare_dataset, which SFTTrainer.__init__ calls: set before super().__init__.
-        self._budget = max_seq_length
+        self.max_seq_length = max_seq_length
         self._resolved_config_yaml = resolved_config_yaml
         self._note_ids_for_check = note_ids_for_check or {}
         self.record_example_indices = False
@@ -263,33 +203,37 @@ class DischargeSFTTrainer(CheckpointingTrainerMixin, SFTTrainer):
         self.last_train_loss: float | None = None
         self._nonfinite_loss: torch.Tensor | None = None
         self.nonfinite_guard: Any = None  # the NonFiniteGuard callback (set by sft.build_trainer)
+        disable_hub_telemetry()  # before SFTTrainer.__init__, which sends the ping
         super().__init__(*args, **kwargs)
-
-    # TRL pings the Hub with usage data unless HF_HUB_DISABLE_TELEMETRY is set; a clinical pipeline never does.
-    def _send_telemetry(self) -> None:
-        return None
 
     # Our final/README.md replaces TRL's card, which TRL writes into output_dir at every checkpoint.
     def create_model_card(self, *args: Any, **kwargs: Any) -> None:
         return None
 
+    # Kept private override: TRL has no hook between tokenization and packing (trl/trainer/sft_trainer.py,
+    # SFTTrainer._prepare_dataset tokenizes, truncates to args.max_length and packs in one call, from __init__), and
+    # the length check must see each example before packing merges them. TRL runs without packing here (so without
+    # truncation too: args.max_length is None); we check, then pack with TRL's own pack_dataset. Pinned by
+    # tests/unit/test_sft.py::test_packing_packs_to_max_seq_length_and_truncates_nothing and the signature check in
+    # tests/unit/test_trainer_upstream.py.
     def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):  # type: ignore[no-untyped-def]
-        # TRL tokenizes and builds the completion-only labels; run it without truncation or packing so that the
-        # real lengths can be checked, then pack (TRL's own pack_dataset, as TRL would).
-        saved = args.max_length
-        args.max_length = None
-        try:
-            dataset = super()._prepare_dataset(dataset, processing_class, args, False, formatting_func, dataset_name)
-        finally:
-            args.max_length = saved
+        dataset = super()._prepare_dataset(dataset, processing_class, args, False, formatting_func, dataset_name)
         check_examples(
-            dataset, max_length=self._budget, name=dataset_name, note_ids=self._note_ids_for_check.get(dataset_name)
+            dataset,
+            max_length=self.max_seq_length,
+            name=dataset_name,
+            note_ids=self._note_ids_for_check.get(dataset_name),
         )
         if packing:
             dataset = dataset.select_columns(["input_ids", "labels"])
-            dataset = pack_dataset(dataset, self._budget, args.packing_strategy, {})
+            dataset = pack_dataset(dataset, self.max_seq_length, args.packing_strategy, {})
         return dataset
 
+    # Kept private override: Trainer._remove_unused_columns (transformers/trainer.py) drops every column not in
+    # self._signature_columns, which TRL's SFTTrainer._set_signature_columns_if_needed fixes to input_ids / labels /
+    # seq_lengths (ignoring args.label_names), and there is no public way to add one; example_index must reach the
+    # batch for `log_note_ids`. Pinned by tests/unit/test_sft.py::test_packing_packs_to_max_seq_length_and_truncates_
+    # nothing (a batch carries example_index) and tests/unit/test_trainer_upstream.py (TRL's fixed list).
     def _set_signature_columns_if_needed(self) -> None:
         super()._set_signature_columns_if_needed()
         if self._signature_columns is not None and EXAMPLE_INDEX not in self._signature_columns:
@@ -298,6 +242,8 @@ class DischargeSFTTrainer(CheckpointingTrainerMixin, SFTTrainer):
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         if not self.is_fsdp_enabled:
             super().save_model(output_dir, _internal_call)
+            if self.args.should_save:  # Trainer.save_model writes on the should_save process (through _save)
+                self._write_resolved_config(Path(output_dir or self.args.output_dir))
             return
         # FSDP: our own adapter gathering and writing instead of transformers' (which writes nothing under
         # SHARDED_STATE_DICT, transformers#30491, and goes through PEFT's save, which drops every tensor of a nested
@@ -316,6 +262,10 @@ class DischargeSFTTrainer(CheckpointingTrainerMixin, SFTTrainer):
             torch.save(self.args, out / "training_args.bin")
             self._write_resolved_config(out)
 
+    # Kept private override: Trainer._load_from_checkpoint (transformers/trainer.py) is where a resume loads the
+    # model, and under FSDP it calls accelerate's load_fsdp_model, which drops our adapter (below); no callback runs
+    # between it and the optimizer load. Pinned by tests/distributed/test_fsdp_adapter_reload.py (the reload) and
+    # tests/unit/test_trainer_upstream.py (upstream still loads FSDP checkpoints through load_fsdp_model).
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         if self.is_fsdp_enabled:
@@ -326,11 +276,6 @@ class DischargeSFTTrainer(CheckpointingTrainerMixin, SFTTrainer):
             wrapped = model if model is not None else self.model_wrapped
             n = load_fsdp_adapter(wrapped, self.accelerator.unwrap_model(wrapped), Path(resume_from_checkpoint))
             logger.info("FSDP resume: %d adapter tensors loaded from %s", n, resume_from_checkpoint)
-
-    def _save(self, output_dir: str | None = None, state_dict: Any = None) -> None:
-        super()._save(output_dir, state_dict)
-        if self.args.should_save:
-            self._write_resolved_config(Path(output_dir or self.args.output_dir))
 
     def _write_resolved_config(self, output_dir: Path) -> None:
         # The resolved config (incl. the base model) goes into every checkpoint, before its manifest is written.
@@ -425,9 +370,14 @@ class StableTensorBoardCallback(TensorBoardCallback):
         self.logging_dir = str(log_dir)
         self._purge_step = purge_step
 
-    def _init_summary_writer(self, args, log_dir=None):  # type: ignore[no-untyped-def]
-        if self._SummaryWriter is not None:
-            self.tb_writer = self._SummaryWriter(log_dir=self.logging_dir, purge_step=self._purge_step)
+    def on_train_begin(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+        # Where HF creates its writer (on the main process, at train begin), but with purge_step, which its
+        # constructor cannot be given; HF then uses this writer (it only makes one when tb_writer is None).
+        if state.is_world_process_zero and self.tb_writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb_writer = SummaryWriter(log_dir=self.logging_dir, purge_step=self._purge_step)
+        return super().on_train_begin(args, state, control, **kwargs)
 
 
 class MetricsCallback(TrainerCallback):

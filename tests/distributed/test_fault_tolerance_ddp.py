@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from dischargesum.training.checkpointing import list_checkpoint_dirs, validate_checkpoint
+from dischargesum.training.checkpoint_store import list_checkpoint_dirs, validate_checkpoint
 from dischargesum.training.metrics import note_ids_by_step, train_loss_by_step
 from tests.fixtures_data import make_prepared_dataset
 from tests.helpers import ACCELERATE_CONFIGS, ROOT, accelerate_launch, subprocess_env
@@ -134,7 +134,7 @@ def test_sigterm_to_one_rank_stops_both_at_the_same_step_then_sigkill_then_resum
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     text = log1.read_text()
-    agreed = re.findall(r"\[dischargesum\.training\.checkpointing rank(\d)\] preemption \((\w[\w ]*)\) agreed "
+    agreed = re.findall(r"\[dischargesum\.training\.checkpoint_trainer rank(\d)\] preemption \((\w[\w ]*)\) agreed "
                         r"across ranks at step (\d+)", text)  # fmt: skip
     assert sorted((rank, step) for rank, _why, step in agreed) == [("0", agreed[0][2]), ("1", agreed[0][2])], text
     assert {rank: why for rank, why, _ in agreed} == {"0": "signal on another rank", "1": "SIGTERM"}

@@ -37,7 +37,7 @@ def _worker(rank: int, world: int, port: int, model_dir: str, adapter_dir: str, 
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
     from transformers import AutoModelForCausalLM
 
-    from dischargesum.training.trainer import gather_fsdp_adapter, load_fsdp_adapter, save_fsdp_adapter
+    from dischargesum.training.checkpoint_trainer import gather_fsdp_adapter, load_fsdp_adapter, save_fsdp_adapter
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from dischargesum.training.checkpointing import validate_checkpoint
+from dischargesum.training.checkpoint_store import validate_checkpoint
 from dischargesum.training.metrics import read_metrics
 from tests.fixtures_data import make_prepared_dataset
 from tests.helpers import accelerate_launch

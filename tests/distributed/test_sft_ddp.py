@@ -70,7 +70,7 @@ def test_two_ranks_train_qlora(ddp_run: dict) -> None:
     assert first["training"]["load_in_4bit"] is True
     ids = [i for step in sorted(first["note_ids"]) for i in first["note_ids"][step]]
     assert len(set(ids)) == len(ids), "the ranks' shards are disjoint and no note repeats within the epoch"
-    from dischargesum.training.checkpointing import validate_checkpoint
+    from dischargesum.training.checkpoint_store import validate_checkpoint
 
     status = validate_checkpoint(ddp_run["out"] / "checkpoint-4")
     assert status.valid and status.manifest["world_size"] == WORLD and status.manifest["run"]["world_size"] == WORLD

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 from safetensors.torch import load_file
 
-from dischargesum.training.checkpointing import (
+from dischargesum.training.checkpoint_store import (
     STAGING_PREFIX,
     find_latest_valid_checkpoint,
     list_checkpoint_dirs,
@@ -440,13 +440,9 @@ def _trainer_child(model_dir: str, out: str, mode: str, signal_at: int, result_p
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
-    from dischargesum.training.checkpointing import (
-        CheckpointingTrainerMixin,
-        RunFacts,
-        make_checkpoint_callbacks,
-        preemption_requested,
-        resolve_resume_checkpoint,
-    )
+    from dischargesum.training.checkpoint_store import RunFacts, resolve_resume_checkpoint
+    from dischargesum.training.checkpoint_trainer import CheckpointingTrainerMixin, make_checkpoint_callbacks
+    from dischargesum.training.preemption import preemption_requested
 
     torch.set_num_threads(1)
     accumulation = 3 if mode == "accumulation" else 1

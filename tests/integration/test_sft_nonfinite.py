@@ -54,7 +54,7 @@ def test_nan_loss_stops_with_exit_3_and_commits_the_last_finite_state(
     dataset_dir: Path, tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from dischargesum.cli import EXIT_NONFINITE
-    from dischargesum.training.checkpointing import validate_checkpoint
+    from dischargesum.training.checkpoint_store import validate_checkpoint
     from dischargesum.training.sft import DATASETS_CACHE_DIR, FINAL_DIR, train
 
     out = tmp_path / "run"

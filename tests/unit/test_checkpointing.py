@@ -12,7 +12,7 @@ import pytest
 
 from dischargesum.cli import UserError
 from dischargesum.training import preemption
-from dischargesum.training.checkpointing import (
+from dischargesum.training.checkpoint_store import (
     CHECKPOINT_MANIFEST_NAME,
     STAGING_PREFIX,
     CheckpointError,
@@ -291,3 +291,41 @@ def test_run_facts_normalise_and_reject_incomplete() -> None:
     assert RunFacts.from_dict(facts.to_dict()) == facts
     with pytest.raises(ValueError, match="data_fingerprint"):
         RunFacts.from_dict({k: v for k, v in facts.to_dict().items() if k != "data_fingerprint"})
+
+
+def test_the_checkpoint_store_needs_no_trainer_and_no_fault_hooks_without_the_variables(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import subprocess
+    import sys
+
+    from dischargesum.training import fault_injection
+
+    # The store is plain files: importing it pulls in neither transformers nor torch (generate and the CLI read it).
+    code = (
+        "import sys, dischargesum.training.checkpoint_store; "
+        "print('transformers' in sys.modules, 'torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=os.environ)
+    assert out.stdout.split() == ["False", "False"]
+    # The save path gets no fault hooks at all unless a DISCHARGESUM_FAULT_* variable is set.
+    for name in ("DISCHARGESUM_FAULT_AFTER_FILE", "DISCHARGESUM_FAULT_AT_STEP", "DISCHARGESUM_FAULT_TRACE",
+                 "DISCHARGESUM_FAULT_PAUSE"):  # fmt: skip
+        monkeypatch.delenv(name, raising=False)
+    assert fault_injection.save_fault_injector(2) is None
+    monkeypatch.setenv("DISCHARGESUM_FAULT_AT_STEP", "3")
+    injector = fault_injection.save_fault_injector(2)
+    assert injector is not None and not injector.active  # armed for step 3 only
+    from dischargesum.training.checkpoint_trainer import PreemptionCallback, make_checkpoint_callbacks
+
+    names = [type(cb).__name__ for cb in make_checkpoint_callbacks(_facts(), "out", None)]
+    assert names == ["CheckpointRotationCallback", "PreemptionCallback"]
+    monkeypatch.setenv("DISCHARGESUM_FAULT_PAUSE", "evaluate")
+    callbacks = make_checkpoint_callbacks(_facts(), "out", None)
+    # the pause runs right before the preemption check of the same prediction step
+    assert [type(cb).__name__ for cb in callbacks] == [
+        "CheckpointRotationCallback",
+        "EvaluationPause",
+        "PreemptionCallback",
+    ]
+    assert isinstance(callbacks[2], PreemptionCallback)

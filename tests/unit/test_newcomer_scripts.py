@@ -95,7 +95,7 @@ def test_launcher_reports_the_stage_exit_code() -> None:
 
 
 def _write_checkpoint(run_dir: Path, step: int, *, complete: bool = True) -> None:
-    from dischargesum.training.checkpointing import CHECKPOINT_MANIFEST_NAME, MANIFEST_FORMAT, TRAINER_STATE_NAME
+    from dischargesum.training.checkpoint_store import CHECKPOINT_MANIFEST_NAME, MANIFEST_FORMAT, TRAINER_STATE_NAME
 
     ckpt = run_dir / f"checkpoint-{step}"
     ckpt.mkdir(parents=True)

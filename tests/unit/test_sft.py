@@ -102,6 +102,34 @@ def test_prompt_tokens_are_masked_and_every_example_trains_on_its_summary(
         assert tok.decode(trained).strip() == row["summary"].strip() + "<end_of_turn>"
 
 
+def test_packing_packs_to_max_seq_length_and_truncates_nothing(
+    dataset_dir: Path, tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # One budget channel: DischargeSFTTrainer(max_seq_length=...) checks and packs; TRL's max_length stays None (it
+    # would truncate: cut summaries), packed or not.
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_TELEMETRY", False)  # restored after the test
+    plain, data = _trainer(_cfg(dataset_dir, tiny_model_dir, tmp_path / "plain", log_note_ids=True))
+    # a budget above the data's (accepted) so that examples of 250-430 tokens can share a packed row
+    packed, _ = _trainer(_cfg(dataset_dir, tiny_model_dir, tmp_path / "packed", packing=True, max_seq_length=1024))
+    assert constants.HF_HUB_DISABLE_TELEMETRY is True  # building the trainer turned TRL's usage ping off
+    assert plain.max_seq_length == data.max_seq_length == 512 and packed.max_seq_length == 1024
+    assert plain.args.max_length is None and packed.args.max_length is None
+    lengths = [len(row["input_ids"]) for row in plain.train_dataset]
+    packed_lengths = [len(row["input_ids"]) for row in packed.train_dataset]
+    assert sum(packed_lengths) == sum(lengths), "packing dropped or cut tokens"
+    assert max(packed_lengths) <= 1024 < max(packed_lengths) + min(lengths) and len(packed_lengths) < len(lengths)
+    # example_index survives the Trainer's unused-column removal into the batch (the signature-columns override)
+    batch = next(iter(plain.get_train_dataloader()))
+    assert batch["example_index"].numel() == 2
+    with pytest.raises(ValueError, match=r"args.max_length = 512.*max_seq_length"):
+        from dischargesum.training.trainer import DischargeSFTTrainer
+
+        plain.args.max_length = 512
+        DischargeSFTTrainer(model=plain.model, args=plain.args, max_seq_length=512, resolved_config_yaml="")
+
+
 def test_checks_refuse_too_long_and_untrained_examples() -> None:
     from datasets import Dataset
 
