@@ -12,11 +12,12 @@ import pytest
 
 from dischargesum.config import ConfigError, PrepareDataConfig
 from dischargesum.data import schema
-from dischargesum.data.budget import TokenCounter, count_tokens, fit_to_budget, load_tokenizer
+from dischargesum.data.budget import TokenCounter, count_tokens, fit_to_budget
 from dischargesum.data.card import target_entity_support
 from dischargesum.data.prepare import run_prepare_data
 from dischargesum.data.shorten import find_sections, shorten_note
 from dischargesum.data.target_support import extract_entities, section_support, supported_keys
+from dischargesum.modeling import load_tokenizer
 
 pytestmark = pytest.mark.unit
 
