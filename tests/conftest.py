@@ -60,3 +60,15 @@ def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory):
     from dischargesum.tiny_models import build_tiny_bert
 
     return build_tiny_bert(tmp_path_factory.mktemp("tiny-bert"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def prepared_dataset_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir):
+    """A completed prepare_data output (64 tiny synthetic rows, seed 0, budget 512), built once per session.
+
+    Read-only: tests that train or resume on it share it; a test that needs other rows or a budget builds its own
+    with :func:`tests.fixtures_data.make_prepared_dataset`.
+    """
+    from tests.fixtures_data import make_prepared_dataset
+
+    return make_prepared_dataset(tmp_path_factory.mktemp("prepared-data"), tiny_model_dir)

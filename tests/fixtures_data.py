@@ -1,12 +1,13 @@
 """Prepared datasets for the tests of later stages (sft_qlora, generate, eval).
 
 ``make_prepared_dataset`` returns a completed prepare_data output directory — the files of
-:mod:`dischargesum.data.schema` plus a completed manifest — built from synthetic rows. Call it from a
-module-scoped fixture::
+:mod:`dischargesum.data.schema` plus a completed manifest — built from synthetic rows. The default one (64 rows,
+seed 0) is the session fixture ``prepared_dataset_dir`` in ``tests/conftest.py``; for other rows or budgets call it
+from a module-scoped fixture::
 
     @pytest.fixture(scope="module")
     def dataset_dir(tmp_path_factory, tiny_model_dir):
-        return make_prepared_dataset(tmp_path_factory.mktemp("data"), tiny_model_dir)
+        return make_prepared_dataset(tmp_path_factory.mktemp("data"), tiny_model_dir, n_rows=24)
 """
 
 from __future__ import annotations

@@ -26,18 +26,12 @@ import pytest
 
 from dischargesum.training.checkpoint_store import validate_checkpoint
 from dischargesum.training.metrics import read_metrics
-from tests.fixtures_data import make_prepared_dataset
 from tests.helpers import accelerate_launch
 
 pytestmark = pytest.mark.distributed
 
 PER_DEVICE_BATCH = 2
 WORLD = 2
-
-
-@pytest.fixture(scope="module")
-def dataset_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
-    return make_prepared_dataset(tmp_path_factory.mktemp("data"), tiny_model_dir)
 
 
 def _free_port() -> int:
@@ -91,11 +85,11 @@ def _printed_losses(log: str) -> dict[int, float]:
 
 
 def test_two_machines_train_then_resume_from_checkpoint(
-    tmp_path: Path, tiny_model_dir: Path, dataset_dir: Path
+    tmp_path: Path, tiny_model_dir: Path, prepared_dataset_dir: Path
 ) -> None:
     out = tmp_path / "run"
 
-    logs = _train_on_two_machines(tiny_model_dir, dataset_dir, out, max_steps=2)
+    logs = _train_on_two_machines(tiny_model_dir, prepared_dataset_dir, out, max_steps=2)
     ckpt2 = out / "checkpoint-2"
     status = validate_checkpoint(ckpt2)
     assert status.valid, status.reason
@@ -109,7 +103,7 @@ def test_two_machines_train_then_resume_from_checkpoint(
     assert {"rng_state_0.pth", "rng_state_1.pth"} <= files
     assert "training" in logs[0] and "on 2 process(es)" in logs[0]
 
-    logs = _train_on_two_machines(tiny_model_dir, dataset_dir, out, max_steps=4)
+    logs = _train_on_two_machines(tiny_model_dir, prepared_dataset_dir, out, max_steps=4)
     run_manifest = json.loads((out / "manifest.json").read_text())
     assert run_manifest["status"] == "complete"
     assert Path(run_manifest["inputs"]["resume_from"]).name == "checkpoint-2"

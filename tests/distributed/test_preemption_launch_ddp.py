@@ -13,19 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.fixtures_data import make_prepared_dataset
 from tests.preemption_scenarios import PHASES, run_and_check_phase
 
 pytestmark = pytest.mark.distributed
 
 
-@pytest.fixture(scope="module")
-def dataset_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
-    return make_prepared_dataset(tmp_path_factory.mktemp("signals-ddp-data"), tiny_model_dir)
-
-
 @pytest.mark.parametrize("phase", PHASES)
 def test_every_signal_target_in_this_phase_commits_and_exits_143(
-    phase: str, tmp_path: Path, dataset_dir: Path, tiny_model_dir: Path
+    phase: str, tmp_path: Path, prepared_dataset_dir: Path, tiny_model_dir: Path
 ) -> None:
-    run_and_check_phase(phase, 2, tmp_path, dataset_dir, tiny_model_dir)
+    run_and_check_phase(phase, 2, tmp_path, prepared_dataset_dir, tiny_model_dir)

@@ -40,9 +40,9 @@ MAX_STEPS = 16  # 45 train rows / (2 x 2) per step = 12 steps per epoch: the run
 ADAPTER = "adapter_model.safetensors"
 
 
-def common_args(dataset_dir: Path, model_dir: Path) -> list[str]:
+def common_args(prepared_dataset_dir: Path, model_dir: Path) -> list[str]:
     return [
-        "--dataset_dir", str(dataset_dir),
+        "--dataset_dir", str(prepared_dataset_dir),
         "--model_name_or_path", str(model_dir),
         "--load_in_4bit", "false",
         "--lora_r", "4",
@@ -179,13 +179,8 @@ def resumed_from(run_dir: Path) -> str | None:
 
 
 @pytest.fixture(scope="module")
-def dataset_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
-    return make_prepared_dataset(tmp_path_factory.mktemp("ft-data"), tiny_model_dir)
-
-
-@pytest.fixture(scope="module")
-def args(dataset_dir: Path, tiny_model_dir: Path) -> list[str]:
-    return common_args(dataset_dir, tiny_model_dir)
+def args(prepared_dataset_dir: Path, tiny_model_dir: Path) -> list[str]:
+    return common_args(prepared_dataset_dir, tiny_model_dir)
 
 
 @pytest.fixture(scope="module")

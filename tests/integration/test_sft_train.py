@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.fixtures_data import make_prepared_dataset
 from tests.helpers import accelerate_launch
 
 pytestmark = pytest.mark.integration
@@ -37,10 +36,10 @@ PINNED_LOSSES_1PROC = {1: 6.996111869812012, 2: 6.904244899749756, 3: 6.91599559
 
 
 def sft_args(
-    dataset_dir: Path, model_dir: Path, out: Path, *, max_steps: int = 4, load_in_4bit: bool = False
+    prepared_dataset_dir: Path, model_dir: Path, out: Path, *, max_steps: int = 4, load_in_4bit: bool = False
 ) -> list[str]:
     return [
-        "--dataset_dir", str(dataset_dir),
+        "--dataset_dir", str(prepared_dataset_dir),
         "--model_name_or_path", str(model_dir),
         "--output_dir", str(out),
         "--seed", "0",
@@ -181,14 +180,9 @@ def on_disk_base_digest(model_dir: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def dataset_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
-    return make_prepared_dataset(tmp_path_factory.mktemp("sft-data"), tiny_model_dir)
-
-
-@pytest.fixture(scope="module")
-def lora_run(tmp_path_factory: pytest.TempPathFactory, dataset_dir: Path, tiny_model_dir: Path) -> dict:
+def lora_run(tmp_path_factory: pytest.TempPathFactory, prepared_dataset_dir: Path, tiny_model_dir: Path) -> dict:
     out = tmp_path_factory.mktemp("sft-1proc") / "run"
-    args = sft_args(dataset_dir, tiny_model_dir, out)
+    args = sft_args(prepared_dataset_dir, tiny_model_dir, out)
     launch(args)
     first = {"losses": train_losses(out), "note_ids": check_note_ids(out, steps=4, per_step=4)}
     first["training"] = check_completed_run(
@@ -196,7 +190,7 @@ def lora_run(tmp_path_factory: pytest.TempPathFactory, dataset_dir: Path, tiny_m
     )
     check_tensorboard(out, steps=4)
     check_rerun_does_nothing(args, out)
-    resumed = launch(sft_args(dataset_dir, tiny_model_dir, out, max_steps=6))
+    resumed = launch(sft_args(prepared_dataset_dir, tiny_model_dir, out, max_steps=6))
     return {"out": out, "first": first, "resumed": resumed, "tiny": tiny_model_dir}
 
 
@@ -218,9 +212,9 @@ def test_one_process_resumes_from_the_last_checkpoint(lora_run: dict) -> None:
     assert "model_name_or_path:" in cfg, "every checkpoint records the resolved config (generate can load it)"
 
 
-def test_qlora_path_runs_on_cpu(tmp_path: Path, dataset_dir: Path, tiny_model_dir: Path) -> None:
+def test_qlora_path_runs_on_cpu(tmp_path: Path, prepared_dataset_dir: Path, tiny_model_dir: Path) -> None:
     out = tmp_path / "qlora"
-    proc = launch(sft_args(dataset_dir, tiny_model_dir, out, max_steps=2, load_in_4bit=True))
+    proc = launch(sft_args(prepared_dataset_dir, tiny_model_dir, out, max_steps=2, load_in_4bit=True))
     assert "4-bit=True" in proc.stderr
     training = check_completed_run(out, steps=2, world_size=1, base_digest=None)
     assert training["load_in_4bit"] is True
