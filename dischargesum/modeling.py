@@ -14,6 +14,10 @@ MedGemma-4B-it is a vision-language Gemma 3. Text-only training keeps the class 
 checkpoint unchanged) but freezes the vision tower and restricts LoRA to the language model with a regex, so DDP sees
 no parameter without a gradient. Gemma 3 overflows in fp16 — it is refused; bf16 is used where the GPU has it and
 fp32 elsewhere.
+
+Why one module (~700 lines): training and inference must load the same model the same way — one precision rule
+(:func:`resolve_precision`), one tokenizer loader, one attention choice, one adapter-base resolution — and keeping
+them together is what stops the two stages from drifting apart again (they had two precision rules before).
 """
 
 from __future__ import annotations

@@ -30,6 +30,11 @@ where the head (instruction + note) is shared. ``token_counting: auto`` uses the
 against the exact computation on probe texts (edge cases: trailing whitespace, special-token text inside a
 note, non-ASCII) and keeps checking every ``verify_every``-th row during the run; any disagreement is an error,
 never a silently different count. ``exact`` always tokenizes as TRL does.
+
+Why one module (~670 lines): the exact counter, the fast counter that must agree with it, and the fitting loop that
+relies on both are one contract ("a row that passes never gets its summary cut in training"); split apart, a change
+to one could silently break the agreement the others rely on. Most of the length is the explanation above and the
+verification of the fast path.
 """
 
 from __future__ import annotations

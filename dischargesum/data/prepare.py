@@ -19,6 +19,10 @@ second pass over a staging file because its rare-word filter needs corpus counts
 
 Outputs are byte-identical across reruns with the same inputs and config (no timestamps outside the manifest;
 rows keep input order; Parquet files are written with fixed settings).
+
+Why one module (~700 lines): it is the stage's orchestration — the worker-pool streaming, the staging writer, the
+resume/overwrite rules and ``--debug`` share one chunk loop and one set of worker globals; the steps themselves live
+in the modules named above.
 """
 
 from __future__ import annotations
