@@ -417,16 +417,6 @@ class _SplitWriters:
         }
 
 
-_LENGTH_NAMES = (
-    "prompt_tokens",
-    "completion_tokens",
-    "total_tokens",
-    "note_chars",
-    "note_chars_original",
-    "summary_chars",
-)
-
-
 def _kept_rows(chunk: ValidatedChunk, fitted: BudgetResult, seen: dict[str, int], totals: _Totals) -> Iterator[int]:
     """Indices of the chunk's rows that are kept; summary_too_long and duplicate rows go to ``totals.rejects``.
 
