@@ -382,9 +382,14 @@ _DATE_RE = re.compile(
     r"|(?P<pod>\b(?:POD|[Pp]ost-?op(?:erative)? [Dd]ay)\s*#?\s*(?P<pod_n>\d{1,3})\b)"
     r"|(?P<time>(?<![\d:])(?P<time_h>\d{1,2}):(?P<time_m>\d{2})(?![\d:])(?:\s*(?P<time_ap>[AaPp](?:\.[Mm]\.|[Mm]))(?![A-Za-z]))?)"
 )
-# Every date, time or hospital day begins with a digit, a month's capital or the H / P of "HD", "POD", "hospital day".
-_DATE_STARTS_RE = re.compile("[\\d" + "".join(sorted({word[0] for word in _MONTH_WORDS})) + "HhPp]")
-_DIGIT_RE = re.compile(r"\d")
+# Every date, time or hospital day begins with a digit that follows no digit, or at a word start with a month's
+# capital or the H / P of "HD", "POD", "hospital day". (The character class comes first so that ``re`` can skip
+# to it at C speed; the look-behinds then drop digits inside numbers and letters inside words.)
+_DATE_STARTS_RE = re.compile(
+    "[\\d" + "".join(sorted({word[0] for word in _MONTH_WORDS})) + r"HhPp](?<!\d\d)(?<!\w[A-Za-z])"
+)
+# The first digit of a number (the scans below all exclude a digit before their match).
+_NUMBER_STARTS_RE = re.compile(r"\d(?<!\d\d)")
 # "BP 10/12" and "1/2 tab" are not dates.
 _NOT_DATE_BEFORE = re.compile(r"(?:\bBP|\bblood pressure|\bSBP|\bDBP)\s*(?:of|was|is|:|=)?\s*$", re.IGNORECASE)
 _NOT_DATE_AFTER = re.compile(r"\s*(?:tabs?|tablets?|caps?|capsules?|mg|mL|strength)\b", re.IGNORECASE)
@@ -588,7 +593,7 @@ _SATURATION_RE = re.compile(
 )
 # A bare year as the date of an event: "CABG (2142)", "diagnosed in 2139", "since 2145".
 _YEAR_RE = re.compile(r"(?:\(|\b(?:in|since|from|of)\s+)(?P<year>(?:19|20|21)\d\d)(?=\)|[,;.]?(?:\s|$))")
-_YEAR_STARTS_RE = re.compile(r"[(ifos]")
+_YEAR_STARTS_RE = re.compile(r"[(ifos](?<!\w[ifos])")  # "(" or the first letter of in / since / from / of
 # A lab name glued to its value by a hyphen, as lab lines are printed: "WBC-9.8 RBC-3.82 Hgb-11.4".
 _ATTACHED_LAB_RE = re.compile(rf"(?<![\w/-])(?P<name>[A-Za-z][A-Za-z0-9]{{0,7}})-(?P<value>{_NUM})(?![\d.])(?:\*)?")
 # "<drug or analyte> level 2.8", "vanc trough 15": a drug level is a lab, whatever the drug.
@@ -1777,7 +1782,7 @@ def _date_candidates(text: str) -> list[_Candidate]:
         candidates.append(
             _Candidate(date.start, date.end, "date", date.name, {"year": date.year} if date.year else {})
         )
-    for match in _finditer_from(_MONTH_YEAR_RE, _DIGIT_RE, text):
+    for match in _finditer_from(_MONTH_YEAR_RE, _NUMBER_STARTS_RE, text):
         if 1 <= int(match.group("m")) <= 12:
             name = f"{match.group('y')}-{int(match.group('m')):02d}"
             candidates.append(_Candidate(match.start(), match.end(), "date", name, {"year": match.group("y")}))
@@ -1787,10 +1792,10 @@ def _date_candidates(text: str) -> list[_Candidate]:
 def _pattern_candidates(text: str) -> list[_Candidate]:
     """Entities found by their shape rather than a name: oxygen flows and shared-value lab pairs."""
     candidates = []
-    for match in _finditer_from(_O2_FLOW_RE, _DIGIT_RE, text):
+    for match in _finditer_from(_O2_FLOW_RE, _NUMBER_STARTS_RE, text):
         value = re.sub(r"\s+", " ", match.group(0))
         candidates.append(_Candidate(match.start(), match.end(), "vital", "O2 flow", {"value": value}))
-    for match in _finditer_from(_VITALS_LINE_RE, _DIGIT_RE, text):
+    for match in _finditer_from(_VITALS_LINE_RE, _NUMBER_STARTS_RE, text):
         for index, name in enumerate(("Temp", "BP", "HR", "RR", "SpO2"), 1):
             value = match.group(f"v{index}")
             start = match.start(f"v{index}")
@@ -1801,7 +1806,7 @@ def _pattern_candidates(text: str) -> list[_Candidate]:
         start = before.start() if before is not None else match.start()
         name = " ".join(text[start : match.end("test")].lower().split())
         candidates.append(_Candidate(start, match.end(), "lab", name, {"value": match.group("result").lower()}))
-    for match in _finditer_from(_SATURATION_RE, _DIGIT_RE, text):
+    for match in _finditer_from(_SATURATION_RE, _NUMBER_STARTS_RE, text):
         value = match.group("value")
         candidates.append(_Candidate(match.start(), match.end(), "vital", "SpO2", {"value": value}))
     for match in _finditer_from(_YEAR_RE, _YEAR_STARTS_RE, text):

@@ -223,10 +223,10 @@ def test_scans_from_start_characters_equal_finditer():
     )
     for pattern, starts in (
         (ent._DATE_RE, ent._DATE_STARTS_RE),
-        (ent._MONTH_YEAR_RE, ent._DIGIT_RE),
-        (ent._O2_FLOW_RE, ent._DIGIT_RE),
-        (ent._VITALS_LINE_RE, ent._DIGIT_RE),
-        (ent._SATURATION_RE, ent._DIGIT_RE),
+        (ent._MONTH_YEAR_RE, ent._NUMBER_STARTS_RE),
+        (ent._O2_FLOW_RE, ent._NUMBER_STARTS_RE),
+        (ent._VITALS_LINE_RE, ent._NUMBER_STARTS_RE),
+        (ent._SATURATION_RE, ent._NUMBER_STARTS_RE),
         (ent._YEAR_RE, ent._YEAR_STARTS_RE),
     ):
         for variant in (text, text.lower(), text.upper()):
