@@ -396,13 +396,14 @@ _NOT_DATE_AFTER = re.compile(r"\s*(?:tabs?|tablets?|caps?|capsules?|mg|mL|streng
 
 
 def _finditer_from(pattern: re.Pattern[str], starts: re.Pattern[str], text: str) -> Iterator[re.Match[str]]:
-    """``pattern.finditer(text)``, with ``pattern`` tried only where ``starts`` (one character class) matches.
+    """``pattern.finditer(text)``, with ``pattern`` tried only where ``starts`` matches.
 
     ``re`` tries a pattern that opens with a look-behind or ``\\b`` at every position of the text; when every match
-    begins with a character of a small class (a digit, say), searching for that class first skips the rest at C
-    speed. The matches are the same, in the same order, provided ``starts`` matches every character a match of
-    ``pattern`` can begin with and ``pattern`` never matches the empty string (``pattern.match(text, pos)`` sees
-    the text before ``pos``, so look-behinds and ``\\b`` behave as in ``finditer``).
+    begins with a character of a small class (a digit, say), searching for that class first (``starts``: the
+    class, then look-behinds that rule out more positions) skips the rest at C speed. The matches are the same,
+    in the same order, provided ``starts`` matches at every position where a match of ``pattern`` can begin and
+    ``pattern`` never matches the empty string (``pattern.match(text, pos)`` sees the text before ``pos``, so
+    look-behinds and ``\\b`` behave as in ``finditer``).
     """
     position = 0
     while (start := starts.search(text, position)) is not None:
