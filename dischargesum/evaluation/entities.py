@@ -82,6 +82,7 @@ is one fact to keep; counting occurrences would punish a summary for not repeati
 from __future__ import annotations
 
 import bisect
+import itertools
 import logging
 import re
 import threading
@@ -389,9 +390,37 @@ _DATE_RE = re.compile(
     r"|(?P<pod>\b(?:POD|[Pp]ost-?op(?:erative)? [Dd]ay)\s*#?\s*(?P<pod_n>\d{1,3})\b)"
     r"|(?P<time>(?<![\d:])(?P<time_h>\d{1,2}):(?P<time_m>\d{2})(?![\d:])(?:\s*(?P<time_ap>[AaPp](?:\.[Mm]\.|[Mm]))(?![A-Za-z]))?)"
 )
+# Every date, time or hospital day begins with a digit that follows no digit, or at a word start with a month's
+# capital or the H / P of "HD", "POD", "hospital day". (The character class comes first so that ``re`` can skip
+# to it at C speed; the look-behinds then drop digits inside numbers and letters inside words.)
+_DATE_STARTS_RE = re.compile(
+    "[\\d" + "".join(sorted({word[0] for word in _MONTH_WORDS})) + r"HhPp](?<!\d\d)(?<!\w[A-Za-z])"
+)
+# The first digit of a number (the scans below all exclude a digit before their match).
+_NUMBER_STARTS_RE = re.compile(r"\d(?<!\d\d)")
 # "BP 10/12" and "1/2 tab" are not dates.
 _NOT_DATE_BEFORE = re.compile(r"(?:\bBP|\bblood pressure|\bSBP|\bDBP)\s*(?:of|was|is|:|=)?\s*$", re.IGNORECASE)
 _NOT_DATE_AFTER = re.compile(r"\s*(?:tabs?|tablets?|caps?|capsules?|mg|mL|strength)\b", re.IGNORECASE)
+
+
+def _finditer_from(pattern: re.Pattern[str], starts: re.Pattern[str], text: str) -> Iterator[re.Match[str]]:
+    """``pattern.finditer(text)``, with ``pattern`` tried only where ``starts`` matches.
+
+    ``re`` tries a pattern that opens with a look-behind or ``\\b`` at every position of the text; when every match
+    begins with a character of a small class (a digit, say), searching for that class first (``starts``: the
+    class, then look-behinds that rule out more positions) skips the rest at C speed. The matches are the same,
+    in the same order, provided ``starts`` matches at every position where a match of ``pattern`` can begin and
+    ``pattern`` never matches the empty string (``pattern.match(text, pos)`` sees the text before ``pos``, so
+    look-behinds and ``\\b`` behave as in ``finditer``).
+    """
+    position = 0
+    while (start := starts.search(text, position)) is not None:
+        match = pattern.match(text, start.start())
+        if match is None:
+            position = start.start() + 1
+        else:
+            yield match
+            position = match.end()
 
 
 @dataclass(frozen=True)
@@ -405,7 +434,7 @@ class _Date:
 def _find_dates(text: str) -> list[_Date]:
     """All date / time / hospital-day expressions in ``text``, normalised (see the module docstring)."""
     dates = []
-    for match in _DATE_RE.finditer(text):
+    for match in _finditer_from(_DATE_RE, _DATE_STARTS_RE, text):
         groups = match.groupdict()
         year = ""
         if groups["iso"]:
@@ -573,6 +602,7 @@ _SATURATION_RE = re.compile(
 )
 # A bare year as the date of an event: "CABG (2142)", "diagnosed in 2139", "since 2145".
 _YEAR_RE = re.compile(r"(?:\(|\b(?:in|since|from|of)\s+)(?P<year>(?:19|20|21)\d\d)(?=\)|[,;.]?(?:\s|$))")
+_YEAR_STARTS_RE = re.compile(r"[(ifos](?<!\w[ifos])")  # "(" or the first letter of in / since / from / of
 # A lab name glued to its value by a hyphen, as lab lines are printed: "WBC-9.8 RBC-3.82 Hgb-11.4".
 _ATTACHED_LAB_RE = re.compile(rf"(?<![\w/-])(?P<name>[A-Za-z][A-Za-z0-9]{{0,7}})-(?P<value>{_NUM})(?![\d.])(?:\*)?")
 # "<drug or analyte> level 2.8", "vanc trough 15": a drug level is a lab, whatever the drug.
@@ -1104,6 +1134,8 @@ _SUFFIX_TYPES: tuple[tuple[str, tuple[str, ...]], ...] = (
         ),
     ),
 )
+# Every ending of _SUFFIX_TYPES: one ``str.endswith`` rules out most words before the per-type look-up.
+_ALL_SUFFIXES = tuple(ending for _type, endings in _SUFFIX_TYPES for ending in endings)
 _SUFFIX_EXCEPTIONS = frozenset(
     [
         "diagnosis",
@@ -1442,30 +1474,35 @@ def _get_pipeline() -> _Pipeline:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-class _Token:
-    """The attributes of a spaCy token the extractor reads, copied once per text."""
+# Token attributes copied by ``_Tokens`` (one ``Doc.to_array`` call), in its column order.
+_TOKEN_ARRAY_ATTRS = ("IDX", "LENGTH", "IS_ALPHA", "IS_STOP", "LIKE_NUM", "IS_PUNCT", "IS_SPACE")
 
-    __slots__ = ("idx", "is_alpha", "is_punct", "is_space", "is_stop", "like_num", "lower_", "text")
 
-    def __init__(
-        self,
-        text: str,
-        lower: str,
-        idx: int,
-        is_alpha: bool,
-        is_stop: bool,
-        like_num: bool,
-        is_punct: bool,
-        is_space: bool,
-    ) -> None:
-        self.text, self.lower_, self.idx = text, lower, idx
-        self.is_alpha, self.is_stop, self.like_num, self.is_punct, self.is_space = (
-            is_alpha,
-            is_stop,
-            like_num,
-            is_punct,
-            is_space,
-        )
+class _Tokens:
+    """The attributes of a doc's tokens that the extractor reads, one list per attribute, copied once per text.
+
+    Creating spaCy Token objects (every ``doc[i]``, every iteration) dominated the extractor's time; one
+    ``Doc.to_array`` call copies the attributes of all tokens at C speed. A token's text is its slice of the text
+    and its lower-case form ``str.lower()`` of that (spaCy's ``LOWER`` getter for English).
+    """
+
+    __slots__ = ("ends", "is_alpha", "is_punct", "is_space", "is_stop", "like_num", "lowers", "starts", "texts")
+
+    def __init__(self, doc: Any, text: str) -> None:
+        columns = doc.to_array(list(_TOKEN_ARRAY_ATTRS)).T.tolist() if len(doc) else [[] for _ in _TOKEN_ARRAY_ATTRS]
+        starts, lengths, is_alpha, is_stop, like_num, is_punct, is_space = columns
+        self.starts: list[int] = starts
+        self.ends: list[int] = [start + length for start, length in zip(starts, lengths)]
+        self.texts: list[str] = [text[start:end] for start, end in zip(starts, self.ends)]
+        self.lowers: list[str] = [token.lower() for token in self.texts]
+        self.is_alpha: list[bool] = [bool(flag) for flag in is_alpha]
+        self.is_stop: list[bool] = [bool(flag) for flag in is_stop]
+        self.like_num: list[bool] = [bool(flag) for flag in like_num]
+        self.is_punct: list[bool] = [bool(flag) for flag in is_punct]
+        self.is_space: list[bool] = [bool(flag) for flag in is_space]
+
+    def __len__(self) -> int:
+        return len(self.starts)
 
 
 @dataclass
@@ -1607,17 +1644,19 @@ def _typed_candidate(text: str, start: int, end: int, entity_type: str, name: st
     return _Candidate(start, end, entity_type, name, attrs)
 
 
-def _name_candidates(pipeline: _Pipeline, doc: Any, text: str, token_info: list[_Token]) -> list[_Candidate]:
+def _name_candidates(pipeline: _Pipeline, doc: Any, text: str, token_info: _Tokens) -> list[_Candidate]:
     candidates = []
     matches = pipeline.matcher_lower(doc) + pipeline.matcher_exact(doc)
     if text.islower():  # no capital letter left: the "lower" style
         matches += pipeline.matcher_folded(doc)
     matched_tokens: set[int] = set()
-    # One pass over the tokens (creating spaCy Token objects dominates the extractor's time; doc.text too).
-    tokens = [(t.lower_, t.idx, t.idx + len(t.text), t.is_alpha, t.is_stop, t.like_num) for t in token_info]
-    lowers = [token[0] for token in tokens]
-    for index in range(len(lowers) - 1):
-        for words, entity_type, name in pipeline.multi_terms.get((lowers[index], lowers[index + 1]), ()):
+    lowers = token_info.lowers
+    tokens = list(
+        zip(lowers, token_info.starts, token_info.ends, token_info.is_alpha, token_info.is_stop, token_info.like_num)
+    )
+    multi_terms = pipeline.multi_terms
+    for index in [index for index, pair in enumerate(itertools.pairwise(lowers)) if pair in multi_terms]:
+        for words, entity_type, name in multi_terms[(lowers[index], lowers[index + 1])]:
             if tuple(lowers[index : index + len(words)]) == words:
                 last = index + len(words) - 1
                 candidate = _typed_candidate(text, tokens[index][1], tokens[last][2], entity_type, name)
@@ -1634,7 +1673,7 @@ def _name_candidates(pipeline: _Pipeline, doc: Any, text: str, token_info: list[
         if not is_alpha or index in matched_tokens:
             continue
         hit = pipeline.single_terms.get(lower)
-        if hit is None and len(lower) >= 7 and lower not in _SUFFIX_EXCEPTIONS:
+        if hit is None and len(lower) >= 7 and lower.endswith(_ALL_SUFFIXES) and lower not in _SUFFIX_EXCEPTIONS:
             hit = next(((t, lower) for t, endings in _SUFFIX_TYPES if lower.endswith(endings)), None)
         if hit is None and lower.endswith("s") and len(lower) > 5:
             hit = pipeline.single_terms.get(lower[:-1])  # "myalgias", "arrhythmias"
@@ -1752,7 +1791,7 @@ def _date_candidates(text: str) -> list[_Candidate]:
         candidates.append(
             _Candidate(date.start, date.end, "date", date.name, {"year": date.year} if date.year else {})
         )
-    for match in _MONTH_YEAR_RE.finditer(text):
+    for match in _finditer_from(_MONTH_YEAR_RE, _NUMBER_STARTS_RE, text):
         if 1 <= int(match.group("m")) <= 12:
             name = f"{match.group('y')}-{int(match.group('m')):02d}"
             candidates.append(_Candidate(match.start(), match.end(), "date", name, {"year": match.group("y")}))
@@ -1762,10 +1801,10 @@ def _date_candidates(text: str) -> list[_Candidate]:
 def _pattern_candidates(text: str) -> list[_Candidate]:
     """Entities found by their shape rather than a name: oxygen flows and shared-value lab pairs."""
     candidates = []
-    for match in _O2_FLOW_RE.finditer(text):
+    for match in _finditer_from(_O2_FLOW_RE, _NUMBER_STARTS_RE, text):
         value = re.sub(r"\s+", " ", match.group(0))
         candidates.append(_Candidate(match.start(), match.end(), "vital", "O2 flow", {"value": value}))
-    for match in _VITALS_LINE_RE.finditer(text):
+    for match in _finditer_from(_VITALS_LINE_RE, _NUMBER_STARTS_RE, text):
         for index, name in enumerate(("Temp", "BP", "HR", "RR", "SpO2"), 1):
             value = match.group(f"v{index}")
             start = match.start(f"v{index}")
@@ -1776,10 +1815,10 @@ def _pattern_candidates(text: str) -> list[_Candidate]:
         start = before.start() if before is not None else match.start()
         name = " ".join(text[start : match.end("test")].lower().split())
         candidates.append(_Candidate(start, match.end(), "lab", name, {"value": match.group("result").lower()}))
-    for match in _SATURATION_RE.finditer(text):
+    for match in _finditer_from(_SATURATION_RE, _NUMBER_STARTS_RE, text):
         value = match.group("value")
         candidates.append(_Candidate(match.start(), match.end(), "vital", "SpO2", {"value": value}))
-    for match in _YEAR_RE.finditer(text):
+    for match in _finditer_from(_YEAR_RE, _YEAR_STARTS_RE, text):
         year = match.group("year")
         candidates.append(_Candidate(match.start("year"), match.end("year"), "date", year, {"year": year}))
     for match in _ATTACHED_LAB_RE.finditer(text):
@@ -1819,7 +1858,7 @@ def _lab_names() -> frozenset[str]:
 
 
 def _abbreviation_candidates(
-    pipeline: _Pipeline, doc: Any, text: str, candidates: list[_Candidate]
+    pipeline: _Pipeline, doc: Any, text: str, tokens: _Tokens, candidates: list[_Candidate]
 ) -> list[_Candidate]:
     """Candidates for short forms defined in the text ("hospital-acquired pneumonia (HAP)" ... "HAP").
 
@@ -1829,14 +1868,8 @@ def _abbreviation_candidates(
     """
     if pipeline.abbreviation_detector is None or "(" not in text:
         return []
-    doc._.abbreviations = []
-    with warnings.catch_warnings():
-        # spaCy warns (W036) on every text without a definition: the detector's second matcher is then empty.
-        warnings.filterwarnings("ignore", message=r".*W036")
-        pipeline.abbreviation_detector(doc)
     added = []
-    for short in doc._.abbreviations:
-        long_form = short._.long_form
+    for short, long_form in _abbreviation_definitions(pipeline.abbreviation_detector, doc, tokens.texts):
         owner = next(
             (
                 c
@@ -1856,6 +1889,47 @@ def _abbreviation_candidates(
             continue
         added.append(_Candidate(short.start_char, short.end_char, owner.type, owner.name, dict(owner.attrs)))
     return added
+
+
+# The most tokens between a "(" and its ")" that scispaCy's ``filter_matches`` keeps as a definition.
+_ABBREVIATION_MAX_TOKENS = 8
+
+
+def _abbreviation_definitions(detector: Any, doc: Any, words: list[str]) -> list[tuple[Any, Any]]:
+    """(short form, long form) spans, in the order of the detector's ``doc._.abbreviations`` after ``detector(doc)``.
+
+    What ``AbbreviationDetector.__call__`` does, with its first step done here: its ``Matcher`` pattern
+    ``( + )`` returns every pair of a "(" and a later ")" in the text (quadratic in a note's parentheses, and most
+    of the detector's time), of which ``filter_matches`` keeps only those with at most 8 tokens inside. The pairs
+    are generated in the matcher's order (by closing token, then the later opening first), so
+    ``filter_matches`` and ``find_matches_for`` (scispaCy's own) see the same candidates in the same order;
+    ``test_abbreviation_definitions_match_the_detector`` pins this against ``detector(doc)``.
+    """
+    from scispacy.abbreviation import filter_matches
+
+    matches = []
+    for close in range(2, len(words)):
+        if words[close] != ")":
+            continue
+        for open_ in range(close - 2, max(close - _ABBREVIATION_MAX_TOKENS - 2, -1), -1):
+            if words[open_] == "(":
+                matches.append((0, open_ + 1, close))  # the detector strips the brackets the same way
+    filtered = filter_matches(matches, doc)
+    if not filtered:
+        return []
+    with warnings.catch_warnings():
+        # spaCy warns (W036) when the detector's second matcher is empty (no definition passed its rules).
+        warnings.filterwarnings("ignore", message=r".*W036")
+        occurrences = detector.find_matches_for(filtered, doc)
+    # __call__ sets ``short._.long_form`` per occurrence (the last assignment wins for a span listed twice) and
+    # lists every short form, repeats included.
+    long_forms = {}
+    shorts = []
+    for long_form, short_forms in occurrences:
+        for short in short_forms:
+            long_forms[(short.start_char, short.end_char)] = long_form
+            shorts.append(short)
+    return [(short, long_forms[(short.start_char, short.end_char)]) for short in shorts]
 
 
 def _resolve_overlaps(candidates: list[_Candidate]) -> list[_Candidate]:
@@ -1881,7 +1955,7 @@ class _NegationIndex:
     post_cue_starts: frozenset[int]
 
 
-def _negation_index(pipeline: _Pipeline, doc: Any, tokens: list[_Token]) -> _NegationIndex:
+def _negation_index(pipeline: _Pipeline, doc: Any, text: str, tokens: _Tokens) -> _NegationIndex:
     pseudo_tokens: set[int] = set()
     cues = []
     for match_id, start, end in pipeline.cue_matcher(doc):
@@ -1898,24 +1972,29 @@ def _negation_index(pipeline: _Pipeline, doc: Any, tokens: list[_Token]) -> _Neg
             continue
         # "PE was ruled out." / "... ruled out with CTA" negate what precedes; in "CTA ruled out PE" the cue has an
         # object, so it is a pre-entity cue (the lexicon lists "ruled out" as one) and says nothing about "CTA".
-        following = tokens[end] if end < len(tokens) else None
-        used_after = following is None or _is_terminator(following) or following.is_punct
-        used_after = used_after or (following is not None and following.lower_ in _SCOPE_PREPOSITIONS)
+        following = tokens.lowers[end] if end < len(tokens) else None
+        used_after = following is None or _is_terminator(tokens, end) or tokens.is_punct[end]
+        used_after = used_after or (following is not None and following in _SCOPE_PREPOSITIONS)
         # "PE was ruled out and heparin stopped": the cue closes its clause, it does not open a new scope.
-        used_after = used_after or (following is not None and following.lower_ in ("and", "given", "as", "because"))
-        if label == "PRE" and not (used_after and doc[start:end].text.lower() in post_phrases):  # cues only
+        used_after = used_after or (following is not None and following in ("and", "given", "as", "because"))
+        cue_text = text[tokens.starts[start] : tokens.ends[end - 1]].lower()
+        if label == "PRE" and not (used_after and cue_text in post_phrases):  # cues only
             pre_ends.add(end - 1)
         elif label == "POST" and used_after:
             post_starts.add(start)
-    return _NegationIndex([token.idx for token in tokens], frozenset(pre_ends), frozenset(post_starts))
+    return _NegationIndex(tokens.starts, frozenset(pre_ends), frozenset(post_starts))
 
 
-def _is_terminator(token: Any) -> bool:
-    text = token.text
-    return text in _TERMINATOR_PUNCT or ("\n" in text and token.is_space) or text.lower() in _SCOPE_TERMINATORS
+def _is_terminator(tokens: _Tokens, position: int) -> bool:
+    text = tokens.texts[position]
+    return (
+        text in _TERMINATOR_PUNCT
+        or ("\n" in text and tokens.is_space[position])
+        or tokens.lowers[position] in _SCOPE_TERMINATORS
+    )
 
 
-def _negated(doc: list[_Token], index: _NegationIndex, start: int, end: int) -> bool:
+def _negated(tokens: _Tokens, index: _NegationIndex, start: int, end: int) -> bool:
     """NegEx-style: a cue within 6 words before the entity, or a post-cue within 3 words after it.
 
     The scope stops at sentence punctuation (. ; : ! ?), a line break, a terminator word ("but", "however",
@@ -1926,27 +2005,28 @@ def _negated(doc: list[_Token], index: _NegationIndex, start: int, end: int) -> 
         return False
     first = bisect.bisect_right(index.token_starts, start) - 1
     last = bisect.bisect_left(index.token_starts, end) - 1
+    texts, lowers, is_punct, is_space = tokens.texts, tokens.lowers, tokens.is_punct, tokens.is_space
     words = 0
     for position in range(first - 1, -1, -1):
         if position in index.pre_cue_ends:
             return True
-        token = doc[position]
-        if _is_terminator(token):
+        if _is_terminator(tokens, position):
             break
-        if token.lower_ in _SCOPE_PREPOSITIONS:
+        lower = lowers[position]
+        if lower in _SCOPE_PREPOSITIONS:
             return position - 1 in index.pre_cue_ends
-        if not (token.is_punct or token.is_space or token.lower_ in _LIST_WORDS):
+        if not (is_punct[position] or is_space[position] or lower in _LIST_WORDS):
             words += 1
             if words > _NEGATION_WINDOW_WORDS:
                 break
     words = 0
-    for position in range(last + 1, len(doc)):
+    for position in range(last + 1, len(tokens)):
         if position in index.post_cue_starts:
             return True
-        token = doc[position]
-        if token.text in _TERMINATOR_PUNCT or token.text.lower() in ("but", "however") or "\n" in token.text:
+        text = texts[position]
+        if text in _TERMINATOR_PUNCT or lowers[position] in ("but", "however") or "\n" in text:
             break
-        if not (token.is_punct or token.is_space):
+        if not (is_punct[position] or is_space[position]):
             words += 1
             if words > _POST_NEGATION_WINDOW_WORDS:
                 break
@@ -1973,19 +2053,15 @@ def _make_key(entity_type: str, name: str, detail: str | None, negated: bool) ->
 def _entities_from_doc(pipeline: _Pipeline, doc: Any, text: str) -> list[Entity]:
     if not text.strip():
         return []
-    # Plain copies of the token attributes used below: creating spaCy Token objects (every ``doc[i]``, every
-    # iteration) dominated the extractor's time, so the doc is walked once.
-    token_info = [
-        _Token(t.text, t.lower_, t.idx, t.is_alpha, t.is_stop, t.like_num, t.is_punct, t.is_space) for t in doc
-    ]
+    token_info = _Tokens(doc, text)
     candidates = _name_candidates(pipeline, doc, text, token_info) + _date_candidates(text) + _pattern_candidates(text)
-    candidates += _abbreviation_candidates(pipeline, doc, text, candidates)
+    candidates += _abbreviation_candidates(pipeline, doc, text, token_info, candidates)
     kept = [
         candidate
         for candidate in _resolve_overlaps(candidates)
         if not (candidate.type == "date" and _NON_ENTITY_DATE_RE.fullmatch(candidate.name))
     ]
-    negation_index = _negation_index(pipeline, doc, token_info)
+    negation_index = _negation_index(pipeline, doc, text, token_info)
     entities = []
     for candidate in kept:
         negated = _negated(token_info, negation_index, candidate.start, candidate.end)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
+import warnings
 from pathlib import Path
 
 import pytest
@@ -184,6 +185,57 @@ def test_abbreviation_defined_in_text_is_resolved():
     found = only("Treated for hospital-acquired pneumonia (HAP) with cefepime. HAP resolved by day 5.", "diagnosis")
     assert [e.text for e in found] == ["hospital-acquired pneumonia (HAP)", "HAP"]
     assert {e.name for e in found} == {"hospital-acquired pneumonia"}
+
+
+def test_abbreviation_definitions_match_the_detector():
+    # _abbreviation_definitions replaces the detector's "( + )" matcher by a scan of the tokens and then calls
+    # scispaCy's own filter_matches / find_matches_for: same definitions, same order as detector(doc).
+    pipeline = ent._get_pipeline()
+    if pipeline.abbreviation_detector is None:
+        pytest.skip("scispacy is not installed")
+    texts = [
+        "Treated for hospital-acquired pneumonia (HAP) with cefepime. HAP resolved. (CAP) was not (community) seen.",
+        "(Start) acute kidney injury (AKI) on CKD (chronic kidney disease stage three), AKI improved (Cr 1.4) (x).",
+        "deep vein thrombosis (DVT (left leg)) and pulmonary embolism (PE) ) ( ( PE ) DVT) (a b c d e f g h i j).",
+        "HAP (hospital acquired pneumonia) vs VAP (ventilator associated pneumonia); HAP, VAP and HAP again.",
+        "no parentheses at all",
+    ]
+    found = []
+    for text in texts:
+        doc = pipeline.nlp.make_doc(text)
+        ours = ent._abbreviation_definitions(pipeline.abbreviation_detector, doc, [token.text for token in doc])
+        doc._.abbreviations = []
+        with warnings.catch_warnings():  # the detector warns (W036) on a text without definitions
+            warnings.filterwarnings("ignore", message=r".*W036")
+            pipeline.abbreviation_detector(doc)
+        detector = [(short, short._.long_form) for short in doc._.abbreviations]
+        as_chars = [
+            [(s.start_char, s.end_char, lf.start_char, lf.end_char) for s, lf in pairs] for pairs in (ours, detector)
+        ]
+        assert as_chars[0] == as_chars[1], text
+        found.append(len(ours))
+    assert found[-1] == 0 and sum(found) >= 4  # the last text defines nothing; the others do
+
+
+def test_scans_from_start_characters_equal_finditer():
+    # _finditer_from tries a pattern only where its start class matches: it must find what finditer finds.
+    text = (
+        "Seen Jan 5, 5th of March 2150, MAY 2150, 2150-03-14, 3/14/2150, 3/2150 and 10:30 pm on HD #3 (hospital "
+        "day 4), POD 2, Post-op day 1; CABG (2142), since 2139, in 2140. Vitals 98.6 132/78 88 18 96%RA, sat 95% on "
+        "2L, 4L NC, 2 L nasal cannula. BP 120/80, 1/2 tab, 2/2 bottles, 12:75, ___, x3/14 and 3/14."
+    )
+    for pattern, starts in (
+        (ent._DATE_RE, ent._DATE_STARTS_RE),
+        (ent._MONTH_YEAR_RE, ent._NUMBER_STARTS_RE),
+        (ent._O2_FLOW_RE, ent._NUMBER_STARTS_RE),
+        (ent._VITALS_LINE_RE, ent._NUMBER_STARTS_RE),
+        (ent._SATURATION_RE, ent._NUMBER_STARTS_RE),
+        (ent._YEAR_RE, ent._YEAR_STARTS_RE),
+    ):
+        for variant in (text, text.lower(), text.upper()):
+            expected = [(m.span(), m.groups()) for m in pattern.finditer(variant)]
+            assert [(m.span(), m.groups()) for m in ent._finditer_from(pattern, starts, variant)] == expected
+    assert len(list(ent._finditer_from(ent._DATE_RE, ent._DATE_STARTS_RE, text))) >= 12
 
 
 def test_entities_sorted_and_non_overlapping():
