@@ -833,9 +833,25 @@ _PSEUDO_NEGATIONS = (
     "not certain whether",
     "negative pressure",
 )
+# Narrative verbs: each ends a negation's scope ("no fever, then developed cough") and none modifies a finding.
+_NARRATIVE_VERBS = (
+    "started",
+    "restarted",
+    "continued",
+    "given",
+    "treated",
+    "found",
+    "noted",
+    "showed",
+    "shows",
+    "revealed",
+    "reveals",
+    "developed",
+)
 # Words that end a negation's scope ("no fever but has cough": cough is not negated).
 _SCOPE_TERMINATORS = frozenset(
     [
+        *_NARRATIVE_VERBS,
         "but",
         "however",
         "although",
@@ -855,11 +871,7 @@ _SCOPE_TERMINATORS = frozenset(
         "cause",
         "causes",
         "now",
-        "started",
-        "restarted",
         "resumed",
-        "continued",
-        "given",
         "received",
         "has",
         "had",
@@ -869,15 +881,7 @@ _SCOPE_TERMINATORS = frozenset(
         "is",
         "are",
         "then",
-        "developed",
-        "found",
-        "noted",
-        "showed",
-        "shows",
-        "revealed",
-        "reveals",
         "complicated",
-        "treated",
     ]
 )
 _TERMINATOR_PUNCT = frozenset({".", ";", "!", "?", ":"})
@@ -1260,18 +1264,7 @@ _HEAD_TYPES = {
 # Words of the narrative that never modify a finding ("started", "patient", "likely").
 _NOT_MODIFIERS = frozenset(
     [
-        "started",
-        "restarted",
-        "continued",
-        "given",
-        "treated",
-        "found",
-        "noted",
-        "showed",
-        "shows",
-        "revealed",
-        "reveals",
-        "developed",
+        *_NARRATIVE_VERBS,
         "likely",
         "possible",
         "concern",
@@ -1293,7 +1286,6 @@ _NOT_MODIFIERS = frozenset(
         "additional",
         "prior",
         "repeat",
-        "given",
         "underwent",
         "undergo",
         "underwent",
