@@ -5,6 +5,10 @@ recognises the same names, so synthetic ground truth and extraction agree on spe
 by hand from common inpatient medicine (discharge medication lists, basic metabolic panel / CBC, frequent
 problems and procedures in MIMIC-IV discharge notes); they are not derived from MIMIC text. Extending a list
 is safe; renaming or removing an entry changes synthetic data (and pinned test fingerprints).
+
+Why one module (~1.3k lines): it is data, not logic — word lists and their small record types. Splitting it by
+type would not shorten anything a reader follows, and the generator's random stream draws from these lists in a
+fixed order, so keeping them in one file keeps that order easy to see and hard to disturb.
 """
 
 from __future__ import annotations
