@@ -8,7 +8,7 @@
 #   bash benchmarks/device/run_suite.sh unsloth:kaggle,physionet
 #
 # Steps:
-#   gputests                      pytest -m gpu on tests/gpu/test_training_gpu.py (training-path correctness)
+#   gputests                      pytest -m gpu on tests/gpu/ (training- and inference-path correctness)
 #   train:<profiles>:<variants>   benchmarks/train_throughput.py rows (names or globs), merged into $OUT/train
 #   unsloth:<profiles>            the Unsloth rows in their own environment, merged into $OUT/train
 #   profile:<variant>             benchmarks/profile_train_step.py on one row (kaggle profile)
@@ -34,7 +34,7 @@ for step in "$@"; do
   t=$(left); [ "$t" -lt 60 ] && { echo "[suite] $step: skipped, ${t}s left" | tee -a "$OUT/status"; continue; }
   case $kind in
     gputests)
-      timeout $((t - 10)) env PYTHONPATH=$SITE python3 -m pytest -m gpu tests/gpu/test_training_gpu.py -q -p no:cacheprovider \
+      timeout $((t - 10)) env PYTHONPATH=$SITE python3 -m pytest -m gpu tests/gpu -q -p no:cacheprovider -rs \
         > "$OUT/gputests.log" 2>&1; echo "[suite] gputests rc=$? t=$(( $(date +%s)-START ))" | tee -a "$OUT/status" ;;
     train)
       profiles=${rest%%:*}; variants=${rest#*:}
