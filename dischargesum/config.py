@@ -1061,6 +1061,18 @@ def field_names(cls: type[BaseConfig]) -> list[str]:
     return [f.name for f in dataclasses.fields(cls)]
 
 
+S = TypeVar("S")
+
+
+def settings_from_config(cls: type[S], cfg: BaseConfig) -> S:
+    """An instance of the settings dataclass ``cls`` with every field copied from ``cfg``'s field of the same name.
+
+    Raises:
+        AttributeError: ``cfg`` lacks one of ``cls``'s fields (a renamed config key fails here, not silently).
+    """
+    return cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls)})  # type: ignore[arg-type]
+
+
 def _closest(key: str, cls: type[BaseConfig]) -> str:
     match = difflib.get_close_matches(key, field_names(cls), n=1, cutoff=0.5)
     return f" Did you mean `{match[0]}`?" if match else f" Run with --help to list the {cls.STAGE} fields."

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from dischargesum.artifacts import STAGE2_FILE
-from dischargesum.config import CompressConfig
+from dischargesum.config import CompressConfig, settings_from_config
 from dischargesum.logging_utils import get_logger
 from dischargesum.manifest import ArtifactError, require_artifact, sha256_file
 
@@ -74,14 +74,7 @@ class CompressionSettings:
 
     @classmethod
     def from_config(cls, cfg: CompressConfig) -> CompressionSettings:
-        return cls(
-            target_ratio=cfg.target_ratio,
-            retention_threshold=cfg.retention_threshold,
-            max_attempts=cfg.max_attempts,
-            max_length_ratio=cfg.max_length_ratio,
-            max_new_tokens=cfg.max_new_tokens,
-            seed=cfg.seed,
-        )
+        return settings_from_config(cls, cfg)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -50,7 +50,7 @@ import torch
 from transformers import GenerationConfig, StoppingCriteria
 
 from dischargesum.cli import UserError
-from dischargesum.config import ConfigError, InferenceConfig
+from dischargesum.config import ConfigError, InferenceConfig, settings_from_config
 from dischargesum.inference.kv_cache import (
     attach_ring,
     build_static_cache,
@@ -124,18 +124,7 @@ class EngineSettings:
 
     @classmethod
     def from_config(cls, cfg: InferenceConfig) -> EngineSettings:
-        return cls(
-            batch_token_budget=cfg.batch_token_budget,
-            max_batch_size=cfg.max_batch_size,
-            do_sample=cfg.do_sample,
-            temperature=cfg.temperature,
-            top_p=cfg.top_p,
-            top_k=cfg.top_k,
-            cache_implementation=cfg.cache_implementation,
-            compile=cfg.compile,
-            sliding_window_cache=cfg.sliding_window_cache,
-            prefill_chunk_rows=cfg.prefill_chunk_rows,
-        )
+        return settings_from_config(cls, cfg)
 
 
 # ---------------------------------------------------------------------------------------------------------------

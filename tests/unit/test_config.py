@@ -239,3 +239,29 @@ def test_completed_run_status_and_the_stage_status_script(tmp_path: Path) -> Non
     assert proc.returncode == 1 and "changed or vanished" in proc.stdout
     proc = run_script("stage_status.py", ["nope"])
     assert proc.returncode == 2 and "unknown stage" in proc.stderr
+
+
+def test_settings_from_config_copies_every_field_and_refuses_a_missing_one() -> None:
+    import dataclasses
+
+    from dischargesum.config import CompressConfig, GenerateConfig, settings_from_config
+    from dischargesum.inference.compress import CompressionSettings
+    from dischargesum.inference.engine import EngineSettings
+
+    cfg = GenerateConfig(
+        output_dir="o", dataset_dir="d", model_name_or_path="m", do_sample=True, top_k=7, prefill_chunk_rows=5
+    )
+    engine = EngineSettings.from_config(cfg)
+    assert (engine.top_k, engine.prefill_chunk_rows) == (7, 5)
+    assert all(getattr(engine, f.name) == getattr(cfg, f.name) for f in dataclasses.fields(EngineSettings))
+    compress = CompressionSettings.from_config(
+        CompressConfig(output_dir="o", input="x.jsonl", model_name_or_path="m", max_attempts=5, seed=3)
+    )
+    assert (compress.max_attempts, compress.seed) == (5, 3)
+
+    @dataclasses.dataclass
+    class Unknown:
+        no_such_field: int = 0
+
+    with pytest.raises(AttributeError, match="no_such_field"):
+        settings_from_config(Unknown, cfg)
