@@ -156,19 +156,23 @@ def _presplit_source(tmp_path: Path) -> Path:
     return src
 
 
-def test_pipeline_ranks_train_and_validation_not_test_and_cards_the_support(tmp_path: Path, tiny_model_dir) -> None:
-    limit = _budget(load_tokenizer(str(tiny_model_dir)))
-    cfg = PrepareDataConfig(
+def _presplit_config(tmp_path: Path, tiny_model_dir: Path, **overrides: object) -> PrepareDataConfig:
+    """prepare_data on the three pre-split notes, at a budget that forces shortening."""
+    return PrepareDataConfig(
         output_dir=str(tmp_path / "out"),
         source=str(_presplit_source(tmp_path)),
         input_split_column="split",
         tokenizer_name_or_path=str(tiny_model_dir),
-        max_seq_length=limit,
+        max_seq_length=_budget(load_tokenizer(str(tiny_model_dir))),
         min_note_tokens=16,
         num_workers=0,
         plots=False,
-        entity_support_stats="all",
+        **overrides,  # type: ignore[arg-type]
     )
+
+
+def test_pipeline_ranks_train_and_validation_not_test_and_cards_the_support(tmp_path: Path, tiny_model_dir) -> None:
+    cfg = _presplit_config(tmp_path, tiny_model_dir, entity_support_stats="all")
     assert cfg.shortening_rank_by_target  # the default
     result = run_prepare_data(cfg)
     notes = {
@@ -185,19 +189,7 @@ def test_pipeline_ranks_train_and_validation_not_test_and_cards_the_support(tmp_
 
 
 def test_fixed_order_everywhere_when_switched_off(tmp_path: Path, tiny_model_dir) -> None:
-    limit = _budget(load_tokenizer(str(tiny_model_dir)))
-    cfg = PrepareDataConfig(
-        output_dir=str(tmp_path / "out"),
-        source=str(_presplit_source(tmp_path)),
-        input_split_column="split",
-        tokenizer_name_or_path=str(tiny_model_dir),
-        max_seq_length=limit,
-        min_note_tokens=16,
-        num_workers=0,
-        plots=False,
-        shortening_rank_by_target=False,
-        entity_support_stats="off",
-    )
+    cfg = _presplit_config(tmp_path, tiny_model_dir, shortening_rank_by_target=False, entity_support_stats="off")
     result = run_prepare_data(cfg)
     train = pq.read_table(tmp_path / "out" / schema.SPLIT_FILES["train"]).column("note").to_pylist()
     assert not any(dose in train[0] for dose in ADMISSION_DOSES)
