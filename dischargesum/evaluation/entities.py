@@ -1409,8 +1409,8 @@ class _Pipeline:
         self.single_terms: dict[str, tuple[str, str]] = {}
         multi: dict[str, tuple[str, str]] = {}
         for terms, entity_type in (
-            (vocabularies.drug_terms(), "medication"),
-            (vocabularies.disease_terms(), "diagnosis"),
+            (vocabularies.terms("drug_terms"), "medication"),
+            (vocabularies.terms("disease_terms"), "diagnosis"),
         ):
             for variant, canonical in terms.items():
                 if variant in known or variant in self.single_terms or variant in multi:

@@ -331,9 +331,14 @@ def test_vocabulary_files_keep_their_layout():
     from dischargesum.data import vocabularies
 
     assert (
-        len(vocabularies.drug_terms()) > 30_000 and vocabularies.drug_terms()["zosyn"] == "piperacillin and tazobactam"
+        len(vocabularies.terms("drug_terms")) > 30_000
+        and vocabularies.terms("drug_terms")["zosyn"] == "piperacillin and tazobactam"
     )
-    assert len(vocabularies.disease_terms()) > 20_000 and "hydronephrosis" in vocabularies.disease_terms()
+    assert len(vocabularies.terms("disease_terms")) > 20_000 and "hydronephrosis" in vocabularies.terms(
+        "disease_terms"
+    )
+    with pytest.raises(KeyError, match="known: drug_terms, disease_terms"):
+        vocabularies.terms("drug_names")
 
 
 def test_ambiguous_shorthand_follows_context():
