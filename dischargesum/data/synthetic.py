@@ -812,33 +812,38 @@ def _vitals_line(rng: random.Random, fixed: list[dict[str, Any]]) -> str:
     return _pick(rng, ("VS: ", "Vitals: ", "VS ", "")) + line
 
 
+# History-of-present-illness filler sentences, one drawn per call. {duration}, {ed_med} and {ed_lab} are drawn
+# only for the sentence that uses them: the filler pools' random stream (and so the demo data) depends on that.
+_HPI_TEMPLATES = (
+    "{She} reports {duration} of {s1} and {s2}.",
+    "{She} denies {s1}, {s2}, or {s3}.",
+    "ROS is otherwise negative for {s1} and {s2}.",
+    "Of note, {she} was seen by ___ last month and started on ___.",
+    "In the ED, {she} was given {ed_med}.",
+    "Of note, {she} has had ___ falls over the past ___ months.",
+    "{She} reports no {s1} or {s2}.",
+    "Labs in the ED were notable for {ed_lab}.",
+    "{She} notes {s1} that is worse with exertion and improved with rest, without {s2}.",
+    "Denies recent travel or sick contacts. Lives at home with ___.",
+)
+
+
 def _hpi_filler(rng: random.Random, p: dict[str, str]) -> str:
     s1, s2 = _two_symptoms(rng)
     s3 = _pick(rng, _SYMPTOMS)
     if s3 in (s1, s2):
         s3 = "chills" if s1 != "chills" and s2 != "chills" else "cough"
-    kind = int(rng.random() * 10)
-    if kind == 0:
-        return f"{p['She']} reports {_pick(rng, _DURATIONS)} of {s1} and {s2}."
-    if kind == 1:
-        return f"{p['She']} denies {s1}, {s2}, or {s3}."
-    if kind == 2:
-        return f"ROS is otherwise negative for {s1} and {s2}."
-    if kind == 3:
-        return f"Of note, {p['she']} was seen by ___ last month and started on ___."
-    if kind == 4:
+    template = _HPI_TEMPLATES[int(rng.random() * len(_HPI_TEMPLATES))]
+    fields = {**p, "s1": s1, "s2": s2, "s3": s3}
+    if "{duration}" in template:
+        fields["duration"] = _pick(rng, _DURATIONS)
+    if "{ed_med}" in template:
         med = _pick(rng, lexicon.MEDICATIONS)
         dose, route = _pick(rng, med.doses), _pick(rng, med.routes)
-        return f"In the ED, {p['she']} was given {med.name} {dose} {med.unit} {route}."
-    if kind == 5:
-        return f"Of note, {p['she']} has had ___ falls over the past ___ months."
-    if kind == 6:
-        return f"{p['She']} reports no {s1} or {s2}."
-    if kind == 7:
-        return f"Labs in the ED were notable for {_lab_entity(rng, _pick(rng, lexicon.LABS))[0]}."
-    if kind == 8:
-        return f"{p['She']} notes {s1} that is worse with exertion and improved with rest, without {s2}."
-    return "Denies recent travel or sick contacts. Lives at home with ___."
+        fields["ed_med"] = f"{med.name} {dose} {med.unit} {route}"
+    if "{ed_lab}" in template:
+        fields["ed_lab"] = _lab_entity(rng, _pick(rng, lexicon.LABS))[0]
+    return template.format(**fields)
 
 
 @dataclass(frozen=True)
