@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.unit.test_modeling_packing import packed_vs_alone_gradients
+from tests.packing_checks import packed_vs_alone_gradients
 
 pytestmark = pytest.mark.gpu
 

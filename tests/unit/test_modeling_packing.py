@@ -6,92 +6,36 @@ examples packed into one row by TRL's padding-free collator must equal those of 
 tiny causal LM and the tiny VLM (MedGemma's class), with sdpa and eager, on sequences longer than the sliding
 window. A control with a single running position_ids (no boundaries) must differ, so the test can fail; and a
 forward with a KV cache (use_cache=True) leaks across examples, which is why training disables the cache.
+flex_attention compiles on CPU for ~30 s, so its packed forward is checked in the integration tier
+(tests/integration/test_packing_flex_cpu.py).
 """
 
 from __future__ import annotations
 
-import itertools
 from pathlib import Path
 
 import pytest
 
+from tests.packing_checks import examples_for, nll_per_example, packed_vs_alone_gradients
+
 pytestmark = pytest.mark.unit
 
 
-def _examples(model_dir: Path, n: int = 3) -> list[tuple[list[int], list[int]]]:
-    """(input_ids, labels) of ``n`` chat examples with the prompt masked, as TRL builds them."""
-    from dischargesum.data.formatting import completion_messages, prompt_messages
-    from dischargesum.data.synthetic import generate_rows
-    from dischargesum.modeling import load_tokenizer
-
-    tok = load_tokenizer(str(model_dir))
-    out = []
-    for row in generate_rows(n, profile="tiny", schema="kaggle", seed=3, with_entities=False):
-        prompt = prompt_messages(str(row["input"])[:600])
-        full = prompt + completion_messages(str(row["target"])[:300])
-        prompt_ids = tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)
-        ids = tok.apply_chat_template(full, tokenize=True, return_dict=True)["input_ids"]
-        n_prompt = len(prompt_ids["input_ids"])
-        out.append((ids, [-100] * n_prompt + ids[n_prompt:]))
-    return out
-
-
-def _nll_per_example(
-    model, examples, *, packed: bool, boundaries: bool = True, use_cache: bool = False
-) -> list[float]:
-    import torch
-    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
-
-    if not packed:
-        losses = []
-        for ids, labels in examples:
-            with torch.no_grad():
-                logits = model(input_ids=torch.tensor([ids])).logits[0, :-1].float()
-            target = torch.tensor(labels[1:])
-            mask = target != -100
-            nll = torch.nn.functional.cross_entropy(logits[mask], target[mask], reduction="sum")
-            losses.append(float(nll))
-        return losses
-    collator = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)
-    batch = collator([{"input_ids": ids, "labels": labels} for ids, labels in examples])
-    position_ids = batch["position_ids"]
-    if not boundaries:
-        position_ids = torch.arange(position_ids.shape[1])[None]
-    with torch.no_grad():
-        logits = model(input_ids=batch["input_ids"], position_ids=position_ids, use_cache=use_cache).logits
-    logits = logits[0, :-1].float()
-    target = batch["labels"][0, 1:]
-    starts = [int(s) for s in batch["cu_seq_lens_q"]]
-    losses = []
-    for a, b in itertools.pairwise(starts):
-        seg_logits, seg_target = logits[a : b - 1], target[a : b - 1]
-        mask = seg_target != -100
-        losses.append(float(torch.nn.functional.cross_entropy(seg_logits[mask], seg_target[mask], reduction="sum")))
-    return losses
-
-
-@pytest.mark.parametrize("attn", ["sdpa", "eager", "flex_attention"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("kind", ["causal_lm", "vlm"])
 def test_packed_losses_equal_unpacked(kind: str, attn: str, tiny_model_dir: Path, tiny_vlm_dir: Path) -> None:
     from dischargesum.modeling import load_base_model
 
-    if attn == "flex_attention" and kind == "vlm":
-        # The mask is built by the same transformers code for both classes; each new shape costs flex a CPU
-        # compilation (~30 s here), so flex checks the packed-vs-alone equality on the causal LM only.
-        pytest.skip("flex_attention: checked on the causal LM (same mask code, CPU compilation per shape)")
-
     model_dir = tiny_model_dir if kind == "causal_lm" else tiny_vlm_dir
     model = load_base_model(str(model_dir), dtype="float32", attn_implementation=attn).eval()
     assert model.config.get_text_config()._attn_implementation == attn
-    examples = _examples(model_dir)
+    examples = examples_for(model_dir)
     window = model.config.get_text_config().sliding_window
     assert all(len(ids) > 2 * window for ids, _ in examples), "examples must exceed the sliding window"
-    alone = _nll_per_example(model, examples, packed=False)
-    packed = _nll_per_example(model, examples, packed=True)
+    alone = nll_per_example(model, examples, packed=False)
+    packed = nll_per_example(model, examples, packed=True)
     assert packed == pytest.approx(alone, rel=1e-4, abs=1e-3)
-    if attn == "flex_attention":
-        return  # the controls below exercise the shared mask code, already covered by sdpa and eager
-    leaky = _nll_per_example(model, examples, packed=True, boundaries=False)
+    leaky = nll_per_example(model, examples, packed=True, boundaries=False)
     assert leaky[0] == pytest.approx(alone[0], rel=1e-4)  # the first example has nothing before it
     assert leaky[1:] != pytest.approx(alone[1:], rel=1e-4), "without boundaries later examples must differ"
     if kind == "causal_lm":
@@ -99,85 +43,15 @@ def test_packed_losses_equal_unpacked(kind: str, attn: str, tiny_model_dir: Path
         # cache exists, and Gemma3ForCausalLM creates one before building its masks when use_cache=True, so such a
         # forward attends across examples. Training runs with use_cache=False (TRL passes it, and
         # load_model_for_training sets config.use_cache=False). (The VLM builds its masks before the cache.)
-        with_cache = _nll_per_example(model, examples, packed=True, use_cache=True)
+        with_cache = nll_per_example(model, examples, packed=True, use_cache=True)
         assert with_cache[1:] != pytest.approx(alone[1:], rel=1e-4)
-
-
-def _nll_sum(model, examples, *, packed: bool, device: str = "cpu"):
-    """Summed completion NLL of ``examples`` (with autograd), packed into one padding-free row or run one by one."""
-    import torch
-    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
-
-    def segment_nll(logits, labels):
-        target = labels[1:]
-        mask = target != -100
-        return torch.nn.functional.cross_entropy(logits[:-1][mask].float(), target[mask], reduction="sum")
-
-    if not packed:
-        total = 0
-        for ids, labels in examples:
-            logits = model(input_ids=torch.tensor([ids], device=device)).logits[0]
-            total = total + segment_nll(logits, torch.tensor(labels, device=device))
-        return total
-    batch = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)(
-        [{"input_ids": ids, "labels": labels} for ids, labels in examples]
-    )
-    logits = model(input_ids=batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device)).logits[0]
-    labels = batch["labels"][0].to(device)
-    starts = [int(s) for s in batch["cu_seq_lens_q"]]
-    return sum(segment_nll(logits[a:b], labels[a:b]) for a, b in itertools.pairwise(starts))
-
-
-def packed_vs_alone_gradients(
-    model_dir: Path, attn: str, *, device: str = "cpu", dtype: str = "float32"
-) -> tuple[float, float, float]:
-    """(loss alone, loss packed, worst relative LoRA-gradient difference) of the training path — PEFT LoRA on
-    every projection, the fused LoRA node, gradient checkpointing — on examples longer than twice the sliding
-    window, packed into one padding-free row vs run one by one. Shared with tests/gpu/test_training_gpu.py."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-
-    from dischargesum.modeling import load_base_model
-    from dischargesum.training.fast_lora import enable_fused_lora
-
-    model = load_base_model(str(model_dir), dtype=dtype, attn_implementation=attn).to(device)
-    model.config.use_cache = False
-    model.requires_grad_(False)
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets, task_type="CAUSAL_LM"))
-    gen = torch.Generator().manual_seed(0)
-    for name, p in model.named_parameters():
-        if "lora_" in name:
-            p.data = p.data.float()  # fp32 master weights, as the trainer keeps them
-        if "lora_B" in name:
-            p.data.copy_(torch.randn(p.shape, generator=gen) * 0.05)
-    assert enable_fused_lora(model) > 0
-    model.train()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.enable_input_require_grads()
-    examples = _examples(model_dir)
-    window = model.config.get_text_config().sliding_window
-    assert all(len(ids) > 2 * window for ids, _ in examples), "examples must exceed the sliding window"
-
-    def loss_and_grads(packed: bool):
-        model.zero_grad(set_to_none=True)
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
-            loss = _nll_sum(model, examples, packed=packed, device=device)
-        loss.backward()
-        grads = {n: p.grad.float().clone() for n, p in model.named_parameters() if p.requires_grad}
-        return float(loss.detach()), grads
-
-    alone_loss, alone_grads = loss_and_grads(packed=False)
-    packed_loss, packed_grads = loss_and_grads(packed=True)
-    worst = max(float((packed_grads[k] - g).norm() / g.norm()) for k, g in alone_grads.items())
-    return alone_loss, packed_loss, worst
 
 
 def test_packed_loss_and_lora_gradients_equal_one_by_one(tiny_model_dir: Path) -> None:
     """A packed micro-batch gives the loss and LoRA gradients of the same examples run alone: neither a document
     boundary nor the sliding window leaks. sdpa only on CPU: torch has no CPU backward for flex_attention
     ("FlexAttention does not support backward on CPU"); its forward is checked on CPU by
-    test_packed_losses_equal_unpacked, its gradients on the GPU by tests/gpu/test_training_gpu.py."""
+    tests/integration/test_packing_flex_cpu.py, its gradients on the GPU by tests/gpu/test_training_gpu.py."""
     alone, packed, worst = packed_vs_alone_gradients(tiny_model_dir, "sdpa")
     assert packed == pytest.approx(alone, rel=1e-5)
     assert worst < 1e-4, worst
