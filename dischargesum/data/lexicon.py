@@ -18,6 +18,7 @@ pinned test fingerprints; the extractor-only tables change only what the extract
 
 from __future__ import annotations
 
+import functools
 import tomllib
 import typing
 from dataclasses import MISSING, dataclass, fields, is_dataclass
@@ -104,6 +105,12 @@ def _describe(hint: Any) -> str:
     return "[" + ", ".join(_describe(arg) for arg in args) + "]"
 
 
+@functools.cache
+def _type_hints(cls: type) -> dict[str, Any]:
+    """A record's field types, resolved once (the annotations are strings under ``from __future__``)."""
+    return typing.get_type_hints(cls)
+
+
 def _convert(value: Any, hint: Any, where: str) -> Any:
     """``value`` as loaded by tomllib, checked against ``hint``; arrays become tuples, inline tables records.
 
@@ -123,7 +130,7 @@ def _convert(value: Any, hint: Any, where: str) -> Any:
             raise ValueError(
                 f"{where}: unknown columns {unknown}, missing columns {missing}; expected {_describe(hint)}"
             )
-        hints = typing.get_type_hints(hint)
+        hints = _type_hints(hint)
         return hint(**{name: _convert(item, hints[name], f"{where}.{name}") for name, item in value.items()})
     args = typing.get_args(hint)
     if typing.get_origin(hint) is tuple and isinstance(value, list):
