@@ -3,17 +3,29 @@
 One source of truth: the generator writes notes from these lists and the extractor (``evaluation.entities``)
 recognises the same names, so synthetic ground truth and extraction agree on spelling. The lists are written
 by hand from common inpatient medicine (discharge medication lists, basic metabolic panel / CBC, frequent
-problems and procedures in MIMIC-IV discharge notes); they are not derived from MIMIC text. Extending a list
-is safe; renaming or removing an entry changes synthetic data (and pinned test fingerprints).
+problems and procedures in MIMIC-IV discharge notes); they are not derived from MIMIC text.
 
-Why one module (~1.3k lines): it is data, not logic — word lists and their small record types. Splitting it by
-type would not shorten anything a reader follows, and the generator's random stream draws from these lists in a
-fixed order, so keeping them in one file keeps that order easy to see and hard to disturb.
+The word lists live in ``lexicon.toml`` beside this module (shipped as package data); this module only holds the
+record types and a loader that checks every entry against the types of the ``Lexicon`` fields and turns TOML
+arrays into tuples and inline tables into records. Each table of the TOML file is the upper-case constant of the
+same name here (``medications`` -> ``MEDICATIONS``). The file's header says what each column means.
+
+Extending a list is safe: add a line to the table, in the shape its comment gives (a wrong shape stops the import
+with an error naming the file and the entry). Renaming, removing or reordering an entry of a table the generator
+draws from (medications, labs, vitals, diagnoses, procedures, section_headers) changes synthetic data and the
+pinned test fingerprints; the extractor-only tables change only what the extractor recognises.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+import tomllib
+import typing
+from dataclasses import MISSING, dataclass, fields, is_dataclass
+from importlib import resources
+from importlib.resources.abc import Traversable
+from pathlib import Path
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -43,1284 +55,161 @@ class Vital:
     unit: str
 
 
-MEDICATIONS: tuple[Medication, ...] = (
-    Medication("aspirin", ("81", "325"), "mg", ("PO",), ("daily",)),
-    Medication("atorvastatin", ("10", "20", "40", "80"), "mg", ("PO",), ("daily", "qHS"), ("Lipitor",)),
-    Medication("simvastatin", ("20", "40"), "mg", ("PO",), ("qHS",), ("Zocor",)),
-    Medication("metoprolol succinate", ("25", "50", "100"), "mg", ("PO",), ("daily",), ("Toprol XL",)),
-    Medication("metoprolol tartrate", ("12.5", "25", "50"), "mg", ("PO",), ("BID",), ("Lopressor",)),
-    Medication("lisinopril", ("2.5", "5", "10", "20", "40"), "mg", ("PO",), ("daily",), ("Zestril",)),
-    Medication("losartan", ("25", "50", "100"), "mg", ("PO",), ("daily",), ("Cozaar",)),
-    Medication("amlodipine", ("2.5", "5", "10"), "mg", ("PO",), ("daily",), ("Norvasc",)),
-    Medication("furosemide", ("20", "40", "80"), "mg", ("PO", "IV"), ("daily", "BID"), ("Lasix",)),
-    Medication("torsemide", ("10", "20", "40"), "mg", ("PO",), ("daily",)),
-    Medication("spironolactone", ("12.5", "25", "50"), "mg", ("PO",), ("daily",), ("Aldactone",)),
-    Medication("hydrochlorothiazide", ("12.5", "25"), "mg", ("PO",), ("daily",)),
-    Medication("carvedilol", ("3.125", "6.25", "12.5", "25"), "mg", ("PO",), ("BID",), ("Coreg",)),
-    Medication("diltiazem", ("30", "60", "120"), "mg", ("PO",), ("TID", "daily")),
-    Medication("digoxin", ("0.125", "0.25"), "mg", ("PO",), ("daily",)),
-    Medication("warfarin", ("1", "2", "2.5", "5"), "mg", ("PO",), ("daily",), ("Coumadin",)),
-    Medication("apixaban", ("2.5", "5"), "mg", ("PO",), ("BID",), ("Eliquis",)),
-    Medication("rivaroxaban", ("15", "20"), "mg", ("PO",), ("daily",), ("Xarelto",)),
-    Medication("heparin", ("5000",), "units", ("SC",), ("q8h", "q12h")),
-    Medication("enoxaparin", ("40", "60", "80"), "mg", ("SC",), ("daily", "q12h"), ("Lovenox",)),
-    Medication("clopidogrel", ("75",), "mg", ("PO",), ("daily",), ("Plavix",)),
-    Medication("insulin glargine", ("10", "15", "20", "30"), "units", ("SC",), ("qHS",), ("Lantus",)),
-    Medication("insulin lispro", ("2", "4", "6", "8"), "units", ("SC",), ("TID with meals",), ("Humalog",)),
-    Medication("metformin", ("500", "850", "1000"), "mg", ("PO",), ("BID",), ("Glucophage",)),
-    Medication("levothyroxine", ("25", "50", "75", "88", "100"), "mcg", ("PO",), ("daily",), ("Synthroid",)),
-    Medication("pantoprazole", ("40",), "mg", ("PO", "IV"), ("daily", "BID"), ("Protonix",)),
-    Medication("omeprazole", ("20", "40"), "mg", ("PO",), ("daily",)),
-    Medication("famotidine", ("20",), "mg", ("PO",), ("BID",)),
-    Medication("ondansetron", ("4", "8"), "mg", ("PO", "IV"), ("q8h PRN",), ("Zofran",)),
-    Medication("acetaminophen", ("325", "500", "650", "1000"), "mg", ("PO",), ("q6h PRN", "q8h")),
-    Medication("oxycodone", ("2.5", "5", "10"), "mg", ("PO",), ("q4h PRN", "q6h PRN")),
-    Medication("morphine", ("2", "4"), "mg", ("IV",), ("q4h PRN",)),
-    Medication("hydromorphone", ("0.5", "1", "2"), "mg", ("IV", "PO"), ("q4h PRN",), ("Dilaudid",)),
-    Medication("gabapentin", ("100", "300", "600"), "mg", ("PO",), ("TID", "qHS")),
-    Medication("sertraline", ("25", "50", "100"), "mg", ("PO",), ("daily",)),
-    Medication("citalopram", ("10", "20"), "mg", ("PO",), ("daily",)),
-    Medication("trazodone", ("25", "50"), "mg", ("PO",), ("qHS PRN",)),
-    Medication("quetiapine", ("25", "50"), "mg", ("PO",), ("qHS",)),
-    Medication("lorazepam", ("0.5", "1"), "mg", ("PO", "IV"), ("q6h PRN",), ("Ativan",)),
-    Medication("haloperidol", ("0.5", "1", "2"), "mg", ("IV", "PO"), ("q6h PRN",)),
-    Medication("levetiracetam", ("500", "750", "1000"), "mg", ("PO", "IV"), ("BID",), ("Keppra",)),
-    Medication("prednisone", ("5", "10", "20", "40", "60"), "mg", ("PO",), ("daily",)),
-    Medication("methylprednisolone", ("40", "125"), "mg", ("IV",), ("q8h", "daily"), ("Solu-Medrol",)),
-    Medication("albuterol", ("2",), "puff", ("INH",), ("q4h PRN",)),
-    Medication("ipratropium", ("0.5",), "mg", ("INH",), ("q6h",)),
-    Medication("tiotropium", ("18",), "mcg", ("INH",), ("daily",), ("Spiriva",)),
-    Medication("ceftriaxone", ("1", "2"), "g", ("IV",), ("daily",)),
-    Medication("cefepime", ("1", "2"), "g", ("IV",), ("q8h", "q12h")),
-    Medication("vancomycin", ("750", "1000", "1250", "1500"), "mg", ("IV",), ("q12h",)),
-    Medication("piperacillin-tazobactam", ("3.375", "4.5"), "g", ("IV",), ("q6h", "q8h"), ("Zosyn",)),
-    Medication("azithromycin", ("250", "500"), "mg", ("PO", "IV"), ("daily",)),
-    Medication("levofloxacin", ("500", "750"), "mg", ("PO", "IV"), ("daily",)),
-    Medication("ciprofloxacin", ("250", "500"), "mg", ("PO",), ("BID",)),
-    Medication("nitrofurantoin", ("100",), "mg", ("PO",), ("BID",)),
-    Medication("metronidazole", ("500",), "mg", ("PO", "IV"), ("q8h",), ("Flagyl",)),
-    Medication("cefpodoxime", ("200",), "mg", ("PO",), ("BID",)),
-    Medication("potassium chloride", ("10", "20", "40"), "mEq", ("PO", "IV"), ("daily", "once")),
-    Medication("magnesium sulfate", ("2",), "g", ("IV",), ("once",)),
-    Medication("lactulose", ("15", "30"), "mL", ("PO",), ("TID",)),
-    Medication("rifaximin", ("550",), "mg", ("PO",), ("BID",)),
-    Medication("senna", ("8.6", "17.2"), "mg", ("PO",), ("BID",)),
-    Medication("docusate sodium", ("100",), "mg", ("PO",), ("BID",), ("Colace",)),
-    Medication("polyethylene glycol", ("17",), "g", ("PO",), ("daily",), ("Miralax",)),
-    Medication("tamsulosin", ("0.4",), "mg", ("PO",), ("qHS",), ("Flomax",)),
-    Medication("allopurinol", ("100", "300"), "mg", ("PO",), ("daily",)),
-    Medication("folic acid", ("1",), "mg", ("PO",), ("daily",)),
-    Medication("thiamine", ("100",), "mg", ("PO",), ("daily",)),
-    Medication("nicotine patch", ("14", "21"), "mg", ("TD",), ("daily",)),
-)
+@dataclass(frozen=True)
+class Lexicon:
+    """Every table of ``lexicon.toml``; a field's type is the shape its entries must have."""
 
-LABS: tuple[Lab, ...] = (
-    Lab("sodium", ("Na", "sodium"), "mEq/L", 125, 148, 0),
-    Lab("potassium", ("K", "potassium"), "mEq/L", 2.9, 6.1, 1),
-    Lab("chloride", ("Cl", "chloride"), "mEq/L", 92, 112, 0),
-    Lab("bicarbonate", ("HCO3", "bicarbonate", "bicarb"), "mEq/L", 14, 32, 0),
-    Lab("BUN", ("BUN", "urea nitrogen"), "mg/dL", 6, 88, 0),
-    Lab("creatinine", ("Cr", "creatinine", "Creat"), "mg/dL", 0.5, 4.8, 1),
-    Lab("glucose", ("glucose", "Glu"), "mg/dL", 62, 412, 0),
-    Lab("hemoglobin", ("Hgb", "hemoglobin", "Hb"), "g/dL", 6.8, 16.2, 1),
-    Lab("hematocrit", ("Hct", "hematocrit"), "%", 21, 48, 1),
-    Lab("white blood cell count", ("WBC", "white count"), "K/uL", 2.1, 24.5, 1),
-    Lab("platelets", ("Plt", "platelets", "PLT"), "K/uL", 38, 520, 0),
-    Lab("INR", ("INR",), "", 0.9, 4.8, 1),
-    Lab("troponin T", ("TnT", "troponin", "trop"), "ng/mL", 0.01, 2.9, 2),
-    Lab("lactate", ("lactate", "lactic acid"), "mmol/L", 0.6, 7.8, 1),
-    Lab("ALT", ("ALT",), "IU/L", 9, 410, 0),
-    Lab("AST", ("AST",), "IU/L", 11, 520, 0),
-    Lab("total bilirubin", ("Tbili", "total bilirubin", "bilirubin"), "mg/dL", 0.2, 9.8, 1),
-    Lab("albumin", ("albumin", "Alb"), "g/dL", 1.9, 4.8, 1),
-    Lab("hemoglobin A1c", ("HbA1c", "A1c", "hemoglobin A1c"), "%", 4.9, 12.8, 1),
-    Lab("BNP", ("BNP", "NT-proBNP"), "pg/mL", 40, 9800, 0),
-    Lab("magnesium", ("Mg", "magnesium"), "mg/dL", 1.2, 2.8, 1),
-    Lab("lipase", ("lipase",), "IU/L", 12, 1400, 0),
-    Lab("TSH", ("TSH",), "uIU/mL", 0.1, 12.0, 2),
-)
+    medications: tuple[Medication, ...]
+    labs: tuple[Lab, ...]
+    vitals: tuple[Vital, ...]
+    diagnoses: tuple[tuple[str, tuple[str, ...]], ...]
+    procedures: tuple[tuple[str, tuple[str, ...]], ...]
+    negation_cues: tuple[str, ...]
+    section_headers: tuple[str, ...]
+    medication_aliases: tuple[tuple[str, str], ...]
+    extra_medications: tuple[tuple[str, tuple[str, ...]], ...]
+    lab_aliases: tuple[tuple[str, str], ...]
+    extra_labs: tuple[tuple[str, tuple[str, ...], str], ...]
+    vital_aliases: tuple[tuple[str, str], ...]
+    diagnosis_aliases: tuple[tuple[str, str], ...]
+    extra_diagnoses: tuple[tuple[str, tuple[str, ...]], ...]
+    procedure_aliases: tuple[tuple[str, str], ...]
+    extra_procedures: tuple[tuple[str, tuple[str, ...]], ...]
+    shorthand_medications: tuple[tuple[str, tuple[str, ...]], ...]
+    shorthand_labs: tuple[tuple[str, tuple[str, ...], str], ...]
+    shorthand_vitals: tuple[tuple[str, str], ...]
+    shorthand_diagnoses: tuple[tuple[str, tuple[str, ...]], ...]
+    shorthand_procedures: tuple[tuple[str, tuple[str, ...]], ...]
+    symptoms_and_findings: tuple[str, ...]
+    finding_heads: tuple[str, ...]
+    procedure_heads: tuple[str, ...]
 
-VITALS: tuple[Vital, ...] = (
-    Vital("BP", ("BP", "blood pressure"), "mmHg"),
-    Vital("HR", ("HR", "heart rate", "pulse", "P"), "bpm"),
-    Vital("RR", ("RR", "respiratory rate"), "/min"),
-    Vital("SpO2", ("SpO2", "O2 sat", "SaO2", "O2"), "%"),
-    Vital("Temp", ("T", "Temp", "temperature", "Tmax"), "F"),
-    Vital("Weight", ("weight", "Wt"), "kg"),
-)
 
+class LexiconError(ValueError):
+    """``lexicon.toml`` is missing, is not valid TOML, or an entry does not have the shape of its table."""
+
+
+def _describe(hint: Any) -> str:
+    """A hint in TOML words: tuple[str, tuple[str, ...]] -> [string, [string, ...]]."""
+    if hint is str:
+        return "string"
+    if hint is int:
+        return "integer"
+    if hint is float:
+        return "number"
+    if is_dataclass(hint):
+        return "{ " + ", ".join(f.name + " = ..." for f in fields(hint)) + " }"
+    args = typing.get_args(hint)
+    if len(args) == 2 and args[1] is Ellipsis:
+        return f"[{_describe(args[0])}, ...]"
+    return "[" + ", ".join(_describe(arg) for arg in args) + "]"
+
+
+@functools.cache
+def _type_hints(cls: type) -> dict[str, Any]:
+    """A record's field types, resolved once (the annotations are strings under ``from __future__``)."""
+    return typing.get_type_hints(cls)
+
+
+def _convert(value: Any, hint: Any, where: str) -> Any:
+    """``value`` as loaded by tomllib, checked against ``hint``; arrays become tuples, inline tables records.
+
+    A ``float`` column also takes an integer and keeps it an integer (``125`` stays ``int``, as in the tables).
+    """
+    if hint is str and isinstance(value, str):
+        return value
+    if hint is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if hint is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return value
+    if isinstance(hint, type) and is_dataclass(hint) and isinstance(value, dict):
+        names = {f.name for f in fields(hint)}
+        unknown = sorted(set(value) - names)
+        missing = [f.name for f in fields(hint) if f.name not in value and f.default is MISSING]
+        if unknown or missing:
+            raise ValueError(
+                f"{where}: unknown columns {unknown}, missing columns {missing}; expected {_describe(hint)}"
+            )
+        hints = _type_hints(hint)
+        return hint(**{name: _convert(item, hints[name], f"{where}.{name}") for name, item in value.items()})
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) is tuple and isinstance(value, list):
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(item, args[0], f"{where}[{i}]") for i, item in enumerate(value))
+        if len(value) == len(args):
+            return tuple(_convert(item, arg, f"{where}[{i}]") for i, (item, arg) in enumerate(zip(value, args)))
+    raise ValueError(f"{where}: expected {_describe(hint)}, got {value!r}")
+
+
+def load_lexicon(path: Path | str | None = None) -> Lexicon:
+    """Read and check ``lexicon.toml`` (the packaged file unless ``path`` is given).
+
+    Raises ``LexiconError`` naming the file and the problem: never returns empty or partial tables.
+    """
+    source: Traversable = (
+        Path(path) if path is not None else resources.files("dischargesum.data").joinpath("lexicon.toml")
+    )
+    try:
+        raw = tomllib.loads(source.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise LexiconError(
+            f"{source}: lexicon file not found; restore it (the package ships it as dischargesum/data/lexicon.toml)"
+        ) from exc
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise LexiconError(f"{source}: not valid TOML ({exc}); fix the syntax at that line") from exc
+    hints = typing.get_type_hints(Lexicon)
+    unknown, missing = sorted(set(raw) - set(hints)), sorted(set(hints) - set(raw))
+    if unknown or missing:
+        raise LexiconError(
+            f"{source}: unknown tables {unknown}, missing tables {missing}; the tables are the fields of "
+            "dischargesum.data.lexicon.Lexicon (a new table needs a field there)"
+        )
+    tables: dict[str, tuple[Any, ...]] = {}
+    for name, hint in hints.items():
+        entries = raw[name]
+        if not isinstance(entries, list):
+            raise LexiconError(f"{source}: {name} must be an array [...] of entries, got {entries!r}")
+        converted = []
+        for i, entry in enumerate(entries):
+            try:
+                converted.append(_convert(entry, typing.get_args(hint)[0], f"{name}[{i}]"))
+            except (ValueError, TypeError) as exc:
+                raise LexiconError(
+                    f"{source}: {exc} (entry {entry!r}); write it in the shape the table's comment and the file "
+                    "header give"
+                ) from exc
+        tables[name] = tuple(converted)
+    return Lexicon(**tables)
+
+
+_LEXICON = load_lexicon()
+
+MEDICATIONS: tuple[Medication, ...] = _LEXICON.medications
+LABS: tuple[Lab, ...] = _LEXICON.labs
+VITALS: tuple[Vital, ...] = _LEXICON.vitals
 # Diagnoses and problems: (canonical name, abbreviations seen in notes).
-DIAGNOSES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("congestive heart failure", ("CHF", "heart failure")),
-    ("acute kidney injury", ("AKI",)),
-    ("chronic kidney disease", ("CKD",)),
-    ("atrial fibrillation", ("AFib", "AF", "afib")),
-    ("coronary artery disease", ("CAD",)),
-    ("non-ST elevation myocardial infarction", ("NSTEMI",)),
-    ("hypertension", ("HTN",)),
-    ("hyperlipidemia", ("HLD",)),
-    ("type 2 diabetes mellitus", ("T2DM", "DM2", "diabetes")),
-    ("chronic obstructive pulmonary disease", ("COPD",)),
-    ("community-acquired pneumonia", ("CAP", "pneumonia")),
-    ("urinary tract infection", ("UTI",)),
-    ("sepsis", ()),
-    ("cellulitis", ()),
-    ("deep vein thrombosis", ("DVT",)),
-    ("pulmonary embolism", ("PE",)),
-    ("gastrointestinal bleed", ("GI bleed", "GIB")),
-    ("cirrhosis", ()),
-    ("hepatic encephalopathy", ("HE",)),
-    ("alcohol withdrawal", ()),
-    ("acute pancreatitis", ("pancreatitis",)),
-    ("diabetic ketoacidosis", ("DKA",)),
-    ("hyponatremia", ()),
-    ("hyperkalemia", ()),
-    ("anemia", ()),
-    ("delirium", ()),
-    ("syncope", ()),
-    ("ischemic stroke", ("CVA", "stroke")),
-    ("transient ischemic attack", ("TIA",)),
-    ("seizure", ()),
-    ("small bowel obstruction", ("SBO",)),
-    ("cholecystitis", ()),
-    ("hypothyroidism", ()),
-    ("depression", ()),
-    ("obstructive sleep apnea", ("OSA",)),
-    ("osteoarthritis", ("OA",)),
-    ("benign prostatic hyperplasia", ("BPH",)),
-    ("gout", ()),
-)
-
+DIAGNOSES: tuple[tuple[str, tuple[str, ...]], ...] = _LEXICON.diagnoses
 # Procedures: (canonical name, abbreviations seen in notes).
-PROCEDURES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("cardiac catheterization", ("cath", "LHC")),
-    ("percutaneous coronary intervention", ("PCI",)),
-    ("coronary artery bypass graft", ("CABG",)),
-    ("transthoracic echocardiogram", ("TTE", "echo")),
-    ("transesophageal echocardiogram", ("TEE",)),
-    ("esophagogastroduodenoscopy", ("EGD",)),
-    ("colonoscopy", ()),
-    ("paracentesis", ()),
-    ("thoracentesis", ()),
-    ("lumbar puncture", ("LP",)),
-    ("endotracheal intubation", ("intubation",)),
-    ("central venous catheter placement", ("central line",)),
-    ("hemodialysis", ("HD",)),
-    ("blood transfusion", ("transfusion",)),
-    ("CT abdomen and pelvis", ("CT A/P",)),
-    ("CT head", ("head CT",)),
-    ("chest x-ray", ("CXR",)),
-    ("MRI brain", ("brain MRI",)),
-    ("laparoscopic cholecystectomy", ("lap chole",)),
-    ("ERCP", ()),
-    ("cardioversion", ("DCCV",)),
-    ("pacemaker placement", ("PPM placement",)),
-    ("bronchoscopy", ()),
-    ("incision and drainage", ("I&D",)),
-)
-
-NEGATION_CUES: tuple[str, ...] = (
-    "no",
-    "not",
-    "denies",
-    "denied",
-    "without",
-    "negative for",
-    "no evidence of",
-    "ruled out",
-    "free of",
-    "absence of",
-)
-
+PROCEDURES: tuple[tuple[str, tuple[str, ...]], ...] = _LEXICON.procedures
+NEGATION_CUES: tuple[str, ...] = _LEXICON.negation_cues
 # In the order MIMIC-IV discharge notes use (the synthetic generator writes sections in this order).
-SECTION_HEADERS: tuple[str, ...] = (
-    "Chief Complaint",
-    "Major Surgical or Invasive Procedure",
-    "History of Present Illness",
-    "Past Medical History",
-    "Social History",
-    "Family History",
-    "Physical Exam",
-    "Pertinent Results",
-    "Medications on Admission",
-    "Discharge Medications",
-    "Discharge Disposition",
-    "Discharge Diagnosis",
-    "Discharge Condition",
-    "Discharge Instructions",
-    "Followup Instructions",
-)
+SECTION_HEADERS: tuple[str, ...] = _LEXICON.section_headers
 
-# ---------------------------------------------------------------------------------------------------------------
-# Extractor-only vocabulary (used by ``dischargesum.evaluation.entities``).
-#
-# Extra spellings of the entries above, and common terms the generator does not write. They live in separate
-# tables on purpose: the synthetic generator samples from the tables above, so adding a spelling here changes
-# what the extractor recognises without changing a single synthetic note.
-# ---------------------------------------------------------------------------------------------------------------
-
-# (spelling seen in notes, generic name in MEDICATIONS).
-MEDICATION_ALIASES: tuple[tuple[str, str], ...] = (
-    ("ASA", "aspirin"),
-    ("Toprol", "metoprolol succinate"),
-    ("Toprol-XL", "metoprolol succinate"),
-    ("HCTZ", "hydrochlorothiazide"),
-    ("Cardizem", "diltiazem"),
-    ("Lanoxin", "digoxin"),
-    ("Tylenol", "acetaminophen"),
-    ("APAP", "acetaminophen"),
-    ("Demadex", "torsemide"),
-    ("Pepcid", "famotidine"),
-    ("Prilosec", "omeprazole"),
-    ("Neurontin", "gabapentin"),
-    ("Zoloft", "sertraline"),
-    ("Celexa", "citalopram"),
-    ("Seroquel", "quetiapine"),
-    ("Haldol", "haloperidol"),
-    ("Desyrel", "trazodone"),
-    ("Roxicodone", "oxycodone"),
-    ("MS Contin", "morphine"),
-    ("Proventil", "albuterol"),
-    ("ProAir", "albuterol"),
-    ("Atrovent", "ipratropium"),
-    ("Rocephin", "ceftriaxone"),
-    ("Maxipime", "cefepime"),
-    ("vanc", "vancomycin"),
-    ("vanco", "vancomycin"),
-    ("pip-tazo", "piperacillin-tazobactam"),
-    ("pip/tazo", "piperacillin-tazobactam"),
-    ("piperacillin/tazobactam", "piperacillin-tazobactam"),
-    ("Zithromax", "azithromycin"),
-    ("azithro", "azithromycin"),
-    ("Levaquin", "levofloxacin"),
-    ("Cipro", "ciprofloxacin"),
-    ("Macrobid", "nitrofurantoin"),
-    ("cefpo", "cefpodoxime"),
-    ("KCl", "potassium chloride"),
-    ("K-Dur", "potassium chloride"),
-    ("mag sulfate", "magnesium sulfate"),
-    ("Xifaxan", "rifaximin"),
-    ("Senokot", "senna"),
-    ("sennosides", "senna"),
-    ("docusate", "docusate sodium"),
-    ("MiraLAX", "polyethylene glycol"),
-    ("Zyloprim", "allopurinol"),
-    ("folate", "folic acid"),
-    ("vitamin B1", "thiamine"),
-    ("solumedrol", "methylprednisolone"),
-    ("Solu-medrol", "methylprednisolone"),
-    ("insulin lispro sliding scale", "insulin lispro"),
-    ("Eliquis", "apixaban"),
-)
-
-# (generic name, brands and abbreviations): medications the extractor knows but the generator does not write.
-EXTRA_MEDICATIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("metoprolol", ()),
-    ("insulin", ()),
-    ("nitroglycerin", ("NTG", "nitro")),
-    ("hydralazine", ()),
-    ("labetalol", ()),
-    ("amiodarone", ()),
-    ("isosorbide mononitrate", ("Imdur",)),
-    ("clonidine", ()),
-    ("bumetanide", ("Bumex",)),
-    ("ticagrelor", ("Brilinta",)),
-    ("prasugrel", ("Effient",)),
-    ("sacubitril-valsartan", ("Entresto",)),
-    ("valsartan", ("Diovan",)),
-    ("pravastatin", ("Pravachol",)),
-    ("rosuvastatin", ("Crestor",)),
-    ("ezetimibe", ("Zetia",)),
-    ("dexamethasone", ("Decadron",)),
-    ("hydrocortisone", ()),
-    ("fluticasone", ("Flonase",)),
-    ("montelukast", ("Singulair",)),
-    ("tramadol", ("Ultram",)),
-    ("fentanyl", ()),
-    ("naloxone", ("Narcan",)),
-    ("methadone", ()),
-    ("buprenorphine", ()),
-    ("meropenem", ()),
-    ("cefazolin", ("Ancef",)),
-    ("cephalexin", ("Keflex",)),
-    ("doxycycline", ()),
-    ("sulfamethoxazole-trimethoprim", ("Bactrim", "TMP-SMX")),
-    ("linezolid", ()),
-    ("daptomycin", ()),
-    ("fluconazole", ()),
-    ("acyclovir", ()),
-    ("oseltamivir", ("Tamiflu",)),
-    ("norepinephrine", ("Levophed",)),
-    ("vasopressin", ()),
-    ("phenylephrine", ()),
-    ("propofol", ()),
-    ("midazolam", ("Versed",)),
-    ("diazepam", ("Valium",)),
-    ("chlordiazepoxide", ("Librium",)),
-    ("octreotide", ()),
-    ("glipizide", ()),
-    ("sitagliptin", ("Januvia",)),
-    ("empagliflozin", ("Jardiance",)),
-    ("escitalopram", ("Lexapro",)),
-    ("fluoxetine", ("Prozac",)),
-    ("bupropion", ("Wellbutrin",)),
-    ("mirtazapine", ("Remeron",)),
-    ("olanzapine", ("Zyprexa",)),
-    ("risperidone", ("Risperdal",)),
-    ("donepezil", ("Aricept",)),
-    ("zolpidem", ("Ambien",)),
-    ("melatonin", ()),
-    ("baclofen", ()),
-    ("cyclobenzaprine", ("Flexeril",)),
-    ("colchicine", ()),
-    ("finasteride", ("Proscar",)),
-    ("sucralfate", ("Carafate",)),
-    ("ursodiol", ()),
-    ("nadolol", ()),
-    ("propranolol", ()),
-    ("calcium carbonate", ("Tums",)),
-    ("sodium bicarbonate", ()),
-    ("ferrous sulfate", ()),
-    ("cyanocobalamin", ("vitamin B12",)),
-    ("multivitamin", ("MVI",)),
-    ("vitamin D", ("cholecalciferol",)),
-    ("phytonadione", ("vitamin K",)),
-    ("epoetin alfa", ("Epogen",)),
-    ("alteplase", ("tPA",)),
-    ("albumin infusion", ("25% albumin",)),
-    ("lidocaine patch", ("Lidoderm",)),
-    ("nystatin", ()),
-    ("valproic acid", ("Depakote", "valproate")),
-    ("phenytoin", ("Dilantin",)),
-    ("lacosamide", ("Vimpat",)),
-)
-
-# (spelling seen in notes, canonical lab name in LABS).
-LAB_ALIASES: tuple[tuple[str, str], ...] = (
-    ("Na+", "sodium"),
-    ("K+", "potassium"),
-    ("HCO3-", "bicarbonate"),
-    ("CO2", "bicarbonate"),
-    ("creat", "creatinine"),
-    ("Hemoglobin", "hemoglobin"),
-    ("H/H", "hemoglobin"),
-    ("white blood cell count", "white blood cell count"),
-    ("WBC count", "white blood cell count"),
-    ("platelet count", "platelets"),
-    ("plt count", "platelets"),
-    ("troponin T", "troponin T"),
-    ("troponins", "troponin T"),
-    ("T bili", "total bilirubin"),
-    ("T. bili", "total bilirubin"),
-    ("bili", "total bilirubin"),
-    ("TBili", "total bilirubin"),
-    ("proBNP", "BNP"),
-    ("lipase level", "lipase"),
-    ("blood glucose", "glucose"),
-    ("BG", "glucose"),
-    ("FSBG", "glucose"),
-    ("fingerstick glucose", "glucose"),
-    ("glucose level", "glucose"),
-    ("Hgb A1c", "hemoglobin A1c"),
-)
-
-# (canonical name, aliases, unit): labs the extractor knows but the generator does not write.
-EXTRA_LABS: tuple[tuple[str, tuple[str, ...], str], ...] = (
-    ("calcium", ("Ca", "calcium"), "mg/dL"),
-    ("phosphate", ("phos", "phosphorus", "phosphate"), "mg/dL"),
-    ("anion gap", ("AG", "anion gap", "gap"), "mEq/L"),
-    ("PTT", ("PTT", "aPTT"), "s"),
-    ("alkaline phosphatase", ("alk phos", "ALP", "alkaline phosphatase"), "IU/L"),
-    ("ammonia", ("ammonia", "NH3"), "umol/L"),
-    ("ferritin", ("ferritin",), "ng/mL"),
-    ("LDH", ("LDH",), "IU/L"),
-    ("CK", ("CK", "CPK"), "IU/L"),
-    ("CRP", ("CRP",), "mg/L"),
-    ("ESR", ("ESR",), "mm/h"),
-    ("procalcitonin", ("procalcitonin",), "ng/mL"),
-    ("pH", ("pH",), ""),
-    ("pCO2", ("pCO2", "PaCO2"), "mmHg"),
-    ("pO2", ("pO2", "PaO2"), "mmHg"),
-    ("vancomycin trough", ("vanc trough", "vancomycin trough", "trough"), "ug/mL"),
-    ("CD4 count", ("CD4", "CD4 count"), "cells/uL"),
-    ("urine sodium", ("urine Na", "UNa"), "mEq/L"),
-)
-
-# (spelling seen in notes, canonical vital name in VITALS).
-VITAL_ALIASES: tuple[tuple[str, str], ...] = (
-    ("O2 sats", "SpO2"),
-    ("O2 saturation", "SpO2"),
-    ("oxygen saturation", "SpO2"),
-    ("sats", "SpO2"),
-    ("sat", "SpO2"),
-    ("pulse ox", "SpO2"),
-    ("satting", "SpO2"),
-    ("Tm", "Temp"),
-    ("Tcurrent", "Temp"),
-    ("Tc", "Temp"),
-    ("dry weight", "Weight"),
-    ("discharge weight", "Weight"),
-    ("admission weight", "Weight"),
-)
-
-# (spelling seen in notes, canonical name in DIAGNOSES).
-DIAGNOSIS_ALIASES: tuple[tuple[str, str], ...] = (
-    ("HFrEF", "congestive heart failure"),
-    ("HFpEF", "congestive heart failure"),
-    ("systolic heart failure", "congestive heart failure"),
-    ("diastolic heart failure", "congestive heart failure"),
-    ("acute renal failure", "acute kidney injury"),
-    ("ARF", "acute kidney injury"),
-    ("a-fib", "atrial fibrillation"),
-    ("atrial flutter", "atrial fibrillation"),
-    ("type 2 diabetes", "type 2 diabetes mellitus"),
-    ("DM", "type 2 diabetes mellitus"),
-    ("diabetes mellitus", "type 2 diabetes mellitus"),
-    ("high blood pressure", "hypertension"),
-    ("PNA", "community-acquired pneumonia"),
-    ("community acquired pneumonia", "community-acquired pneumonia"),
-    ("upper GI bleed", "gastrointestinal bleed"),
-    ("UGIB", "gastrointestinal bleed"),
-    ("LGIB", "gastrointestinal bleed"),
-    ("GI bleeding", "gastrointestinal bleed"),
-    ("EtOH withdrawal", "alcohol withdrawal"),
-    ("ETOH withdrawal", "alcohol withdrawal"),
-    ("seizures", "seizure"),
-    ("deep venous thrombosis", "deep vein thrombosis"),
-    ("pulmonary embolus", "pulmonary embolism"),
-    ("PEs", "pulmonary embolism"),
-    ("urosepsis", "sepsis"),
-    ("septic shock", "sepsis"),
-)
-
-# (canonical name, abbreviations): diagnoses, problems and symptoms the generator does not write.
-EXTRA_DIAGNOSES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("ST elevation myocardial infarction", ("STEMI",)),
-    ("myocardial infarction", ("MI",)),
-    ("acute coronary syndrome", ("ACS",)),
-    ("hypoxemic respiratory failure", ("hypoxic respiratory failure",)),
-    ("respiratory failure", ()),
-    ("hypoxia", ("hypoxemia",)),
-    ("pneumothorax", ("PTX",)),
-    ("pleural effusion", ("effusion",)),
-    ("ascites", ()),
-    ("spontaneous bacterial peritonitis", ("SBP",)),
-    ("hypotension", ()),
-    ("hypoglycemia", ()),
-    ("hyperglycemia", ()),
-    ("hypokalemia", ()),
-    ("hypernatremia", ()),
-    ("hypomagnesemia", ()),
-    ("aspiration pneumonia", ()),
-    ("hospital-acquired pneumonia", ("HAP",)),
-    ("bacteremia", ()),
-    ("endocarditis", ()),
-    ("osteomyelitis", ()),
-    ("pyelonephritis", ()),
-    ("Clostridioides difficile infection", ("C. diff", "C diff", "C. difficile", "CDI")),
-    ("altered mental status", ("AMS",)),
-    ("encephalopathy", ()),
-    ("dementia", ()),
-    ("asthma", ()),
-    ("obesity", ()),
-    ("thrombocytopenia", ()),
-    ("leukocytosis", ()),
-    ("acute blood loss anemia", ()),
-    ("melena", ()),
-    ("hematochezia", ("BRBPR",)),
-    ("hematemesis", ()),
-    ("chest pain", ("CP",)),
-    ("shortness of breath", ("SOB", "dyspnea", "DOE", "dyspnea on exertion")),
-    ("fever", ("fevers", "febrile")),
-    ("chills", ()),
-    ("cough", ()),
-    ("nausea", ()),
-    ("vomiting", ("emesis",)),
-    ("diarrhea", ()),
-    ("abdominal pain", ()),
-    ("headache", ()),
-    ("dizziness", ("lightheadedness",)),
-    ("palpitations", ()),
-    ("lower extremity edema", ("edema", "LE edema", "leg swelling")),
-    ("orthopnea", ()),
-    ("weakness", ()),
-    ("fall", ("falls",)),
-    ("rash", ()),
-    ("dysuria", ()),
-    ("hematuria", ()),
-    ("constipation", ()),
-    ("confusion", ()),
-    ("tachycardia", ()),
-    ("bradycardia", ()),
-    ("acute tubular necrosis", ("ATN",)),
-    ("end-stage renal disease", ("ESRD",)),
-    ("hepatitis C", ("HCV",)),
-    ("alcohol use disorder", ("EtOH abuse", "alcohol abuse")),
-    ("volume overload", ()),
-    ("infiltrate", ("consolidation",)),
-)
-
-# (spelling seen in notes, canonical name in PROCEDURES).
-PROCEDURE_ALIASES: tuple[tuple[str, str], ...] = (
-    ("left heart catheterization", "cardiac catheterization"),
-    ("cardiac cath", "cardiac catheterization"),
-    ("coronary angiography", "cardiac catheterization"),
-    ("echocardiogram", "transthoracic echocardiogram"),
-    ("upper endoscopy", "esophagogastroduodenoscopy"),
-    ("diagnostic paracentesis", "paracentesis"),
-    ("therapeutic paracentesis", "paracentesis"),
-    ("intubated", "endotracheal intubation"),
-    ("dialysis", "hemodialysis"),
-    ("transfused", "blood transfusion"),
-    ("CT abd/pelvis", "CT abdomen and pelvis"),
-    ("CT of the abdomen and pelvis", "CT abdomen and pelvis"),
-    ("CT of the head", "CT head"),
-    ("non-contrast head CT", "CT head"),
-    ("chest X-ray", "chest x-ray"),
-    ("chest radiograph", "chest x-ray"),
-    ("MRI of the brain", "MRI brain"),
-    ("cholecystectomy", "laparoscopic cholecystectomy"),
-)
-
-# (canonical name, abbreviations): procedures and studies the generator does not write.
-EXTRA_PROCEDURES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("CT chest", ("chest CT", "CTA chest", "CT angiogram")),
-    ("ultrasound", ("US", "RUQ ultrasound", "RUQ US", "renal ultrasound", "duplex")),
-    ("electrocardiogram", ("EKG", "ECG")),
-    ("stress test", ()),
-    ("continuous renal replacement therapy", ("CRRT",)),
-    ("PICC line placement", ("PICC", "PICC line")),
-    ("transjugular intrahepatic portosystemic shunt", ("TIPS",)),
-    ("variceal banding", ("banding",)),
-    ("biopsy", ()),
-    ("electroencephalogram", ("EEG",)),
-    ("mechanical ventilation", ()),
-    ("extubation", ("extubated",)),
-    ("appendectomy", ()),
-    ("arterial line placement", ("A-line", "arterial line")),
-    ("flexible sigmoidoscopy", ("flex sig",)),
-    ("MRI", ()),
-    ("CT", ()),
-    ("angiography", ()),
-    ("debridement", ()),
-    ("amputation", ()),
-    ("tracheostomy", ("trach",)),
-    ("PEG tube placement", ("G-tube placement",)),
-)
-
-# ---------------------------------------------------------------------------------------------------------------
-# Clinical shorthand that no vocabulary package covers (``dischargesum.data.vocabularies`` supplies generic and
-# brand drug names and disease / symptom names). Standard inpatient shorthand: IV fluids, blood products,
-# nebulisers, chemotherapy regimens, drug classes used as drug names, abbreviations of problems, studies and
-# procedures, lab names. Extractor-only, like the tables above.
-# ---------------------------------------------------------------------------------------------------------------
-
-SHORTHAND_MEDICATIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("normal saline", ("NS", "NaCl 0.9%", "0.9% NaCl", "0.9% saline", "1/2NS", "half normal saline")),
-    ("lactated Ringer's", ("LR", "lactated ringers", "Lactated Ringer's", "Ringer's lactate")),
-    ("IV fluids", ("IVF", "IV fluid", "IV fluids", "maintenance fluids", "fluid bolus")),
-    ("dextrose", ("D5W", "D5NS", "D5 1/2NS", "D50", "D10", "D10W", "dextrose")),
-    ("packed red blood cells", ("PRBC", "PRBCs", "pRBC", "pRBCs", "RBCs", "red cells", "blood transfusion")),
-    ("platelets transfusion", ("plts", "platelet transfusion")),
-    ("fresh frozen plasma", ("FFP",)),
-    ("cryoprecipitate", ("cryo",)),
-    ("ipratropium-albuterol", ("duonebs", "DuoNebs", "duoneb", "Duoneb", "nebs", "nebulizers", "albuterol nebs")),
-    ("vancomycin", ("vanc", "vanco")),
-    ("diltiazem", ("dilt",)),
-    ("atorvastatin", ("atorva",)),
-    ("sodium polystyrene sulfonate", ("kayexalate", "Kayexalate")),
-    ("sodium chloride tablets", ("salt tabs", "NaCl tabs")),
-    ("acetylcysteine", ("NAC",)),
-    ("dexamethasone", ("dex",)),
-    ("insulin sliding scale", ("SSI", "sliding scale insulin", "sliding scale")),
-    ("heparin drip", ("heparin gtt", "hep gtt")),
-    ("potassium repletion", ("KCl", "K-Dur", "potassium chloride")),
-    ("magnesium repletion", ("mag sulfate", "magnesium sulfate", "Mg repletion")),
-    ("oxytocin", ("pitocin", "Pitocin")),
-    ("zoledronic acid", ("zoledronate", "Zometa")),
-    ("calcium gluconate", ()),
-    ("epinephrine", ()),
-    ("piperacillin-tazobactam", ("pip-tazo", "pip/tazo")),
-    ("ampicillin-sulbactam", ("amp/sulbactam", "unasyn")),
-    ("FOLFOX", ("FOLFIRI", "FOLFIRINOX", "CAPOX", "XELOX")),
-    ("R-CHOP", ("CHOP", "R-ICE", "R-EPOCH", "DA-R-EPOCH", "ABVD", "BEACOPP", "R-CVP")),
-    ("AC-T", ("TCHP", "CMF", "carbo/taxol", "carbo/pem", "FOLFIRINOX", "gem/cis", "7+3", "VRd", "RVD")),
-    ("antibiotics", ("abx", "Abx", "antibiotic", "IV antibiotics", "IV abx", "broad spectrum antibiotics")),
-    ("beta blocker", ("beta-blocker", "BB", "beta blockers", "beta-blockers")),
-    ("proton pump inhibitor", ("PPI", "PPIs")),
-    ("statin", ("statins", "high intensity statin", "high-intensity statin")),
-    ("ACE inhibitor", ("ACEi", "ACE-I", "ACE inhibitors")),
-    ("angiotensin receptor blocker", ("ARB", "ARBs")),
-    ("diuretics", ("diuretic", "loop diuretic", "IV diuresis")),
-    ("steroids", ("steroid", "stress dose steroids", "IV steroids", "corticosteroids")),
-    ("opioids", ("opioid", "opiates", "narcotics")),
-    ("benzodiazepines", ("benzos", "benzodiazepine")),
-    ("anticoagulation", ("systemic anticoagulation", "therapeutic anticoagulation")),
-    ("DOAC", ("DOACs", "NOAC")),
-    ("pressors", ("pressor", "vasopressors", "vasopressor")),
-    ("supplemental oxygen", ()),
-    ("chemotherapy", ("chemo",)),
-    ("immunotherapy", ()),
-    ("TPN", ("tube feeds",)),
-    ("vaccine", ("flu shot", "influenza vaccine", "pneumococcal vaccine", "Tdap")),
-    ("nicotine patch", ()),
-    ("lactulose", ()),
-    ("rifaximin", ()),
-    ("bowel regimen", ()),
-    # Standard short names of drugs and drug groups.
-    ("magnesium", ("mag", "Mg", "mag oxide", "mag sulfate")),
-    ("sodium bicarbonate", ("bicarb", "sodium bicarb", "bicarb gtt", "isotonic bicarb", "bicarb amps")),
-    ("NSAIDs", ("NSAID", "nsaids")),
-    ("patient-controlled analgesia", ("PCA",)),
-    ("IV contrast", ("contrast",)),
-    ("fluids", ("IV hydration",)),
-    ("home oxygen", ("home O2", "O2", "supplemental O2")),
-    ("clindamycin", ("clinda",)),
-    ("tacrolimus", ("tacro", "FK506")),
-    ("mycophenolate", ("MMF", "mmf", "cellcept")),
-    ("methotrexate", ("MTX", "mtx")),
-    ("propylthiouracil", ("PTU",)),
-    ("ceftriaxone", ("CTX",)),
-    ("pembrolizumab", ("pembro",)),
-    ("nivolumab", ("nivo",)),
-    ("tranexamic acid", ("TXA",)),
-    ("methylprednisolone", ("methylpred", "solumedrol", "Solu-Medrol")),
-    ("penicillin", ("PCN", "PCN G", "pen G")),
-    ("potassium iodide", ("SSKI",)),
-    ("NPH insulin", ("NPH",)),
-    ("iron", ("IV iron", "iron sulfate", "iron supplementation")),
-    ("prenatal vitamins", ("prenatal vitamin", "PNV")),
-    ("vaccines", ("PCV20", "PCV13", "PPSV23", "MenACWY", "MenB", "Hib", "tetanus booster", "HPV vaccine", "Shingrix")),
-    ("ciprofloxacin", ("cipro",)),
-    ("levofloxacin", ("levo",)),
-    ("metronidazole", ("flagyl",)),
-    ("piperacillin-tazobactam", ("zosyn",)),
-    ("amoxicillin-clavulanate", ("augmentin", "amox-clav")),
-    ("carbidopa-levodopa", ("sinemet",)),
-    ("immunosuppression", ("immunosuppressants",)),
-    ("anticholinergics", ("anticholinergic",)),
-    ("sulfa drugs", ("sulfa", "Sulfa")),
-    ("morphine", ("MSIR", "MS Contin", "morphine IR")),
-    ("hypertonic saline", ("3% saline", "23.4% saline", "2% saline")),
-    ("dextrose-lactated Ringer's", ("D5LR",)),
-    ("melphalan", ("Mel200", "Mel140")),
-    ("dihydroergotamine", ("DHE",)),
-    ("digoxin immune fab", ("Digifab", "DigiFab")),
-    ("migraine cocktail", ()),
-    ("albumin", ("25% albumin", "albumin challenge", "IV albumin")),
-)
-
-SHORTHAND_LABS: tuple[tuple[str, tuple[str, ...], str], ...] = (
-    ("arterial blood gas", ("ABG", "VBG", "venous blood gas"), ""),
-    ("fractional excretion of sodium", ("FeNa", "FENa", "FeUrea"), "%"),
-    ("urine protein/creatinine ratio", ("UPCR", "protein/Cr ratio", "urine protein/creatinine ratio", "UACR"), ""),
-    ("specific gravity", ("SG", "spec grav", "urine SG"), ""),
-    ("urine osmolality", ("urine osm", "Uosm", "urine osms"), "mOsm/kg"),
-    ("serum osmolality", ("serum osm", "Sosm", "osm", "osms", "serum osms"), "mOsm/kg"),
-    ("uric acid", ("urate",), "mg/dL"),
-    ("beta-hydroxybutyrate", ("BHB", "beta hydroxybutyrate", "b-OHB"), "mmol/L"),
-    ("free T4", ("fT4", "FT4", "T4", "free thyroxine", "T3", "free T3"), "ng/dL"),
-    ("cortisol", ("AM cortisol", "random cortisol", "cosyntropin stim"), "mcg/dL"),
-    ("hCG", ("quant hCG", "Quant hCG", "beta-hCG", "b-hCG", "bHCG", "serum hCG", "urine hCG"), "mIU/mL"),
-    ("absolute neutrophil count", ("ANC",), "cells/uL"),
-    ("viral load", ("VL", "HIV VL", "HCV VL", "HIV viral load"), "copies/mL"),
-    ("beta-D-glucan", ("beta-d-glucan", "BDG", "galactomannan"), "pg/mL"),
-    ("direct bilirubin", ("Dbili", "D bili", "direct bili", "conjugated bilirubin"), "mg/dL"),
-    ("indirect bilirubin", ("Ibili", "indirect bili"), "mg/dL"),
-    ("PMNs", ("PMN", "polys", "neutrophils", "neuts", "bands", "eos", "lymphs", "monos"), "cells/uL"),
-    ("urine RBC", ("RBC", "RBCs"), "/hpf"),
-    ("urine WBC", ("WBCs",), "/hpf"),
-    ("acetaminophen level", ("APAP level", "acetaminophen level", "tylenol level", "APAP"), "mcg/mL"),
-    ("salicylate level", ("salicylate", "ASA level", "salicylates"), "mg/dL"),
-    ("ethanol level", ("EtOH level", "serum EtOH", "ETOH level", "EtOH", "serum alcohol"), "mg/dL"),
-    (
-        "drug level",
-        (
-            "tacrolimus level",
-            "tacro level",
-            "FK level",
-            "FK506",
-            "dilantin level",
-            "lithium level",
-            "digoxin level",
-            "depakote level",
-            "valproate level",
-        ),
-        "",
-    ),
-    ("HIT antibody", ("HIT Ab", "PF4", "PF4 antibody", "SRA"), ""),
-    ("reticulocyte count", ("retic", "retic count", "reticulocytes"), "%"),
-    ("haptoglobin", ("hapto",), "mg/dL"),
-    ("fibrinogen", ("fibrinogen",), "mg/dL"),
-    ("D-dimer", ("d-dimer", "D dimer", "ddimer"), "ng/mL"),
-    ("iron studies", ("iron", "TIBC", "transferrin saturation", "tsat", "TSAT"), ""),
-    ("vitamin B12", ("B12", "folate"), "pg/mL"),
-    ("lipid panel", ("LDL", "HDL", "triglycerides", "TG", "total cholesterol"), "mg/dL"),
-    ("protein", ("total protein", "CSF protein", "urine protein", "protein"), "mg/dL"),
-    ("CSF glucose", ("CSF glucose",), "mg/dL"),
-    ("CSF WBC", ("CSF WBC", "CSF cell count", "nucleated cells", "TNC"), "cells/uL"),
-    ("corrected calcium", ("corrected Ca", "corrected calcium", "corrected", "ionized calcium", "iCa"), "mg/dL"),
-    ("GGT", ("GGT",), "IU/L"),
-    ("amylase", ("amylase",), "IU/L"),
-    ("PTH", ("PTH", "intact PTH"), "pg/mL"),
-    ("A1c", ("a1c",), "%"),
-    ("INR", ("inr",), ""),
-    ("PT", ("PT",), "s"),
-    ("CEA", ("CEA", "CA 19-9", "CA-125", "CA 125", "PSA", "AFP"), "ng/mL"),
-    ("LVEF", ("EF", "LVEF", "ejection fraction"), "%"),
-    ("QTc", ("QTc", "QT"), "ms"),
-    ("CD4", ("cd4",), "cells/uL"),
-    ("eGFR", ("eGFR", "GFR", "CrCl"), "mL/min"),
-    ("hemoglobin", ("Hgb", "hgb", "H/H"), "g/dL"),
-    ("bicarbonate", ("bicarb", "HCO3", "CO2", "serum bicarbonate", "TCO2"), "mEq/L"),
-    ("lactate", ("lactic", "lactate"), "mmol/L"),
-    ("troponin", ("hs-trop", "hsTnT", "hs-troponin", "TnI", "troponin I", "CK-MB", "CKMB"), "ng/mL"),
-    ("urine toxicology", ("UTox", "utox", "urine tox", "serum tox", "tox screen", "urine drug screen", "UDS"), ""),
-    (
-        "blood culture",
-        (
-            "BCx",
-            "blood cultures",
-            "blood cx",
-            "bcx",
-            "UCx",
-            "urine culture",
-            "urine cx",
-            "ucx",
-            "sputum culture",
-            "wound culture",
-            "cultures",
-        ),
-        "",
-    ),
-    ("PCR", ("HSV PCR", "COVID PCR", "flu PCR", "RVP", "C diff PCR", "MRSA swab", "MRSA nares"), ""),
-    ("Rh type", ("Rh",), ""),
-)
-
-SHORTHAND_VITALS: tuple[tuple[str, str], ...] = (
-    ("MAP", "MAP"),
-    ("MAPs", "MAP"),
-    ("SBP", "SBP"),
-    ("SBPs", "SBP"),
-    ("DBP", "DBP"),
-    ("BPs", "BP"),
-    ("systolic blood pressure", "SBP"),
-    ("systolics", "SBP"),
-    ("HRs", "HR"),
-    ("heart rates", "HR"),
-    ("Tmax", "Temp"),
-    ("temp", "Temp"),
-    ("afebrile to", "Temp"),
-    ("RRs", "RR"),
-    ("SpO2s", "SpO2"),
-    ("O2 sats", "SpO2"),
-    ("satting", "SpO2"),
-    ("sating", "SpO2"),
-    ("weight", "Weight"),
-    ("BMI", "BMI"),
-    ("FiO2", "FiO2"),
-    ("pain score", "pain score"),
-    ("pain", "pain score"),
-    ("febrile to", "Temp"),
-    ("fever to", "Temp"),
-    ("fevers to", "Temp"),
-    ("fever", "Temp"),
-    ("T max", "Temp"),
-    ("tachycardic to", "HR"),
-    ("tachycardia to", "HR"),
-    ("bradycardic to", "HR"),
-    ("hypotensive to", "SBP"),
-    ("hypertensive to", "SBP"),
-    ("desatted to", "SpO2"),
-    ("desaturated to", "SpO2"),
-    ("hypoxic to", "SpO2"),
-    ("standing", "HR"),
-)
-
-SHORTHAND_DIAGNOSES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("paroxysmal nocturnal dyspnea", ("PND",)),
-    ("jugular venous distension", ("JVD", "JVP elevation", "elevated JVP")),
-    ("acute respiratory distress syndrome", ("ARDS",)),
-    (
-        "methicillin-resistant Staphylococcus aureus",
-        (
-            "MRSA",
-            "MSSA",
-            "VRE",
-            "ESBL",
-            "E coli",
-            "E. coli",
-            "GPC",
-            "GNR",
-            "GNRs",
-            "GPCs",
-            "Klebsiella",
-            "Pseudomonas",
-        ),
-    ),
-    ("HIV", ("HIV/AIDS", "AIDS")),
-    ("tumor lysis syndrome", ("TLS",)),
-    ("major depressive disorder", ("MDD",)),
-    ("suicidal ideation", ("SI",)),
-    ("homicidal ideation", ("HI",)),
-    ("hallucinations", ("AVH", "AH", "VH")),
-    ("delirium tremens", ("DTs",)),
-    ("intrauterine pregnancy", ("IUP",)),
-    ("postpartum hemorrhage", ("PPH",)),
-    ("non-small cell lung cancer", ("NSCLC", "SCLC")),
-    ("diffuse large B-cell lymphoma", ("DLBCL", "AML", "ALL", "CLL", "CML", "MDS", "NHL")),
-    ("metastases", ("mets", "metastatic disease", "brain mets", "bone mets", "liver mets")),
-    ("heparin-induced thrombocytopenia", ("HIT",)),
-    ("pneumocystis pneumonia", ("PJP", "PCP pneumonia", "PCP")),
-    ("multiple sclerosis", ("MS", "RRMS")),
-    ("syndrome of inappropriate antidiuretic hormone", ("SIADH",)),
-    ("gastroesophageal reflux disease", ("GERD",)),
-    ("peripheral arterial disease", ("PAD", "PVD")),
-    ("heart failure with reduced ejection fraction", ("HFrEF", "HFpEF", "HFmrEF")),
-    ("type 1 diabetes mellitus", ("T1DM", "DM1", "IDDM", "DM", "NIDDM")),
-    ("obstructive uropathy", ()),
-    ("mitral regurgitation", ("MR", "TR")),
-    ("left ventricular hypertrophy", ("LVH",)),
-    ("right bundle branch block", ("RBBB", "LBBB")),
-    ("sick sinus syndrome", ("SSS",)),
-    ("ventricular tachycardia", ("VT", "VF", "SVT", "NSVT", "AFL", "aflutter", "atrial flutter")),
-    (
-        "ST depressions",
-        (
-            "ST depression",
-            "ST elevations",
-            "ST elevation",
-            "STE",
-            "TWI",
-            "T wave inversions",
-            "peaked T waves",
-            "QTc prolongation",
-            "prolonged QTc",
-        ),
-    ),
-    ("nephrolithiasis", ("kidney stone", "kidney stones")),
-    ("lower gastrointestinal bleed", ("UGIB",)),
-    ("benign prostatic hyperplasia", ()),
-    ("chronic pain", ()),
-    ("pain", ("pain",)),
-    ("bleeding", ("bleed",)),
-    ("tenderness", ()),
-    ("swelling", ()),
-    ("distension", ("distention", "abdominal distension")),
-    ("diaphoresis", ("diaphoretic",)),
-    ("tremor", ("tremulous", "tremors")),
-    ("night sweats", ()),
-    ("weight loss", ("weight gain",)),
-    ("poor oral intake", ("poor PO intake", "decreased PO intake", "poor appetite")),
-    ("mass effect", ("midline shift",)),
-    ("facial droop", ()),
-    ("murmur", ("bruit", "bruits", "gallop", "S3", "S4")),
-    ("crackles", ("rales", "rhonchi", "wheezes", "wheezing", "wheeze")),
-    ("ground glass opacities", ("GGO", "GGOs", "opacity", "opacities", "infiltrates")),
-    ("hypokinesis", ("akinesis", "dyskinesis", "wall motion abnormality")),
-    ("stenosis", ("occlusion", "thrombus", "clot", "vegetation", "vegetations", "filling defect")),
-    ("fracture", ("fx", "Fx")),
-    ("ulcer", ("ulcers", "decubitus", "pressure ulcer", "pressure injury")),
-    ("varices", ()),
-    ("lesion", ("lesions", "nodule", "nodules")),
-    ("infection", ("line infection", "wound infection", "SSTI")),
-    ("cancer", ("carcinoma", "malignancy")),
-    ("relapse", ("recurrence", "progression")),
-    ("hypercarbia", ("hypercapnia",)),
-    ("hyperbilirubinemia", ("jaundice", "icterus", "scleral icterus")),
-    ("skin breakdown", ()),
-    ("intentional ingestion", ("overdose", "ingestion")),
-    ("altered mental status", ("lethargy", "somnolence", "obtunded", "unresponsive", "found down")),
-    ("pinpoint pupils", ()),
-    ("tobacco use", ("smoker", "tobacco", "smoking")),
-    ("personality disorder", ("d/o",)),
-    ("substance use", ("IVDU", "PWID", "cocaine use", "opioid use disorder", "OUD", "AUD")),
-    ("insomnia", ("poor sleep",)),
-    ("vision changes", ("blurry vision", "blurred vision", "vision loss")),
-    ("numbness", ("tingling", "paresthesias")),
-    ("word-finding difficulty", ("word finding difficulty", "aphasia", "dysarthria")),
-    ("urinary frequency", ("urinary urgency",)),
-    ("erythema", ("induration", "purulence", "drainage", "fluctuance")),
-    ("casts", ("muddy brown casts", "granular casts")),
-    ("hypervolemia", ("volume overloaded", "fluid overload", "hypovolemia", "dehydration")),
-    ("arrest of dilation", ("arrest of descent", "failure to progress")),
-)
-
-SHORTHAND_PROCEDURES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("BiPAP", ("CPAP", "NIPPV", "HFNC", "high flow nasal cannula", "NRB")),
-    (
-        "hemodialysis",
-        (
-            "iHD",
-            "urgent HD",
-            "emergent HD",
-            "HD session",
-            "ultrafiltration",
-            "UF",
-            "SLED",
-            "CVVH",
-            "CVVHD",
-            "CVVHDF",
-            "peritoneal dialysis",
-        ),
-    ),
-    ("arteriovenous fistula", ("AVF", "AVG", "tunneled dialysis catheter", "TDC", "HD line", "HD catheter")),
-    ("paracentesis", ("diagnostic para", "therapeutic para", "LVP", "large volume paracentesis")),
-    ("exploratory laparotomy", ("ex-lap", "ex lap", "exlap", "laparotomy", "diagnostic laparoscopy")),
-    ("drain placement", ("JP drain", "JP", "IR drain", "pigtail", "chest tube", "perc chole", "PTC", "PCN")),
-    ("nasogastric tube", ("NGT", "NG tube", "OGT", "OG tube", "Dobhoff", "DHT", "G tube", "J tube", "PEG")),
-    ("Foley catheter", ("foley", "Foley", "straight cath", "SPT")),
-    ("surgery", ("OR", "operating room")),
-    ("total knee arthroplasty", ("TKA", "TKR", "THA", "THR", "ORIF", "IMN", "CRPP")),
-    ("hemiarthroplasty", ()),
-    ("cesarean section", ("C-section", "LTCS", "primary LTCS", "repeat LTCS", "c-section")),
-    ("vaginal delivery", ("SVD", "NSVD", "VAVD", "operative vaginal delivery")),
-    ("Bakri balloon", ("Bakri", "B-Lynch")),
-    ("transvaginal ultrasound", ("TVUS", "TAUS", "pelvic US", "pelvic ultrasound", "NST", "BPP")),
-    ("stereotactic radiosurgery", ("SRS", "SBRT", "XRT", "radiation", "WBRT", "radiation therapy")),
-    ("electroencephalogram", ("cvEEG", "vEEG", "LTM")),
-    ("CT angiography", ("CTA", "CTA head/neck", "CTA chest", "CTA head and neck", "CTV", "CTPA", "CT perfusion")),
-    ("magnetic resonance imaging", ("MRA", "MRV", "MRCP", "MRI", "mri")),
-    ("x-ray", ("XR", "xray", "X-ray", "plain film", "plain films", "KUB", "AXR")),
-    (
-        "nuclear medicine study",
-        ("HIDA", "HIDA scan", "V/Q scan", "VQ scan", "PET", "PET/CT", "bone scan", "MIBG", "DEXA", "tagged RBC scan"),
-    ),
-    ("endoscopy", ("EUS", "ERCP", "sigmoidoscopy", "push enteroscopy", "capsule endoscopy", "enteroscopy")),
-    ("bronchoscopy", ("bronch", "EBUS", "BAL")),
-    ("thrombectomy", ("mechanical thrombectomy", "embolectomy", "tPA")),
-    ("cultures", ("pan-cultured", "pan cultured", "surveillance cultures", "induced sputum", "blood cultures")),
-    ("clipping", ("clips", "endoclip", "epinephrine injection", "banding", "band ligation", "cautery", "APC")),
-    ("pacemaker placement", ("PPM", "ICD", "AICD", "BiV-ICD", "CRT-D", "ablation", "PVI")),
-    ("cardiac catheterization", ("RHC", "R/LHC", "cath lab", "coronary angiogram", "PCI", "DES", "BMS", "POBA")),
-    ("transcatheter aortic valve replacement", ("TAVR", "TAVI", "AVR", "MVR", "MitraClip", "SAVR")),
-    ("intubation", ("intubated", "reintubated", "extubated", "mechanical ventilation", "proned", "proning")),
-    ("transfusion", ("transfused",)),
-    ("central line placement", ("CVC", "central line", "RIJ", "LIJ", "TLC", "Port-a-cath", "PICC")),
-    ("physical therapy", ("PT/OT", "OT", "speech and swallow evaluation", "S&S", "video swallow")),
-    ("ECMO", ("VV ECMO", "VA ECMO", "IABP", "Impella")),
-    ("plasmapheresis", ("PLEX", "TPE", "IVIG")),
-    ("lumbar puncture", ("LP", "lp")),
-    ("dilation and curettage", ("D&C", "D&E")),
-    ("salpingo-oophorectomy", ("BSO", "RSO", "LSO", "TAH", "TLH", "TAH-BSO")),
-    ("TURP", ("TURBT", "cystoscopy", "ureteroscopy", "stent", "ureteral stent", "PCNL", "lithotripsy")),
-    ("skin biopsy", ("punch biopsy", "shave biopsy", "I&D")),
-    ("appendectomy", ("appy", "lap appy", "Lap appy", "open appy")),
-    ("pancreaticoduodenectomy", ("whipple", "Whipple")),
-    ("telemetry", ("tele",)),
-    ("ultrasound", ("ultrasound", "doppler", "dopplers", "LENIs", "LENI", "duplex", "US", "RUQ US")),
-    ("CT", ("CT scan", "CT", "NCHCT", "CTH", "CT A/P", "CTAP")),
-    ("stress test", ("MIBI", "nuclear stress test", "stress echo", "Holter", "event monitor", "Zio patch")),
-)
-
-# Symptoms and examination findings: MeSH (the disease package) lists diseases, not what a clinician hears, sees or
-# is told at the bedside, and no installable package lists these.
-SYMPTOMS_AND_FINDINGS: tuple[str, ...] = (
-    "agitation",
-    "rigors",
-    "myalgias",
-    "arthralgias",
-    "malaise",
-    "anorexia",
-    "early satiety",
-    "bloating",
-    "heartburn",
-    "dysphagia",
-    "odynophagia",
-    "hoarseness",
-    "sore throat",
-    "rhinorrhea",
-    "congestion",
-    "sputum production",
-    "hemoptysis",
-    "wheezing",
-    "stridor",
-    "pleuritic chest pain",
-    "chest tightness",
-    "claudication",
-    "angina",
-    "vertigo",
-    "presyncope",
-    "lightheaded",
-    "ptosis",
-    "diplopia",
-    "photophobia",
-    "phonophobia",
-    "neck stiffness",
-    "nuchal rigidity",
-    "rigidity",
-    "spasticity",
-    "clonus",
-    "hyperreflexia",
-    "areflexia",
-    "hyporeflexia",
-    "ataxia",
-    "dysmetria",
-    "nystagmus",
-    "tremor",
-    "asterixis",
-    "myoclonus",
-    "fasciculations",
-    "posturing",
-    "pronator drift",
-    "gait instability",
-    "unsteady gait",
-    "falls",
-    "incontinence",
-    "urinary incontinence",
-    "fecal incontinence",
-    "retching",
-    "hematochezia",
-    "tenesmus",
-    "obstipation",
-    "abdominal distension",
-    "guarding",
-    "rebound",
-    "rebound tenderness",
-    "peritoneal signs",
-    "crepitus",
-    "warmth",
-    "fluctuance",
-    "purulent drainage",
-    "slough",
-    "eschar",
-    "necrosis",
-    "clubbing",
-    "cyanosis",
-    "pallor",
-    "mottling",
-    "jaundice",
-    "petechiae",
-    "purpura",
-    "ecchymosis",
-    "bruising",
-    "hives",
-    "urticaria",
-    "pruritus",
-    "itching",
-    "blistering",
-    "desquamation",
-    "secretions",
-    "accessory muscle use",
-    "retractions",
-    "tachypnea",
-    "bradypnea",
-    "apnea",
-    "snoring",
-    "anasarca",
-    "pitting edema",
-    "orthostasis",
-    "orthostatic hypotension",
-    "hypothermia",
-    "hyperthermia",
-    "cachexia",
-    "obese",
-    "morbid obesity",
-    "malnutrition",
-    "frailty",
-    "deconditioning",
-    "polypharmacy",
-    "insomnia",
-    "hypersomnia",
-    "anhedonia",
-    "hopelessness",
-    "paranoia",
-    "delusions",
-    "grandiosity",
-    "pressured speech",
-    "flight of ideas",
-    "psychosis",
-    "catatonia",
-    "mania",
-    "hypomania",
-    "anxiety",
-    "panic attacks",
-    "irritability",
-    "impulsivity",
-    "self-harm",
-    "withdrawal",
-    "cravings",
-    "tamponade",
-    "pulsus paradoxus",
-    "friction rub",
-    "heave",
-    "thrill",
-    "S3 gallop",
-    "irregularly irregular",
-    "arrhythmias",
-    "arrhythmia",
-    "ectopy",
-    "PVCs",
-    "PACs",
-    "heart block",
-    "complete heart block",
-    "junctional rhythm",
-    "prerenal",
-    "oliguria",
-    "anuria",
-    "polyuria",
-    "nocturia",
-    "hesitancy",
-    "retention",
-    "scotomata",
-    "blurry vision",
-    "floaters",
-    "rejection",
-    "leak",
-    "anastomotic leak",
-    "refeeding syndrome",
-    "herniation",
-    "hypothyroid",
-    "hyperthyroid",
-    "hypocellular",
-    "contractions",
-    "vaginal bleeding",
-    "vaginal discharge",
-    "lochia",
-    "decreased fetal movement",
-    "preterm labor",
-    "steal syndrome",
-    "compartment syndrome",
-    "free air",
-    "free fluid",
-    "pneumoperitoneum",
-    "air-fluid levels",
-    "fat stranding",
-    "wall thickening",
-)
-# Head nouns of findings and procedures: a head preceded by a modifier ("pericholecystic fluid", "junctional
-# rhythm", "bowel resection", "closed reduction") is a diagnosis / procedure phrase.
-FINDING_HEADS: tuple[str, ...] = (
-    "fluid",
-    "collection",
-    "collections",
-    "thickening",
-    "stranding",
-    "opacity",
-    "opacities",
-    "consolidation",
-    "effusion",
-    "effusions",
-    "nodule",
-    "nodules",
-    "mass",
-    "masses",
-    "lesion",
-    "lesions",
-    "cyst",
-    "cysts",
-    "stone",
-    "stones",
-    "calculus",
-    "fracture",
-    "fractures",
-    "dislocation",
-    "injury",
-    "injuries",
-    "contusion",
-    "laceration",
-    "tear",
-    "dissection",
-    "aneurysm",
-    "occlusion",
-    "stenosis",
-    "thrombus",
-    "thrombosis",
-    "embolus",
-    "emboli",
-    "infarct",
-    "infarcts",
-    "hemorrhage",
-    "hematoma",
-    "bleed",
-    "ulcer",
-    "ulcers",
-    "erosions",
-    "eruption",
-    "rash",
-    "burns",
-    "rejection",
-    "leak",
-    "perforation",
-    "obstruction",
-    "distress",
-    "deficit",
-    "deficits",
-    "rhythm",
-    "disease",
-    "disorder",
-    "dysfunction",
-    "insufficiency",
-    "failure",
-    "toxicity",
-    "toxidrome",
-    "overdose",
-    "involvement",
-    "changes",
-    "enhancement",
-    "enlargement",
-    "dilation",
-    "extravasation",
-    "herniation",
-    "droop",
-    "drift",
-    "weakness",
-    "pain",
-    "flare",
-    "exacerbation",
-    "infection",
-    "syndrome",
-    "ideation",
-    "eating",
-)
-PROCEDURE_HEADS: tuple[str, ...] = (
-    "resection",
-    "repair",
-    "reduction",
-    "fixation",
-    "exploration",
-    "transplant",
-    "transplantation",
-    "tx",
-    "evacuation",
-    "window",
-    "procedure",
-    "placement",
-    "catheter",
-    "monitor",
-    "drain",
-    "trial",
-    "washout",
-    "biopsy",
-    "bx",
-    "closure",
-    "fundoplication",
-    "fusion",
-    "decompression",
-    "amputation",
-    "anastomosis",
-    "bypass",
-    "graft",
-    "ablation",
-    "embolization",
-    "reconstruction",
-    "replacement",
-    "insertion",
-    "removal",
-    "ligation",
-    "excision",
-    "debridement",
-    "irrigation",
-    "injection",
-    "scan",
-    "splinting",
-    "brace",
-    "therapy",
-    "resuscitation",
-    "intervention",
-    "vac",
-    "anesthesia",
-    "spirometry",
-    "ultrasound",
-    "angiogram",
-)
+# Extractor-only vocabulary (used by ``dischargesum.evaluation.entities``): see the banners in lexicon.toml.
+MEDICATION_ALIASES: tuple[tuple[str, str], ...] = _LEXICON.medication_aliases
+EXTRA_MEDICATIONS: tuple[tuple[str, tuple[str, ...]], ...] = _LEXICON.extra_medications
+LAB_ALIASES: tuple[tuple[str, str], ...] = _LEXICON.lab_aliases
+EXTRA_LABS: tuple[tuple[str, tuple[str, ...], str], ...] = _LEXICON.extra_labs
+VITAL_ALIASES: tuple[tuple[str, str], ...] = _LEXICON.vital_aliases
+DIAGNOSIS_ALIASES: tuple[tuple[str, str], ...] = _LEXICON.diagnosis_aliases
+EXTRA_DIAGNOSES: tuple[tuple[str, tuple[str, ...]], ...] = _LEXICON.extra_diagnoses
+PROCEDURE_ALIASES: tuple[tuple[str, str], ...] = _LEXICON.procedure_aliases
+EXTRA_PROCEDURES: tuple[tuple[str, tuple[str, ...]], ...] = _LEXICON.extra_procedures
+SHORTHAND_MEDICATIONS: tuple[tuple[str, tuple[str, ...]], ...] = _LEXICON.shorthand_medications
+SHORTHAND_LABS: tuple[tuple[str, tuple[str, ...], str], ...] = _LEXICON.shorthand_labs
+SHORTHAND_VITALS: tuple[tuple[str, str], ...] = _LEXICON.shorthand_vitals
+SHORTHAND_DIAGNOSES: tuple[tuple[str, tuple[str, ...]], ...] = _LEXICON.shorthand_diagnoses
+SHORTHAND_PROCEDURES: tuple[tuple[str, tuple[str, ...]], ...] = _LEXICON.shorthand_procedures
+SYMPTOMS_AND_FINDINGS: tuple[str, ...] = _LEXICON.symptoms_and_findings
+FINDING_HEADS: tuple[str, ...] = _LEXICON.finding_heads
+PROCEDURE_HEADS: tuple[str, ...] = _LEXICON.procedure_heads

@@ -152,7 +152,7 @@ class SyntheticWriteResult:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Vocabulary that only the generator needs (symptoms, exam findings); entity vocabulary lives in lexicon.py.
+# Vocabulary that only the generator needs (symptoms, exam findings); entity vocabulary lives in lexicon.toml.
 
 _SYMPTOMS = (
     "chest pain",
