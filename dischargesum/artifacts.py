@@ -50,6 +50,14 @@ PER_SAMPLE_FILE = "per_sample.csv"
 REPORT_FILE = "report.md"
 
 
+class ArtifactError(RuntimeError):
+    """An input artifact is missing, incomplete or produced by the wrong stage; the message says what to rerun.
+
+    Defined here, beside the artifact names and the reader that raises it, so this module imports nothing of the
+    package (``manifest`` imports from here, never the other way).
+    """
+
+
 def read_jsonl(
     path: str | Path,
     *,
@@ -60,7 +68,7 @@ def read_jsonl(
     """Records of a JSONL file (one JSON object per line; blank lines skipped), in file order.
 
     Args:
-        error: the exception type to raise on a bad line (default :class:`~dischargesum.manifest.ArtifactError`,
+        error: the exception type to raise on a bad line (default :class:`ArtifactError`,
             for files a stage wrote; eval passes ``UserError`` for files a user points it at).
         label: how to name the file in messages (default: its path), e.g. "`predictions` = x.jsonl".
         columns: keep only these keys of each record.
@@ -70,8 +78,6 @@ def read_jsonl(
             or not a JSON object; the message names the file and the line.
     """
     if error is None:
-        from dischargesum.manifest import ArtifactError
-
         error = ArtifactError
     name = label or str(path)
     records = []

@@ -15,9 +15,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
+from dischargesum.artifacts import ArtifactError
 from dischargesum.config import BaseConfig, ConfigError, parse_config
 from dischargesum.logging_utils import get_logger, setup_logging
-from dischargesum.manifest import ArtifactError
 
 C = TypeVar("C", bound=BaseConfig)
 logger = get_logger(__name__)
@@ -58,7 +58,7 @@ def interrupted_message(cfg: BaseConfig) -> str:
     """What to tell a user who pressed Ctrl-C: rerun, and from where it resumes."""
     output_dir = getattr(cfg, "output_dir", "")
     if output_dir and any(Path(output_dir).glob("checkpoint-*")):
-        # Imported here: it pulls in torch, which prepare_data / eval users should not wait for on Ctrl-C.
+        # Imported here: the base layer imports no stage at import time (tests/unit/test_import_arrows.py).
         from dischargesum.training.checkpoint_store import list_checkpoint_dirs, validate_checkpoint
 
         for _step, path in reversed(list_checkpoint_dirs(output_dir)):

@@ -32,7 +32,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dischargesum.artifacts import MANIFEST_NAME, RESOLVED_CONFIG_NAME
+from dischargesum.artifacts import MANIFEST_NAME, RESOLVED_CONFIG_NAME, ArtifactError
 from dischargesum.logging_utils import get_logger, is_main_process
 
 if TYPE_CHECKING:
@@ -60,10 +60,6 @@ _LIBRARIES = (
 
 PRIVATE_FILE_MODE = 0o600
 PRIVATE_DIR_MODE = 0o700
-
-
-class ArtifactError(RuntimeError):
-    """An input artifact is missing, incomplete or produced by the wrong stage; the message says what to rerun."""
 
 
 def library_versions(names: Iterable[str] = _LIBRARIES) -> dict[str, str | None]:

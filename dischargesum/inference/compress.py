@@ -37,10 +37,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from dischargesum.artifacts import STAGE2_FILE
+from dischargesum.artifacts import STAGE2_FILE, ArtifactError
 from dischargesum.config import CompressConfig, settings_from_config
 from dischargesum.logging_utils import get_logger
-from dischargesum.manifest import ArtifactError, require_artifact, sha256_file
+from dischargesum.manifest import require_artifact, sha256_file
 
 if TYPE_CHECKING:
     from dischargesum.evaluation.entities import Entity

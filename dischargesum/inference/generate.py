@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dischargesum.artifacts import STAGE1_FILE
+from dischargesum.artifacts import STAGE1_FILE, ArtifactError
 from dischargesum.inference.engine import (
     EngineSettings,
     GenerationRequest,
@@ -36,7 +36,7 @@ from dischargesum.inference.stage import (
     run_sharded_stage,
 )
 from dischargesum.logging_utils import get_logger
-from dischargesum.manifest import ArtifactError, require_artifact
+from dischargesum.manifest import require_artifact
 
 if TYPE_CHECKING:
     from dischargesum.config import GenerateConfig

@@ -14,10 +14,11 @@ from typing import Any
 
 import torch
 
+from dischargesum.artifacts import ArtifactError
 from dischargesum.config import ConfigError, InferenceConfig
 from dischargesum.inference.engine import EngineSettings, InferenceEngine
 from dischargesum.logging_utils import get_logger
-from dischargesum.manifest import ArtifactError, read_manifest, require_artifact
+from dischargesum.manifest import read_manifest, require_artifact
 
 logger = get_logger(__name__)
 

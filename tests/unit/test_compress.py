@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from dischargesum.artifacts import ArtifactError
 from dischargesum.evaluation.entities import extract_entities, format_entity_checklist
 from dischargesum.inference.compress import (
     CompressionSettings,
@@ -19,7 +20,6 @@ from dischargesum.inference.compress import (
     summarize_stage2,
 )
 from dischargesum.inference.engine import GenerationRequest, GenerationResult
-from dischargesum.manifest import ArtifactError
 
 pytestmark = pytest.mark.unit
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from dischargesum.artifacts import ArtifactError
 from dischargesum.config import (
     STAGE_CONFIGS,
     ConfigError,
@@ -18,7 +19,7 @@ from dischargesum.config import (
     format_help,
     parse_config,
 )
-from dischargesum.manifest import ArtifactError, finish_run, read_manifest, require_artifact, start_run
+from dischargesum.manifest import finish_run, read_manifest, require_artifact, start_run
 
 pytestmark = pytest.mark.unit
 

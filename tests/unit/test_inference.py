@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from dischargesum.artifacts import ArtifactError
 from dischargesum.config import ConfigError, GenerateConfig
 from dischargesum.inference.engine import (
     EngineSettings,
@@ -26,7 +27,6 @@ from dischargesum.inference.engine import (
 from dischargesum.inference.loading import load_engine, resolve_model_source
 from dischargesum.inference.sampling import gumbel_noise, hash32, note_seed, request_seeds
 from dischargesum.inference.stage import Processes, ShardedJsonlOutput, repair_jsonl
-from dischargesum.manifest import ArtifactError
 
 pytestmark = pytest.mark.unit
 

@@ -9,11 +9,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from dischargesum.artifacts import ArtifactError
 from dischargesum.cli import UserError
 from dischargesum.config import EvalConfig, GenerateConfig, PrepareDataConfig
 from dischargesum.evaluation.evaluate import evaluate
 from dischargesum.evaluation.inputs import load_eval_inputs
-from dischargesum.manifest import ArtifactError, finish_run, start_run
+from dischargesum.manifest import finish_run, start_run
 
 pytestmark = pytest.mark.unit
 

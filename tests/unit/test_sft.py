@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from dischargesum.artifacts import ArtifactError
 from dischargesum.cli import UserError
 from dischargesum.config import ConfigError, SFTConfig
-from dischargesum.manifest import ArtifactError
 from tests.fixtures_data import make_prepared_dataset
 from tests.helpers import tiny_sft_config
 
