@@ -58,7 +58,7 @@ def interrupted_message(cfg: BaseConfig) -> str:
     """What to tell a user who pressed Ctrl-C: rerun, and from where it resumes."""
     output_dir = getattr(cfg, "output_dir", "")
     if output_dir and any(Path(output_dir).glob("checkpoint-*")):
-        # Imported here: the base layer imports no stage at import time (tests/unit/test_import_arrows.py).
+        # Imported here: the base layer imports no stage at import time (tests/unit/test_architecture.py).
         from dischargesum.training.checkpoint_store import list_checkpoint_dirs, validate_checkpoint
 
         for _step, path in reversed(list_checkpoint_dirs(output_dir)):

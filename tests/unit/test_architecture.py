@@ -1,11 +1,15 @@
-"""The package's import arrows point one way (docs/architecture.md, "Arrows"): a stage package never imports a
-later stage, the base layer imports no stage. Checked on the source (every import, module level or inside a
-function), so a new upward arrow fails here instead of surfacing later as an import cycle.
+"""Rules of docs/architecture.md, checked on the source.
+
+- The import arrows point one way: a stage package never imports a later stage, the base layer imports no stage.
+  Every import counts, module level or inside a function, so a new upward arrow fails here instead of surfacing
+  later as an import cycle.
+- A module over ~600 lines says in its opening docstring why it stays one module.
 """
 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -110,3 +114,17 @@ def test_the_check_finds_an_upward_arrow(tmp_path: Path) -> None:
         [("inference.engine", True), ("cli", False)]
     )
     assert not any(_covers(prefix, "inference.engine") for prefix in _rule("evaluation.scores"))
+
+
+LONG_MODULE_LINES = 600
+
+
+def test_a_long_module_says_why_it_stays_one() -> None:
+    silent = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        source = path.read_text(encoding="utf-8")
+        if source.count("\n") > LONG_MODULE_LINES:
+            docstring = ast.get_docstring(ast.parse(source)) or ""
+            if not re.search(r"[Ww]hy (this |it )?(stays )?one module", docstring):
+                silent.append(f"{_name(path)} ({source.count(chr(10))} lines)")
+    assert not silent, f"modules over {LONG_MODULE_LINES} lines without a 'Why ... one module' docstring: {silent}"
