@@ -18,6 +18,7 @@ Everything is deterministic in ``seed`` and takes about a second on a laptop CPU
 from __future__ import annotations
 
 import random
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -216,6 +217,35 @@ def build_tiny_bert(output_dir: str | Path, *, seed: int = 0, corpus: Iterable[s
     )
 
 
+def wordpiece_vocab(
+    corpus: Iterable[str], size: int, specials: list[str], normalizer: Any, pre_tokenizer: Any
+) -> list[str]:
+    """A WordPiece vocabulary of ``size`` pieces, the same on every build: the special tokens, every character of
+    the corpus (as a word start and as ``##`` continuation, so any word can be spelled), then the most frequent
+    words (ties in alphabetical order).
+
+    Not the ``tokenizers`` WordPieceTrainer: its merges break ties between equally frequent pairs in hash-map order,
+    which changes from process to process (two builds from one corpus differed in one piece, ``##qu`` vs ``##uir``,
+    about one build in four under pytest), and with it the random encoder's BERTScore. A test model needs only a
+    valid, stable vocabulary; whole words plus characters is one.
+    """
+    counts: Counter[str] = Counter()
+    for text in corpus:
+        counts.update(word for word, _span in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
+    alphabet = sorted({char for word in counts for char in word})
+    vocab = list(dict.fromkeys([*specials, *alphabet, *(f"##{char}" for char in alphabet)]))
+    if len(vocab) > size:
+        raise ValueError(f"tokenizer_vocab_size={size} is below the corpus alphabet's {len(vocab)} pieces")
+    known = set(vocab)
+    for word in sorted(counts, key=lambda w: (-counts[w], w)):
+        if len(vocab) >= size:
+            break
+        if word not in known:
+            vocab.append(word)
+            known.add(word)
+    return vocab
+
+
 def build_random_bert(
     output_dir: str | Path,
     *,
@@ -230,13 +260,13 @@ def build_random_bert(
     max_length: int,
     model_vocab_size: int | None = None,
 ) -> Path:
-    """Write a random-initialised BERT encoder with a WordPiece tokenizer trained on ``corpus``.
+    """Write a random-initialised BERT encoder with a WordPiece tokenizer whose vocabulary comes from ``corpus``.
 
-    ``model_vocab_size`` sizes the embedding table (default: the trained tokenizer's size), so a benchmark can
-    match a real model's shape (Bio_ClinicalBERT: 28,996) even when the corpus yields fewer word pieces.
+    ``model_vocab_size`` sizes the embedding table (default: the tokenizer's size), so a benchmark can match a real
+    model's shape (Bio_ClinicalBERT: 28,996) even when the corpus yields fewer pieces (see :func:`wordpiece_vocab`).
     """
     import torch
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import BertConfig, BertModel, BertTokenizerFast  # type: ignore[attr-defined]
 
     out = Path(output_dir)
@@ -247,16 +277,8 @@ def build_random_bert(
     tok.normalizer = normalizers.BertNormalizer(lowercase=lowercase)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece()
-    tok.train_from_iterator(
-        corpus,
-        trainers.WordPieceTrainer(vocab_size=tokenizer_vocab_size, special_tokens=specials, show_progress=False),
-    )
-    # The trainer numbers the continuing-subword alphabet ("##a", "##0", ...) in hash-map order, so two builds from
-    # the same corpus got different ids for the same pieces (and a random encoder different scores). Same pieces,
-    # one canonical numbering: the special tokens first, then every other piece in sorted order.
-    pieces = tok.get_vocab()
-    ordered = specials + sorted(p for p in pieces if p not in specials)
-    tok.model = models.WordPiece(vocab={p: i for i, p in enumerate(ordered)}, unk_token="[UNK]")
+    vocab = wordpiece_vocab(corpus, tokenizer_vocab_size, specials, tok.normalizer, tok.pre_tokenizer)
+    tok.model = models.WordPiece(vocab={piece: i for i, piece in enumerate(vocab)}, unk_token="[UNK]")
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]",

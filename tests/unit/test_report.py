@@ -23,7 +23,8 @@ ROWS = [
         f"{MARKER} presented with CHF. Furosemide {20 + i} mg IV BID. Creatinine 1.{i} mg/dL. BP 12{i}/80. "
         + "Lisinopril 10 mg PO daily. " * i * 8,
         f"{MARKER} admitted with CHF, diuresed with furosemide {20 + i} mg IV BID. Creatinine 1.{i}."
-        + " Continued lisinopril 10 mg PO daily." * (12 if i == 5 else 0),
+        # Over the tiny encoder's 128-token window with any vocabulary (>= one token a word): chunked.
+        + " Continued lisinopril 10 mg PO daily." * (24 if i == 5 else 0),
     )
     for i in range(6)
 ]

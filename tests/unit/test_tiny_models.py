@@ -102,11 +102,30 @@ def test_tiny_bert_encoder(tiny_bert_dir: Path) -> None:
 
 
 def test_tiny_bert_build_is_byte_identical(tmp_path: Path, tiny_bert_dir: Path) -> None:
-    # The tokenizers WordPiece trainer numbers the continuing-subword alphabet ("##a", "##0", ...) in hash-map order,
-    # which changes from build to build; the demo's BERTScore then changed run to run with identical texts.
+    # The tokenizers WordPiece trainer numbered pieces and broke ties between equally frequent merges in hash-map
+    # order, which changes from process to process; the demo's BERTScore then changed run to run with identical
+    # texts. The vocabulary is now built without it (wordpiece_vocab).
     from dischargesum.tiny_models import build_tiny_bert
 
     builds = [build_tiny_bert(tmp_path / f"b{i}", seed=0) for i in range(3)]
     for build in builds:
         for name in ("tokenizer.json", "model.safetensors"):
             assert sha256_file(build / name) == sha256_file(tiny_bert_dir / name), name
+
+
+def test_wordpiece_vocab_is_a_pure_function_of_the_corpus() -> None:
+    from tokenizers import normalizers, pre_tokenizers
+
+    from dischargesum.tiny_models import wordpiece_vocab
+
+    norm, pre = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
+    corpus = ["Zosyn 4.5 g IV q8h", "zosyn and vanc", "Vanc trough 15", "BID"]
+    vocab = wordpiece_vocab(corpus, 50, ["[PAD]", "[UNK]"], norm, pre)
+    # specials, then each character as a word start and as a continuation, then words by count, ties alphabetical
+    alphabet = sorted(set("zosyn4.5givq8handvanctrough15bid"))
+    assert vocab[: 2 + 2 * len(alphabet)] == ["[PAD]", "[UNK]", *alphabet, *(f"##{c}" for c in alphabet)]
+    assert vocab[2 + 2 * len(alphabet) :] == ["vanc", "zosyn", "15", "and"]
+    assert len(vocab) == 50 and len(set(vocab)) == 50
+    assert wordpiece_vocab(reversed(corpus), 50, ["[PAD]", "[UNK]"], norm, pre) == vocab  # order-free
+    with pytest.raises(ValueError, match="tokenizer_vocab_size=10 is below"):
+        wordpiece_vocab(corpus, 10, ["[PAD]", "[UNK]"], norm, pre)
