@@ -228,6 +228,22 @@ VARIANTS: tuple[Variant, ...] = (
         sets=("all",),
     ),
     Variant(
+        "recipe+static",
+        "recipe",
+        "recipe + static packed shape (each micro-batch's row padded to 4 x 2048: flex_attention compiles once)",
+        {"static_packed_shape": True},
+        profiles=("kaggle", "physionet"),
+        sets=("all",),
+    ),
+    Variant(
+        "recipe+mb8+static",
+        "recipe",
+        "recipe, micro-batch 8 x 2048, accumulation 4, static packed shape (row padded to 8 x 2048)",
+        {**MICRO_BATCH_8, "static_packed_shape": True},
+        profiles=("kaggle", "physionet"),
+        sets=("all",),
+    ),
+    Variant(
         "recipe+mb8+offload",
         "recipe",
         "recipe, micro-batch 8 x 2048 packed tokens, accumulation 4, activation offloading (memory back to ~recipe)",

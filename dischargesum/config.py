@@ -386,6 +386,14 @@ class SFTConfig(BaseConfig):
     padding_free: bool = _help(
         "Concatenate each micro-batch into one row without padding (no packing across micro-batches).", default=False
     )
+    static_packed_shape: bool = _help(
+        "With `packing` or `padding_free`: pad each micro-batch's one flattened row to exactly "
+        "per_device_train_batch_size x max_seq_length tokens, so every step has the same shape and flex_attention "
+        "(and `compile_layers`) compile once instead of once per packed length. The padding is masked out of "
+        "attention and loss and not counted as trained or input tokens; it costs its compute (best-fit packing "
+        "fills rows ~95% on the kaggle profile). Off by default: not yet measured on a GPU.",
+        default=False,
+    )
     completion_only_loss: bool = _help(
         "Loss on the summary tokens only (prompt tokens get label -100). `false` trains on the whole sequence, the "
         "seed prototype's setting (kept for comparison: it spends the loss on re-predicting the note).",
@@ -498,6 +506,11 @@ class SFTConfig(BaseConfig):
             raise ConfigError(
                 "sft_qlora: `packing` already trains padding-free; set `padding_free: false` (or `packing: false` "
                 "to flatten each micro-batch without packing)."
+            )
+        if self.static_packed_shape and not (self.packing or self.padding_free):
+            raise ConfigError(
+                "sft_qlora: `static_packed_shape: true` pads the flattened row of `packing` / `padding_free`, which "
+                "are both off; set `packing: true` or `static_packed_shape: false`."
             )
         if self.selective_checkpointing and not self.gradient_checkpointing:
             raise ConfigError(

@@ -58,7 +58,7 @@ def nll_per_example(model, examples, *, packed: bool, boundaries: bool = True, u
     return losses
 
 
-def nll_sum(model, examples, *, packed: bool, device: str = "cpu"):
+def nll_sum(model, examples, *, packed: bool, device: str = "cpu", pad_to: int | None = None):
     """Summed completion NLL of ``examples`` (with autograd), packed into one padding-free row or run one by one."""
     import torch
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
@@ -74,7 +74,8 @@ def nll_sum(model, examples, *, packed: bool, device: str = "cpu"):
             logits = model(input_ids=torch.tensor([ids], device=device)).logits[0]
             total = total + segment_nll(logits, torch.tensor(labels, device=device))
         return total
-    batch = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)(
+    # pad_to: the packed row padded to a multiple of it, as `static_packed_shape` trains (masked out of the loss).
+    batch = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True, pad_to_multiple_of=pad_to)(
         [{"input_ids": ids, "labels": labels} for ids, labels in examples]
     )
     logits = model(input_ids=batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device)).logits[0]
@@ -84,7 +85,7 @@ def nll_sum(model, examples, *, packed: bool, device: str = "cpu"):
 
 
 def packed_vs_alone_gradients(
-    model_dir: Path, attn: str, *, device: str = "cpu", dtype: str = "float32"
+    model_dir: Path, attn: str, *, device: str = "cpu", dtype: str = "float32", pad_to: int | None = None
 ) -> tuple[float, float, float]:
     """(loss alone, loss packed, worst relative LoRA-gradient difference) of the training path — PEFT LoRA on
     every projection, the fused LoRA node, gradient checkpointing — on examples longer than twice the sliding
@@ -117,7 +118,7 @@ def packed_vs_alone_gradients(
     def loss_and_grads(packed: bool):
         model.zero_grad(set_to_none=True)
         with torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
-            loss = nll_sum(model, examples, packed=packed, device=device)
+            loss = nll_sum(model, examples, packed=packed, device=device, pad_to=pad_to if packed else None)
         loss.backward()
         grads = {n: p.grad.float().clone() for n, p in model.named_parameters() if p.requires_grad}
         return float(loss.detach()), grads

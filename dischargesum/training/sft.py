@@ -272,6 +272,10 @@ def _trl_args(cfg: SFTConfig, plan: TrainingPlan, data: DataInputs):
         packing=cfg.packing,
         packing_strategy="bfd",
         padding_free=cfg.padding_free,
+        # One flattened row per micro-batch, padded to its largest possible length: a fixed shape every step.
+        pad_to_multiple_of=(
+            cfg.per_device_train_batch_size * data.max_seq_length if cfg.static_packed_shape else None
+        ),
         dataset_num_proc=cfg.dataset_num_proc if cfg.dataset_num_proc > 1 else None,
         use_liger_kernel=cfg.use_liger_kernel,
         activation_offloading=cfg.activation_offloading,

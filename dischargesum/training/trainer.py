@@ -50,6 +50,8 @@ from dischargesum.training.metrics import MetricsLog
 logger = get_logger(__name__)
 
 EXAMPLE_INDEX = "example_index"
+# Padding-free batches: how many of the flattened row's tokens are examples' (the rest is static-shape padding).
+REAL_TOKENS = "real_tokens"
 
 
 def disable_hub_telemetry() -> None:
@@ -146,7 +148,8 @@ def gemma3_vlm_needs_token_type_ids() -> bool:
 
 @dataclasses.dataclass
 class BatchExtrasCollator:
-    """Wraps TRL's collator: carries ``example_index`` into the batch (the trainer pops it before the forward) and,
+    """Wraps TRL's collator: carries ``example_index`` into the batch (the trainer pops it before the forward), counts
+    a padding-free batch's real tokens (``real_tokens``: its row may end in ``static_packed_shape`` padding) and,
     for Gemma 3 VLMs on transformers versions that need it, adds all-zero ``token_type_ids``."""
 
     inner: Callable[[list[dict[str, Any]]], dict[str, Any]]
@@ -156,6 +159,8 @@ class BatchExtrasCollator:
         batch = self.inner(examples)
         if examples and EXAMPLE_INDEX in examples[0]:
             batch[EXAMPLE_INDEX] = torch.tensor([int(ex[EXAMPLE_INDEX]) for ex in examples], dtype=torch.long)
+        if "attention_mask" not in batch:
+            batch[REAL_TOKENS] = torch.tensor(sum(len(ex["input_ids"]) for ex in examples), dtype=torch.long)
         if self.add_token_type_ids:
             batch["token_type_ids"] = torch.zeros_like(batch["input_ids"])
         return batch
@@ -283,11 +288,14 @@ class DischargeSFTTrainer(CheckpointingTrainerMixin, SFTTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[no-untyped-def]
         example_index = inputs.pop(EXAMPLE_INDEX, None)
+        real_tokens = inputs.pop(REAL_TOKENS, None)
         if self.model is not None and self.model.training:
             labels = inputs["labels"]
             if "attention_mask" in inputs:
                 tokens = inputs["attention_mask"].sum()
-            else:  # padding-free: the batch is one row of real tokens
+            elif real_tokens is not None:  # padding-free: one row, possibly ending in static-shape padding
+                tokens = real_tokens.to(labels.device)
+            else:
                 tokens = torch.tensor(inputs["input_ids"].numel(), device=labels.device)
             trained = (labels[..., 1:] != -100).sum()
             counts = torch.stack([tokens.to(torch.long), trained.to(torch.long)])

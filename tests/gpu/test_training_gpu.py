@@ -17,10 +17,12 @@ from tests.packing_checks import packed_vs_alone_gradients
 pytestmark = pytest.mark.gpu
 
 
+@pytest.mark.parametrize("pad_to", [None, 1024], ids=["packed", "packed_padded"])
 @pytest.mark.parametrize("attn", ["flex_attention", "sdpa"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_packed_equals_one_by_one_on_gpu(tiny_model_dir: Path, attn: str, dtype: str) -> None:
-    alone, packed, worst = packed_vs_alone_gradients(tiny_model_dir, attn, device="cuda", dtype=dtype)
+def test_packed_equals_one_by_one_on_gpu(tiny_model_dir: Path, attn: str, dtype: str, pad_to: int | None) -> None:
+    # packed_padded: the row padded to a fixed length, as `static_packed_shape` trains
+    alone, packed, worst = packed_vs_alone_gradients(tiny_model_dir, attn, device="cuda", dtype=dtype, pad_to=pad_to)
     loss_tol, grad_tol = (1e-5, 1e-4) if dtype == "float32" else (1e-2, 5e-2)
     assert packed == pytest.approx(alone, rel=loss_tol)
     assert worst < grad_tol, worst

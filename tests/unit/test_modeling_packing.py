@@ -55,3 +55,14 @@ def test_packed_loss_and_lora_gradients_equal_one_by_one(tiny_model_dir: Path) -
     alone, packed, worst = packed_vs_alone_gradients(tiny_model_dir, "sdpa")
     assert packed == pytest.approx(alone, rel=1e-5)
     assert worst < 1e-4, worst
+
+
+def test_padded_packed_row_gives_the_same_loss_and_lora_gradients(tiny_model_dir: Path) -> None:
+    """`static_packed_shape`: the packed row padded to a fixed length (pads at position 0, label -100) changes
+    neither the loss nor the LoRA gradients. sdpa on CPU; flex_attention on the GPU (tests/gpu)."""
+    total = sum(len(ids) for ids, _ in examples_for(tiny_model_dir))
+    pad_to = 1024
+    assert total % pad_to, "the check needs a row that gets padded"
+    alone, packed, worst = packed_vs_alone_gradients(tiny_model_dir, "sdpa", pad_to=pad_to)
+    assert packed == pytest.approx(alone, rel=1e-5)
+    assert worst < 1e-4, worst

@@ -130,6 +130,36 @@ def test_packing_packs_to_max_seq_length_and_truncates_nothing(
         DischargeSFTTrainer(model=plain.model, args=plain.args, max_seq_length=512, resolved_config_yaml="")
 
 
+def test_static_packed_shape_gives_one_batch_shape_the_same_loss_and_real_token_counts(
+    dataset_dir: Path, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    import dataclasses
+    import itertools
+
+    import torch
+
+    cfg = _cfg(dataset_dir, tiny_model_dir, tmp_path / "static", packing=True, max_seq_length=1024)
+    trainer, _ = _trainer(dataclasses.replace(cfg, static_packed_shape=True))
+    rows = trainer.args.per_device_train_batch_size * 1024
+    batches = list(itertools.islice(iter(trainer.get_train_dataloader()), 4))
+    assert {tuple(b["input_ids"].shape) for b in batches} == {(1, rows)}  # one shape, every step
+    assert any(int(b["real_tokens"]) < rows for b in batches), "the check needs a batch that was padded"
+    trainer.model.train()
+    for batch in batches:
+        real = int(batch["real_tokens"])
+        assert (batch["labels"][0, real:] == -100).all() and (batch["position_ids"][0, real:] == 0).all()
+        unpadded = {k: batch[k][:, :real] for k in ("input_ids", "labels", "position_ids")}
+        trainer._token_counts = None
+        with torch.no_grad():
+            padded_loss = trainer.compute_loss(trainer.model, dict(batch))
+            tokens_counted = int(trainer._token_counts[0])
+            unpadded_loss = trainer.compute_loss(trainer.model, unpadded)
+        assert tokens_counted == real  # the padding is not counted as input tokens
+        assert float(padded_loss) == pytest.approx(float(unpadded_loss), rel=1e-5)
+    with pytest.raises(ConfigError, match=r"static_packed_shape: true.*set `packing: true`"):
+        _cfg(dataset_dir, tiny_model_dir, tmp_path / "x", static_packed_shape=True)
+
+
 def test_checks_refuse_too_long_and_untrained_examples() -> None:
     from datasets import Dataset
 
