@@ -18,7 +18,7 @@ for _var, _value in {
 
 import pytest  # noqa: E402
 
-TIERS = frozenset({"unit", "integration", "distributed", "gpu"})
+from tests.helpers import TIERS, tier_problems  # noqa: E402
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -29,12 +29,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     except ImportError:
         has_cuda = False
     skip_gpu = pytest.mark.skip(reason="needs CUDA (run the gpu tier on the GPU machine)")
-    untiered = sorted({item.nodeid.split("::")[0] for item in items if not TIERS.intersection(item.keywords)})
+    # Markers, not item.keywords: keywords also hold the names of the parent folders (tests/unit -> "unit"), so a file
+    # without a marker would pass a keyword check while `pytest -m unit`, which matches markers, skips it.
+    tiers = {item: TIERS.intersection(mark.name for mark in item.iter_markers()) for item in items}
+    untiered, misplaced = tier_problems([(item.path, set(tiers[item])) for item in items])
     if untiered:
         # `pytest -m unit` (the inner loop) and every tier command would silently skip such a file.
         raise pytest.UsageError(f"test files without a tier marker ({', '.join(sorted(TIERS))}): {untiered}")
+    if misplaced:
+        # tests/<tier>/ holds that tier's files: `run_suite.sh gputests` runs tests/gpu, CI the CPU tiers' folders.
+        raise pytest.UsageError(f"test files whose tier marker is not their folder's (tests/<tier>/): {misplaced}")
     for item in items:
-        if "gpu" in item.keywords and not has_cuda:
+        if "gpu" in tiers[item] and not has_cuda:
             item.add_marker(skip_gpu)
 
 

@@ -97,3 +97,20 @@ def tiny_sft_config(dataset_dir: Path, model_dir: Path, out: Path, **overrides: 
     )
     fields.update(overrides)
     return SFTConfig(**fields)  # type: ignore[arg-type]
+
+
+TIERS = frozenset({"unit", "integration", "distributed", "gpu"})
+
+
+def tier_problems(tests: Sequence[tuple[Path, set[str]]]) -> tuple[list[str], list[str]]:
+    """(files with no tier marker, files in tests/<tier>/ whose markers lack that tier) among ``(path, marker
+    names)`` of collected tests. The collection hook in tests/conftest.py refuses a run with either."""
+    untiered = sorted({str(path) for path, marks in tests if not TIERS & marks})
+    misplaced = sorted(
+        {
+            str(path)
+            for path, marks in tests
+            if TIERS & marks and path.parent.name in TIERS and path.parent.name not in marks
+        }
+    )
+    return untiered, misplaced

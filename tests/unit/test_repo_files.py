@@ -94,3 +94,15 @@ def test_misspelt_recipe_key_fails_through_a_script(tmp_path: Path) -> None:
     )
     assert proc.returncode == 2
     assert "with_encodr" in proc.stderr and "with_encoder" in proc.stderr
+
+
+def test_tier_check_refuses_untiered_and_misplaced_files() -> None:
+    from tests.helpers import tier_problems
+
+    tests = [
+        (Path("tests/unit/test_a.py"), {"unit"}),
+        (Path("tests/unit/test_b.py"), {"parametrize"}),  # no tier: `pytest -m unit` would skip it
+        (Path("tests/integration/test_c.py"), {"gpu"}),  # gpu test outside tests/gpu: run_suite would miss it
+        (Path("tests/gpu/test_d.py"), {"gpu", "skip"}),
+    ]
+    assert tier_problems(tests) == (["tests/unit/test_b.py"], ["tests/integration/test_c.py"])
