@@ -2,7 +2,7 @@
 
     accelerate launch --config_file accelerate_configs/cpu.yaml scripts/eval.py --config recipes/demo/eval.yaml
     accelerate launch --config_file accelerate_configs/single_gpu.yaml scripts/eval.py \\
-        --config recipes/medgemma-4b/eval.yaml [--predictions outputs/medgemma-4b/stage2.jsonl --mode stage2]
+        --config recipes/medgemma-4b/eval.yaml [--predictions outputs/medgemma-4b/compress/stage2.jsonl --mode stage2]
 
 Stage 1 scores generate's summaries against the reference BHC and the source note; stage 2 scores compress's
 summaries against their stage-1 summary and the source note. Any CSV / TSV / JSONL / Parquet of another system's

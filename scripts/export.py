@@ -3,7 +3,7 @@ template, model card (base, adapter sha256, data fingerprint, eval metrics when 
 `transformers` and serving engines, without dischargesum and without trust_remote_code.
 
     python scripts/export.py --adapter runs/medgemma-4b/final --output_dir exports/medgemma-4b-bhc \
-        [--eval_dir '[outputs/medgemma-4b/eval, outputs/medgemma-4b/eval-stage2]'] [--dtype bfloat16]
+        [--eval_dir '[outputs/medgemma-4b/eval, outputs/medgemma-4b/eval_stage2]'] [--dtype bfloat16]
 
 Runs on the CPU (needs RAM for the bf16 base: ~8.6 GB for MedGemma-4B); no accelerate launch needed. Demo:
 

@@ -2,7 +2,7 @@
 
     python scripts/stage_status.py <stage> --config recipes/<model>/<stage>.yaml [--output_dir DIR] [--field value ...]
 
-``<stage>`` is prepare_data, sft_qlora, generate, compress, pipeline, eval or build_tiny_model; the remaining
+``<stage>`` is prepare_data, sft_qlora, generate, compress, pipeline, eval, export or build_tiny_model; the remaining
 arguments are the ones that stage's script would get. "Completed" means the manifest in ``--output_dir`` (or the
 recipe's output_dir) is the stage's, has status ``complete``, its recorded outputs are intact and its config hash
 equals this command's (dischargesum.manifest.completed_run_status). Nothing is loaded or written.

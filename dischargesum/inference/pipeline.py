@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from dischargesum.artifacts import STAGE1_FILE
 from dischargesum.config import CompressConfig, GenerateConfig, PipelineConfig, parse_config
 from dischargesum.logging_utils import get_logger
 from dischargesum.manifest import finish_run, start_run
@@ -43,7 +44,7 @@ def stage_configs(cfg: PipelineConfig) -> tuple[GenerateConfig, CompressConfig]:
             "--output_dir",
             str(root / "compress"),
             "--input",
-            str(root / "generate" / "stage1.jsonl"),
+            str(root / "generate" / STAGE1_FILE),
         ],
     )
     return gen, comp

@@ -251,7 +251,7 @@ def _trl_args(cfg: SFTConfig, plan: TrainingPlan, data: DataInputs):
         logging_nan_inf_filter=False,
         save_strategy="steps",
         save_steps=cfg.save_steps,
-        # Rotation is ours (checkpointing.rotate_checkpoints): HF's can delete the last good checkpoint.
+        # Rotation is ours (checkpoint_store.rotate_checkpoints): HF's can delete the last good checkpoint.
         save_total_limit=None,
         eval_strategy="steps" if cfg.eval_steps else "no",
         eval_steps=cfg.eval_steps or None,
