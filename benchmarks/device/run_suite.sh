@@ -20,6 +20,7 @@ START=$(date +%s)
 LIMIT=${LIMIT:-580}
 left() { echo $(( LIMIT - ($(date +%s) - START) )); }
 mkdir -p /tmp/site && tar xzf .gpu/site.tgz -C /tmp/site || exit 1
+[ -f .gpu/nlp_site.tgz ] && { tar xzf .gpu/nlp_site.tgz -C /tmp/site || exit 1; }
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 # torch's compile caches on the machine's disk: a later command on the same warm machine reuses them.
