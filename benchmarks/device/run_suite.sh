@@ -13,7 +13,7 @@
 #   unsloth:<profiles>            the Unsloth rows in their own environment, merged into $OUT/train
 #   profile:<variant>             benchmarks/profile_train_step.py on one row (kaggle profile)
 # Knobs: LIMIT (s, default 580: the whole command), PREV (an earlier train_throughput.json to merge with),
-# MEASURE (measured steps per row, default 3), WARMUP (default 2: flex_attention compiles in the first step, and
+# ROW_TIMEOUT (s per train row, default 240), MEASURE (measured steps per row, default 3), WARMUP (default 2: flex_attention compiles in the first step, and
 # recompiles once for dynamic shapes in the second).
 set -u
 START=$(date +%s)
@@ -41,7 +41,7 @@ for step in "$@"; do
       profiles=${rest%%:*}; variants=${rest#*:}
       timeout $((t - 5)) env PYTHONPATH=$SITE python3 benchmarks/train_throughput.py --gpus 0 --profiles "$profiles" \
         --variants "$variants" --warmup_steps "${WARMUP:-2}" --measure_steps "${MEASURE:-3}" --budget_s $((t - 15)) \
-        --variant_timeout_s 240 ${MERGE:+--merge_with $MERGE} --out "$T" > "$OUT/train_$profiles.log" 2>&1
+        --variant_timeout_s "${ROW_TIMEOUT:-240}" ${MERGE:+--merge_with $MERGE} --out "$T" > "$OUT/train_$profiles.log" 2>&1
       echo "[suite] train $profiles rc=$? t=$(( $(date +%s)-START ))" | tee -a "$OUT/status"
       [ -f "$T/train_throughput.json" ] && cp "$T/train_throughput.json" /tmp/dischargesum_train.json && MERGE=/tmp/dischargesum_train.json ;;
     unsloth)
