@@ -13,7 +13,7 @@
 #   unsloth:<profiles>            the Unsloth rows in their own environment, merged into $OUT/train
 #   profile:<variant>             benchmarks/profile_train_step.py on one row (kaggle profile)
 # Knobs: LIMIT (s, default 580: the whole command), PREV (an earlier train_throughput.json to merge with),
-# ROW_TIMEOUT (s per train row, default 240), MEASURE (measured steps per row, default 3), WARMUP (default 2: flex_attention compiles in the first step, and
+# GPUTESTS (pytest paths or node ids for gputests, default tests/gpu), ROW_TIMEOUT (s per train row, default 240), MEASURE (measured steps per row, default 3), WARMUP (default 2: flex_attention compiles in the first step, and
 # recompiles once for dynamic shapes in the second).
 set -u
 START=$(date +%s)
@@ -35,7 +35,7 @@ for step in "$@"; do
   t=$(left); [ "$t" -lt 60 ] && { echo "[suite] $step: skipped, ${t}s left" | tee -a "$OUT/status"; continue; }
   case $kind in
     gputests)
-      timeout $((t - 10)) env PYTHONPATH=$SITE python3 -m pytest -m gpu tests/gpu -q -p no:cacheprovider -rs \
+      timeout $((t - 10)) env PYTHONPATH=$SITE python3 -m pytest -m gpu ${GPUTESTS:-tests/gpu} -q -p no:cacheprovider -rs \
         > "$OUT/gputests.log" 2>&1; echo "[suite] gputests rc=$? t=$(( $(date +%s)-START ))" | tee -a "$OUT/status" ;;
     train)
       profiles=${rest%%:*}; variants=${rest#*:}
