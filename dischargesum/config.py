@@ -391,7 +391,7 @@ class SFTConfig(BaseConfig):
         "per_device_train_batch_size x max_seq_length tokens, so every step has the same shape and flex_attention "
         "(and `compile_layers`) compile once instead of once per packed length. The padding is masked out of "
         "attention and loss and not counted as trained or input tokens; it costs its compute (best-fit packing "
-        "fills rows ~95% on the kaggle profile). Off by default: not yet measured on a GPU.",
+        "fills rows ~95% on the kaggle profile). Off by default: its speed is not yet measured.",
         default=False,
     )
     completion_only_loss: bool = _help(
