@@ -26,6 +26,31 @@ def examples_for(model_dir: Path, n: int = 3) -> list[tuple[list[int], list[int]
     return out
 
 
+def long_examples(model_dir: Path, model) -> list[tuple[list[int], list[int]]]:
+    """:func:`examples_for`, checked to be longer than twice ``model``'s sliding window (so a leak through the
+    window would show)."""
+    examples = examples_for(model_dir)
+    window = model.config.get_text_config().sliding_window
+    assert all(len(ids) > 2 * window for ids, _ in examples), "examples must exceed the sliding window"
+    return examples
+
+
+def packed_and_alone(model_dir: Path, attn: str):
+    """(model, examples, per-example NLL run alone, per-example NLL packed into one padding-free row) with the
+    fp32 model of ``model_dir`` under attention ``attn`` (checked to be the one in use)."""
+    from dischargesum.modeling import load_base_model
+
+    model = load_base_model(str(model_dir), dtype="float32", attn_implementation=attn).eval()
+    assert model.config.get_text_config()._attn_implementation == attn
+    examples = long_examples(model_dir, model)
+    return (
+        model,
+        examples,
+        nll_per_example(model, examples, packed=False),
+        nll_per_example(model, examples, packed=True),
+    )
+
+
 def nll_per_example(model, examples, *, packed: bool, boundaries: bool = True, use_cache: bool = False) -> list[float]:
     import torch
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
@@ -111,9 +136,7 @@ def packed_vs_alone_gradients(
     model.train()
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
-    examples = examples_for(model_dir)
-    window = model.config.get_text_config().sliding_window
-    assert all(len(ids) > 2 * window for ids, _ in examples), "examples must exceed the sliding window"
+    examples = long_examples(model_dir, model)
 
     def loss_and_grads(packed: bool):
         model.zero_grad(set_to_none=True)

@@ -13,21 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.packing_checks import examples_for, nll_per_example
+from tests.packing_checks import nll_per_example, packed_and_alone
 
 pytestmark = pytest.mark.integration
 
 
 def test_flex_attention_packed_losses_equal_unpacked_on_cpu(tiny_model_dir: Path) -> None:
-    from dischargesum.modeling import load_base_model
-
-    model = load_base_model(str(tiny_model_dir), dtype="float32", attn_implementation="flex_attention").eval()
-    assert model.config.get_text_config()._attn_implementation == "flex_attention"
-    examples = examples_for(tiny_model_dir)
-    window = model.config.get_text_config().sliding_window
-    assert all(len(ids) > 2 * window for ids, _ in examples), "examples must exceed the sliding window"
-    alone = nll_per_example(model, examples, packed=False)
-    packed = nll_per_example(model, examples, packed=True)
+    model, examples, alone, packed = packed_and_alone(tiny_model_dir, "flex_attention")
     assert packed == pytest.approx(alone, rel=1e-4, abs=1e-3)
     # The check can fail: without document boundaries the later examples see the earlier ones.
     leaky = nll_per_example(model, examples, packed=True, boundaries=False)

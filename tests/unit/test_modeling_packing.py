@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.packing_checks import examples_for, nll_per_example, packed_vs_alone_gradients
+from tests.packing_checks import examples_for, nll_per_example, packed_and_alone, packed_vs_alone_gradients
 
 pytestmark = pytest.mark.unit
 
@@ -24,16 +24,7 @@ pytestmark = pytest.mark.unit
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("kind", ["causal_lm", "vlm"])
 def test_packed_losses_equal_unpacked(kind: str, attn: str, tiny_model_dir: Path, tiny_vlm_dir: Path) -> None:
-    from dischargesum.modeling import load_base_model
-
-    model_dir = tiny_model_dir if kind == "causal_lm" else tiny_vlm_dir
-    model = load_base_model(str(model_dir), dtype="float32", attn_implementation=attn).eval()
-    assert model.config.get_text_config()._attn_implementation == attn
-    examples = examples_for(model_dir)
-    window = model.config.get_text_config().sliding_window
-    assert all(len(ids) > 2 * window for ids, _ in examples), "examples must exceed the sliding window"
-    alone = nll_per_example(model, examples, packed=False)
-    packed = nll_per_example(model, examples, packed=True)
+    model, examples, alone, packed = packed_and_alone(tiny_model_dir if kind == "causal_lm" else tiny_vlm_dir, attn)
     assert packed == pytest.approx(alone, rel=1e-4, abs=1e-3)
     leaky = nll_per_example(model, examples, packed=True, boundaries=False)
     assert leaky[0] == pytest.approx(alone[0], rel=1e-4)  # the first example has nothing before it
